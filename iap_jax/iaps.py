@@ -1,0 +1,252 @@
+"""The IAP schema: one declarative table of the image acquisition parameters.
+
+Every stage (synthetic cohort, prep, label encoding, prediction) reads IAPs through
+this table, so one real header value has exactly one canonical spelling everywhere.
+
+A header value ends in one of four states, kept apart because they mean different
+things: the tag is ABSENT, present but EMPTY, PRESENT with a usable value, or INVALID
+(present but unparseable or physically impossible, e.g. TR <= 0). The Duke contrast
+agent classes need ABSENT and EMPTY as classes of their own ("tag absent", "agent name
+not stated"); every other IAP treats anything but PRESENT as a masked label.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+from typing import Any, Callable, Mapping, Sequence
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+
+
+class LabelState(enum.IntEnum):
+    ABSENT = 0
+    EMPTY = 1
+    PRESENT = 2
+    INVALID = 3
+
+
+class Kind(str, enum.Enum):
+    CATEGORICAL = "categorical"
+    CONTINUOUS = "continuous"
+
+
+@dataclasses.dataclass(frozen=True)
+class IapValue:
+    """One IAP read from one header: its state, canonical spelling and number."""
+
+    state: LabelState
+    value: str = ""
+    number: float = math.nan
+    raw: str = ""
+
+    @property
+    def present(self) -> bool:
+        return self.state == LabelState.PRESENT
+
+
+class _Missing:
+    """Marker for a tag that is not in the header at all."""
+
+
+MISSING = _Missing()
+
+
+def format_number(x: float, decimals: int) -> str:
+    """Canonical decimal spelling: rounded, no trailing zeros, no exponent."""
+    text = f"{round(float(x), decimals):.{decimals}f}"
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return "0" if text in ("-0", "") else text
+
+
+# --- readers: Dataset -> raw value (or MISSING) -------------------------------------
+
+_FUNCTIONAL_GROUPS = ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence")
+
+
+def find_element_value(ds: Dataset, keyword: str, frame: int = 0) -> Any:
+    """A keyword's value from the top level, else from the Enhanced MR functional groups
+    (shared first, then the given frame's), else MISSING."""
+    if keyword in ds:
+        return ds[keyword].value
+    for group_keyword in _FUNCTIONAL_GROUPS:
+        if group_keyword not in ds or not ds[group_keyword].value:
+            continue
+        items = ds[group_keyword].value
+        item = items[0] if group_keyword.startswith("Shared") else items[min(frame, len(items) - 1)]
+        for macro in item:
+            if macro.VR != "SQ" or not macro.value:
+                continue
+            if keyword in macro.value[0]:
+                return macro.value[0][keyword].value
+    return MISSING
+
+
+def _keyword_reader(*keywords: str) -> Callable[[Dataset, int], Any]:
+    def read(ds: Dataset, frame: int) -> Any:
+        for keyword in keywords:
+            value = find_element_value(ds, keyword, frame)
+            if value is not MISSING:
+                return value
+        return MISSING
+
+    return read
+
+
+def _read_acquisition_matrix(ds: Dataset, frame: int) -> Any:
+    value = find_element_value(ds, "AcquisitionMatrix", frame)
+    if value is not MISSING:
+        return value
+    freq = find_element_value(ds, "MRAcquisitionFrequencyEncodingSteps", frame)
+    phase = find_element_value(ds, "MRAcquisitionPhaseEncodingStepsInPlane", frame)
+    if freq is MISSING or phase is MISSING:
+        return MISSING
+    return [freq, 0, 0, phase]
+
+
+def _read_fov(ds: Dataset, frame: int) -> Any:
+    diameter = find_element_value(ds, "ReconstructionDiameter", frame)
+    if diameter is not MISSING and not _is_empty(diameter):
+        return diameter
+    spacing = find_element_value(ds, "PixelSpacing", frame)
+    columns = find_element_value(ds, "Columns", frame)
+    if spacing is MISSING or columns is MISSING:
+        return diameter
+    if _is_empty(spacing) or _is_empty(columns):
+        return ""
+    try:
+        return float(spacing[1]) * float(columns)
+    except (TypeError, ValueError, IndexError):
+        return f"{spacing!r}x{columns!r}"
+
+
+# --- canonicalisers: raw value -> (canonical str, number) or ValueError -------------
+
+def _is_empty(raw: Any) -> bool:
+    if raw is None:
+        return True
+    if isinstance(raw, (str, bytes)):
+        return not raw.strip()
+    if isinstance(raw, (list, tuple, MultiValue)):
+        return all(_is_empty(v) for v in raw)
+    return False
+
+
+def _canonical_text(raw: Any) -> tuple[str, float]:
+    if isinstance(raw, (list, tuple, MultiValue)):
+        raise ValueError("expected one value, got several")
+    if isinstance(raw, bytes):
+        raw = raw.decode("latin-1")
+    return " ".join(str(raw).split()).upper(), math.nan
+
+
+def _canonical_options(raw: Any) -> tuple[str, float]:
+    values = list(raw) if isinstance(raw, (list, tuple, MultiValue)) else str(raw).split("\\")
+    tokens = [" ".join(str(v).split()).upper() for v in values]
+    return "\\".join(t for t in tokens if t), math.nan
+
+
+def _number_canonicaliser(decimals: int, valid: Callable[[float], bool]):
+    def canonical(raw: Any) -> tuple[str, float]:
+        if isinstance(raw, (list, tuple, MultiValue)):
+            if len(raw) != 1:
+                raise ValueError(f"expected one number, got {len(raw)}")
+            raw = raw[0]
+        number = float(raw)
+        if not math.isfinite(number) or not valid(number):
+            raise ValueError(f"impossible value {number!r}")
+        number = round(number, decimals)
+        return format_number(number, decimals), number
+
+    return canonical
+
+
+def _canonical_matrix(raw: Any) -> tuple[str, float]:
+    values = [int(v) for v in raw]
+    if len(values) != 4:
+        raise ValueError(f"expected 4 numbers, got {len(values)}")
+    freq = values[0] or values[1]
+    phase = values[2] or values[3]
+    if freq <= 0 or phase <= 0:
+        raise ValueError(f"no frequency/phase size in {values}")
+    return f"{freq}x{phase}", math.nan
+
+
+# --- the table ----------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class IapSpec:
+    """How one IAP is found in a header and spelled canonically."""
+
+    name: str
+    source: str
+    kind: Kind
+    read: Callable[[Dataset, int], Any]
+    canonicalise: Callable[[Any], tuple[str, float]]
+    numeric: bool = False
+    unit: str = ""
+    # ABSENT and EMPTY are classes of their own (Duke's contrast agent labels).
+    missing_is_class: bool = False
+
+    def extract(self, ds: Dataset, frame: int = 0) -> IapValue:
+        try:
+            raw = self.read(ds, frame)
+        except (TypeError, ValueError, OverflowError) as err:  # undecodable value in the header
+            return IapValue(LabelState.INVALID, raw=str(err)[:64])
+        if raw is MISSING:
+            return IapValue(LabelState.ABSENT)
+        if _is_empty(raw):
+            return IapValue(LabelState.EMPTY)
+        try:
+            value, number = self.canonicalise(raw)
+        except (TypeError, ValueError, OverflowError):
+            return IapValue(LabelState.INVALID, raw=str(raw)[:64])
+        if not value:
+            return IapValue(LabelState.EMPTY)
+        return IapValue(LabelState.PRESENT, value=value, number=number, raw=str(raw)[:64])
+
+
+def _text(name: str, **kw) -> IapSpec:
+    return IapSpec(name, name, Kind.CATEGORICAL, _keyword_reader(name), _canonical_text, **kw)
+
+
+def _number(name: str, kind: Kind, decimals: int, unit: str, valid, source=None, read=None) -> IapSpec:
+    return IapSpec(name, source or name, kind, read or _keyword_reader(name),
+                   _number_canonicaliser(decimals, valid), numeric=True, unit=unit)
+
+
+IAPS: tuple[IapSpec, ...] = (
+    _text("Manufacturer"),
+    _text("ManufacturerModelName"),
+    IapSpec("ScanOptions", "ScanOptions (multi-valued, joined by '\\')", Kind.CATEGORICAL,
+            _keyword_reader("ScanOptions"), _canonical_options),
+    _text("PatientPosition"),
+    _number("MagneticFieldStrength", Kind.CATEGORICAL, 4, "T", lambda x: 0 < x <= 20),
+    _text("ContrastBolusAgent", missing_is_class=True),
+    IapSpec("AcquisitionMatrix",
+            "AcquisitionMatrix as FREQxPHASE (Enhanced MR: MRFOVGeometry steps)",
+            Kind.CATEGORICAL, _read_acquisition_matrix, _canonical_matrix),
+    _number("SliceThickness", Kind.CATEGORICAL, 2, "mm", lambda x: 0 < x <= 50),
+    _number("FlipAngle", Kind.CATEGORICAL, 2, "deg", lambda x: 0 < x <= 180),
+    _number("FOV", Kind.CATEGORICAL, 1, "mm", lambda x: 0 < x <= 1000,
+            source="ReconstructionDiameter, else PixelSpacing[1] x Columns", read=_read_fov),
+    _number("EchoTime", Kind.CONTINUOUS, 3, "ms", lambda x: 0 < x <= 1000,
+            read=_keyword_reader("EchoTime", "EffectiveEchoTime")),
+    _number("RepetitionTime", Kind.CONTINUOUS, 3, "ms", lambda x: 0 < x <= 100000),
+)
+
+IAP_NAMES: tuple[str, ...] = tuple(spec.name for spec in IAPS)
+SPECS: Mapping[str, IapSpec] = {spec.name: spec for spec in IAPS}
+
+
+def extract_iaps(ds: Dataset, frame: int = 0, names: Sequence[str] = IAP_NAMES) -> dict[str, IapValue]:
+    """Every IAP of one header (a pydicom Dataset, pixels not needed)."""
+    return {name: SPECS[name].extract(ds, frame) for name in names}
+
+
+def read_iaps(path: str, frame: int = 0) -> dict[str, IapValue]:
+    """IAPs of one DICOM file, read without its pixel data."""
+    return extract_iaps(pydicom.dcmread(path, stop_before_pixels=True), frame)
