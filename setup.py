@@ -28,6 +28,9 @@ EXTRAS_REQUIRE = {
         "pytest-xdist>=3.5,<4",
         "pydicom-data>=1.0",
         "nibabel>=5.2,<7",
+        # The Beam path is tested on the DirectRunner; `tfds build` needs mlcroissant.
+        "apache-beam>=2.60,<3",
+        "mlcroissant>=1.0,<2",
     ],
     "beam": ["apache-beam>=2.60,<3"],
     "bench": ["torch>=2.4,<=2.14.1"],

@@ -1,0 +1,58 @@
+"""iap-prep: a DICOM archive -> a TFDS dataset of TFRecord shards labelled from headers.
+
+  iap-prep --dicom-root DIR --data-dir OUT [--series-filter REGEX] [--phases pre|all]
+           [--image-size 224] [--slices all|central:F|stride:K] [--split 0.7,0.15,0.15]
+           [--salt S] [--workers N] [--resize resize|pad] [--beam-runner DirectRunner]
+
+Prints the dataset dir (for tfds.builder_from_directory) last on stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="iap-prep", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dicom-root", required=True, help="root folder of the DICOM archive (any layout)")
+    parser.add_argument("--data-dir", required=True, help="TFDS data dir to write into")
+    parser.add_argument("--series-filter", default=None,
+                        help="regex searched in SeriesDescription (default: fat-sat DCE series)")
+    parser.add_argument("--phases", choices=("pre", "all"), default="pre")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--slices", default="all", help="all | central:F | stride:K")
+    parser.add_argument("--split", default="0.7,0.15,0.15", help="train,validation,test fractions")
+    parser.add_argument("--salt", default=None,
+                        help="salt of the patient/series hashes (default: $IAP_PREP_SALT or 'iap-jax')")
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--resize", choices=("resize", "pad"), default="resize",
+                        help="resize: stretch to a square (the paper); pad: keep the aspect ratio")
+    parser.add_argument("--beam-runner", default=None,
+                        help="prepare with Apache Beam on this runner (e.g. DirectRunner)")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow_datasets as tfds
+
+    from data_prep.builder import DEFAULT_SALT, prepare
+
+    tfds.disable_progress_bar()
+    salt = args.salt if args.salt is not None else os.environ.get("IAP_PREP_SALT", DEFAULT_SALT)
+    try:
+        dataset_dir = prepare(args.dicom_root, args.data_dir, series_filter=args.series_filter,
+                              phases=args.phases, image_size=args.image_size, slices=args.slices,
+                              split=args.split, salt=salt, workers=args.workers, resize=args.resize,
+                              beam_runner=args.beam_runner)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"iap-prep: error: {err}", file=sys.stderr)
+        return 2
+    print(dataset_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""Discovery: any folder layout -> series of ordered slices, plus every skipped file.
+
+Headers are read without pixels, in parallel. Instances are grouped by SeriesInstanceUID
+(and TemporalPositionIdentifier, for vendors that keep all DCE phases in one series), never
+by folder; slices are ordered along the slice normal. Files that cannot be used are
+skipped with a reason: unreadable, not DICOM, non-image objects, duplicate
+SOPInstanceUIDs, sizes that differ from the rest of their series.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+from typing import Iterable, Sequence
+
+from iap_jax.dicom import DicomError, InstanceHeader, order_frames, read_instance_header
+from data_prep.progress import Progress
+from data_prep.workers import worker_pool
+
+
+@dataclasses.dataclass(frozen=True)
+class Skip:
+    path: str  # relative to the DICOM root
+    reason: str
+    detail: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class SliceRef:
+    path: str  # absolute, for reading pixels
+    frame: int
+    iaps: tuple[tuple[int, str, float], ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Series:
+    series_uid: str
+    temporal_position: int | None
+    patient_id: str  # PatientID, else the study or series UID (never written out raw)
+    description: str
+    rows: int
+    columns: int
+    slices: tuple[SliceRef, ...]  # ordered along the slice normal
+    files: tuple[str, ...]  # relative paths of the files used
+
+    @property
+    def key(self) -> str:
+        """Identifies the series (and phase) before hashing."""
+        phase = "" if self.temporal_position is None else f"#{self.temporal_position}"
+        return self.series_uid + phase
+
+
+@dataclasses.dataclass
+class Discovery:
+    series: list[Series]
+    skips: list[Skip]
+    num_files: int
+
+
+def list_files(root: str) -> list[str]:
+    """Every regular file under root (hidden folders included), sorted, relative to root."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"{root}: DICOM root is not a directory")
+    found = []
+    for folder, dirs, files in os.walk(root):
+        dirs.sort()
+        for name in files:
+            found.append(os.path.relpath(os.path.join(folder, name), root))
+    return sorted(found)
+
+
+def _read_one(path: str) -> InstanceHeader | DicomError:
+    try:
+        return read_instance_header(path)
+    except DicomError as err:
+        return err
+
+
+def read_headers(root: str, relative_paths: Sequence[str], workers: int = 1,
+                 progress: Progress | None = None) -> tuple[list[InstanceHeader], list[Skip]]:
+    """Headers of every file (in parallel when workers > 1) and the files that failed."""
+    paths = [os.path.join(root, p) for p in relative_paths]
+    headers, skips = [], []
+
+    def consume(results: Iterable[InstanceHeader | DicomError]):
+        for relative, result in zip(relative_paths, results):
+            if isinstance(result, DicomError):
+                skips.append(Skip(relative, result.reason, result.detail))
+            else:
+                headers.append(result)
+            if progress:
+                progress.advance()
+
+    if workers > 1 and len(paths) > 1:
+        chunk = max(1, min(64, len(paths) // (workers * 8)))
+        with worker_pool(workers) as pool:
+            consume(pool.imap(_read_one, paths, chunksize=chunk))
+    else:
+        consume(map(_read_one, paths))
+    return headers, skips
+
+
+def _relative(root: str, path: str) -> str:
+    return os.path.relpath(path, root)
+
+
+def _drop_duplicates(root: str, headers: list[InstanceHeader]) -> tuple[list[InstanceHeader], list[Skip]]:
+    """Keep the first file (by path) of each SOPInstanceUID."""
+    seen: dict[str, str] = {}
+    kept, skips = [], []
+    for header in sorted(headers, key=lambda h: h.path):
+        uid = header.sop_instance_uid
+        if uid and uid in seen:
+            skips.append(Skip(_relative(root, header.path), "duplicate_sop_instance",
+                              f"same SOPInstanceUID as {seen[uid]}"))
+            continue
+        if uid:
+            seen[uid] = _relative(root, header.path)
+        kept.append(header)
+    return kept, skips
+
+
+def _build_series(root: str, members: list[InstanceHeader]) -> tuple[Series, list[Skip]]:
+    sizes = collections.Counter((h.rows, h.columns) for h in members)
+    # The most common size wins; ties go to the larger image.
+    size = max(sizes, key=lambda s: (sizes[s], s))
+    kept = [h for h in members if (h.rows, h.columns) == size]
+    skips = [Skip(_relative(root, h.path), "mixed_sizes",
+                  f"{h.rows}x{h.columns} in a series of {size[0]}x{size[1]}")
+             for h in members if (h.rows, h.columns) != size]
+    ordered = order_frames(kept)
+    first = ordered[0][0]
+    patient = first.patient_id or (f"study:{first.study_uid}" if first.study_uid
+                                   else f"series:{first.series_uid}")
+    slices = tuple(SliceRef(h.path, f.frame, f.iaps) for h, f in ordered)
+    files = tuple(sorted(_relative(root, h.path) for h in kept))
+    series = Series(first.series_uid, first.temporal_position, patient, first.series_description,
+                    size[0], size[1], slices, files)
+    return series, skips
+
+
+def group_series(root: str, headers: list[InstanceHeader]) -> tuple[list[Series], list[Skip]]:
+    """Group instances into series ordered by key, dropping duplicates and odd sizes."""
+    headers, skips = _drop_duplicates(root, headers)
+    groups: dict[tuple[str, int | None], list[InstanceHeader]] = collections.defaultdict(list)
+    for header in headers:
+        groups[(header.series_uid, header.temporal_position)].append(header)
+    series = []
+    for key in sorted(groups, key=lambda k: (k[0], -1 if k[1] is None else k[1])):
+        built, dropped = _build_series(root, groups[key])
+        series.append(built)
+        skips.extend(dropped)
+    return series, skips
+
+
+def discover(root: str, workers: int = 1, progress: bool = True) -> Discovery:
+    """Every usable series under root and every file skipped, with its reason."""
+    relative_paths = list_files(root)
+    meter = Progress("headers", len(relative_paths), unit="files") if progress else None
+    headers, skips = read_headers(root, relative_paths, workers, meter)
+    if meter:
+        meter.close()
+    series, group_skips = group_series(root, headers)
+    return Discovery(series, sorted(skips + group_skips, key=lambda s: s.path), len(relative_paths))
+

@@ -1,0 +1,58 @@
+"""Work items (one per slice) and the function that turns one into a dataset example.
+
+Kept free of TensorFlow so that worker processes start fast and Beam workers can run it.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from iap_jax.dicom import DicomError, read_frame
+from iap_jax.iaps import IAP_NAMES
+from iap_jax.preprocess import preprocess_slice
+
+
+@dataclasses.dataclass(frozen=True)
+class SliceItem:
+    key: str  # unique, stable: the example key
+    path: str  # absolute path of the file
+    relative_path: str  # for skip reports only, never written into the dataset
+    frame: int
+    patient: str  # salted hash
+    series: str  # salted hash
+    phase: int
+    slice_index: int
+    num_slices: int
+    iaps: tuple[tuple[int, str, float], ...]
+
+
+def label_record(iaps: tuple[tuple[int, str, float], ...]) -> dict[str, dict[str, Any]]:
+    return {name: {"value": value, "number": np.float32(number), "state": np.int32(state)}
+            for name, (state, value, number) in zip(IAP_NAMES, iaps)}
+
+
+def make_example(item: SliceItem, image_size: int, resize_mode: str) -> tuple[str, Any]:
+    """(key, example dict) or (key, DicomError) when the pixels cannot be decoded."""
+    try:
+        pixels = read_frame(item.path, item.frame)
+        prepared = preprocess_slice(pixels, image_size, resize_mode)
+    except DicomError as err:
+        return item.key, err
+    except ValueError as err:
+        return item.key, DicomError(item.path, "undecodable", str(err))
+    example = {
+        "image": prepared.image,
+        "intensity_scale": np.float32(prepared.scale),
+        "intensity_offset": np.float32(prepared.offset),
+        "patient": item.patient,
+        "series": item.series,
+        "phase": np.int32(item.phase),
+        "slice_index": np.int32(item.slice_index),
+        "num_slices": np.int32(item.num_slices),
+        "slice_position": np.float32(item.slice_index / max(item.num_slices - 1, 1)),
+        "labels": label_record(item.iaps),
+    }
+    return item.key, example
+

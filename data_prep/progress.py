@@ -1,0 +1,40 @@
+"""A progress line on stderr: items done, rate and ETA, at most about once a second."""
+from __future__ import annotations
+
+import sys
+import time
+
+
+class Progress:
+    def __init__(self, label: str, total: int, unit: str = "items", stream=None, every_s: float = 1.0):
+        self.label, self.total, self.unit = label, total, unit
+        self.stream = stream or sys.stderr
+        self.every_s = every_s
+        self.done = 0
+        self.start = time.monotonic()
+        self._last = 0.0
+
+    @property
+    def rate(self) -> float:
+        elapsed = time.monotonic() - self.start
+        return self.done / elapsed if elapsed > 0 else 0.0
+
+    def advance(self, n: int = 1) -> None:
+        self.done += n
+        now = time.monotonic()
+        if now - self._last >= self.every_s:
+            self._last = now
+            self._print(end="\r")
+
+    def _print(self, end: str) -> None:
+        rate = self.rate
+        remaining = (self.total - self.done) / rate if rate > 0 else float("nan")
+        eta = f"ETA {remaining:5.0f}s" if remaining == remaining else "ETA     ?"
+        self.stream.write(f"{self.label}: {self.done}/{self.total} {self.unit} "
+                          f"{rate:8.1f} {self.unit}/s {eta}{end}")
+        self.stream.flush()
+
+    def close(self) -> float:
+        """Prints the final line; returns the elapsed seconds."""
+        self._print(end="\n")
+        return time.monotonic() - self.start

@@ -1,0 +1,290 @@
+"""Robust reading of DICOM files: header IAPs and geometry first, pixels on demand.
+
+Headers are read without pixel data (so an archive can be scanned quickly), checked for
+what would make the pixels unusable (no pixel data, truncated, no decoder), and summarised
+into a small picklable `InstanceHeader`. Pixels are decoded one frame at a time into
+float32 intensities: Rescale Slope/Intercept applied (also from Enhanced MR functional
+groups), MONOCHROME1 inverted so that brighter always means more signal.
+
+Every failure is a `DicomError` whose `reason` is a short stable code (for skip reports)
+and whose message names the file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Sequence
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import pixel_array
+from pydicom.pixels.decoders.base import get_decoder
+
+from iap_jax.iaps import IAP_NAMES, MISSING, IapValue, LabelState, extract_iaps, find_element_value
+
+# SOP classes that carry no image to learn from (some, like SEG, still have pixel data).
+_NON_IMAGE_SOP_PREFIXES = {
+    "1.2.840.10008.1.3.10": "DICOMDIR",
+    "1.2.840.10008.5.1.4.1.1.88.": "structured report",
+    "1.2.840.10008.5.1.4.1.1.11.": "presentation state",
+    "1.2.840.10008.5.1.4.1.1.66": "segmentation / registration / fiducials",
+    "1.2.840.10008.5.1.4.1.1.481.": "radiotherapy object",
+    "1.2.840.10008.5.1.4.1.1.104.": "encapsulated document",
+    "1.2.840.10008.5.1.4.1.1.9.": "waveform",
+    "1.2.840.10008.5.1.4.1.1.4.2": "MR spectroscopy",
+}
+_NATIVE_SYNTAXES = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2",
+                    "1.2.840.10008.1.2.1.99"}
+_PIXEL_TAG = 0x7FE00010
+_PIXEL_TAG_BYTES = (b"\xe0\x7f\x10\x00", b"\x7f\xe0\x00\x10")  # little, big endian
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+
+
+class DicomError(Exception):
+    """A file that cannot be used, with a short reason code for skip reports."""
+
+    def __init__(self, path: str, reason: str, detail: str = ""):
+        super().__init__(f"{path}: {reason}" + (f" ({detail})" if detail else ""))
+        self.path = path
+        self.reason = reason
+        self.detail = detail
+
+    def __reduce__(self):  # pickled across worker processes
+        return DicomError, (self.path, self.reason, self.detail)
+
+
+@dataclasses.dataclass(frozen=True)
+class FrameHeader:
+    """One image plane of an instance: its position along the slice normal and its IAPs."""
+
+    frame: int
+    position: float  # NaN where the geometry is missing
+    iaps: tuple[tuple[int, str, float], ...]  # (LabelState, canonical value, number) per IAP_NAMES
+
+
+@dataclasses.dataclass(frozen=True)
+class InstanceHeader:
+    """What the prep stage needs from one file's header (no pixels, small, picklable)."""
+
+    path: str
+    sop_instance_uid: str
+    series_uid: str
+    study_uid: str
+    patient_id: str
+    series_description: str
+    temporal_position: int | None
+    instance_number: int | None
+    rows: int
+    columns: int
+    frames: tuple[FrameHeader, ...]
+
+
+def iap_values(frame: FrameHeader) -> dict[str, IapValue]:
+    return {name: IapValue(LabelState(state), value, number)
+            for name, (state, value, number) in zip(IAP_NAMES, frame.iaps)}
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    value = ds.get(keyword, "")
+    return "" if value is None else str(value).strip()
+
+
+def _int_or_none(value) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _slice_normal(orientation) -> np.ndarray | None:
+    try:
+        values = [float(v) for v in orientation]
+    except (TypeError, ValueError):
+        return None
+    if len(values) != 6:
+        return None
+    normal = np.cross(values[:3], values[3:])
+    norm = np.linalg.norm(normal)
+    return normal / norm if norm > 0 else None
+
+
+def slice_position(ds: Dataset, frame: int = 0) -> float:
+    """Projection of ImagePositionPatient on the slice normal (NaN if geometry is missing)."""
+    orientation = find_element_value(ds, "ImageOrientationPatient", frame)
+    position = find_element_value(ds, "ImagePositionPatient", frame)
+    normal = None if orientation is MISSING else _slice_normal(orientation)
+    if normal is None or position is MISSING:
+        return math.nan
+    try:
+        point = np.array([float(v) for v in position])
+    except (TypeError, ValueError):
+        return math.nan
+    return float(point @ normal) if point.shape == (3,) else math.nan
+
+
+def _non_image_kind(sop_class: str) -> str | None:
+    for prefix, kind in _NON_IMAGE_SOP_PREFIXES.items():
+        if sop_class.startswith(prefix):
+            return kind
+    return None
+
+
+def _looks_like_dicom_without_preamble(path: str) -> bool:
+    with open(path, "rb") as f:
+        start = f.read(4)
+    # A bare dataset starts with a group 0x0002 or 0x0008 tag, little endian.
+    return start[:2] in (b"\x02\x00", b"\x08\x00")
+
+
+def _open(path: str) -> Dataset:
+    try:
+        size = os.path.getsize(path)
+        if size == 0:
+            raise DicomError(path, "zero_byte")
+        # Large values (pixels, private blobs) stay on disk until asked for.
+        try:
+            return pydicom.dcmread(path, defer_size=1024)
+        except InvalidDicomError:
+            if not _looks_like_dicom_without_preamble(path):
+                raise DicomError(path, "not_dicom", "no DICM preamble") from None
+            return pydicom.dcmread(path, defer_size=1024, force=True)
+    except DicomError:
+        raise
+    except PermissionError as err:
+        raise DicomError(path, "unreadable", err.strerror or "permission denied") from None
+    except OSError as err:
+        raise DicomError(path, "unreadable", err.strerror or str(err)) from None
+    except Exception as err:  # pydicom raises many kinds on malformed files
+        raise DicomError(path, "malformed", f"{type(err).__name__}: {err}"[:200]) from None
+
+
+def _check_pixels(path: str, ds: Dataset) -> int:
+    """Number of frames; raises if the pixel data is absent, truncated or undecodable here."""
+    if _PIXEL_TAG not in ds._dict:
+        # pydicom drops an element cut off by the end of the file: look for its tag.
+        with open(path, "rb") as f:
+            content = f.read()
+        cut_off = any(tag in content for tag in _PIXEL_TAG_BYTES)
+        raise DicomError(path, "truncated" if cut_off else "no_pixel_data",
+                         "pixel data cut off by the end of the file" if cut_off else "")
+    try:
+        rows, columns = int(ds.Rows), int(ds.Columns)
+        bits = int(ds.BitsAllocated)
+    except (AttributeError, TypeError, ValueError):
+        raise DicomError(path, "malformed", "Rows/Columns/BitsAllocated missing") from None
+    if rows <= 0 or columns <= 0:
+        raise DicomError(path, "malformed", f"image size {rows}x{columns}")
+    if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
+        raise DicomError(path, "not_monochrome", str(ds.get("PhotometricInterpretation", "")))
+    frames = _int_or_none(ds.get("NumberOfFrames", 1)) or 1
+    syntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or
+                 "1.2.840.10008.1.2")
+    element = ds._dict[_PIXEL_TAG]
+    length = getattr(element, "length", None)
+    value_tell = getattr(element, "value_tell", None)
+    if length is not None and length != _UNDEFINED_LENGTH and value_tell is not None:
+        if value_tell + length > os.path.getsize(path):
+            raise DicomError(path, "truncated", "pixel data runs past the end of the file")
+        expected = rows * columns * frames * bits // 8
+        if syntax in _NATIVE_SYNTAXES and length < expected:
+            raise DicomError(path, "truncated", f"{length} bytes of pixel data, expected {expected}")
+    if syntax not in _NATIVE_SYNTAXES:
+        try:
+            decoder = get_decoder(syntax)
+        except NotImplementedError:
+            raise DicomError(path, "undecodable", f"no decoder for transfer syntax {syntax}") from None
+        if not decoder.is_available:
+            raise DicomError(path, "undecodable", f"no decoder plugin installed for {syntax}")
+    return frames
+
+
+def read_instance_header(path: str) -> InstanceHeader:
+    """The header of one DICOM file, checked for usable pixels; raises DicomError."""
+    ds = _open(path)
+    try:
+        sop_class = str(ds.get("SOPClassUID", "") or getattr(
+            getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", "") or "")
+        kind = _non_image_kind(sop_class)
+        if kind:
+            raise DicomError(path, "non_image", kind)
+        frames = _check_pixels(path, ds)
+        series_uid = _text(ds, "SeriesInstanceUID")
+        if not series_uid:
+            raise DicomError(path, "malformed", "no SeriesInstanceUID")
+        frame_headers = tuple(
+            FrameHeader(frame, slice_position(ds, frame),
+                        tuple((int(v.state), v.value, v.number) for v in extract_iaps(ds, frame).values()))
+            for frame in range(frames))
+        return InstanceHeader(
+            path=path,
+            sop_instance_uid=_text(ds, "SOPInstanceUID"),
+            series_uid=series_uid,
+            study_uid=_text(ds, "StudyInstanceUID"),
+            patient_id=_text(ds, "PatientID"),
+            series_description=_text(ds, "SeriesDescription"),
+            temporal_position=_int_or_none(find_element_value(ds, "TemporalPositionIdentifier")),
+            instance_number=_int_or_none(ds.get("InstanceNumber")),
+            rows=int(ds.Rows),
+            columns=int(ds.Columns),
+            frames=frame_headers,
+        )
+    except DicomError:
+        raise
+    except Exception as err:  # a malformed value deep in the header
+        raise DicomError(path, "malformed", f"{type(err).__name__}: {err}"[:200]) from None
+
+
+def _rescale(ds: Dataset, frame: int) -> tuple[float, float]:
+    slope = find_element_value(ds, "RescaleSlope", frame)
+    intercept = find_element_value(ds, "RescaleIntercept", frame)
+    slope = 1.0 if slope is MISSING or slope in ("", None) else float(slope)
+    intercept = 0.0 if intercept is MISSING or intercept in ("", None) else float(intercept)
+    return slope, intercept
+
+
+def read_frame(path: str, frame: int = 0) -> np.ndarray:
+    """One frame as float32 intensities [rows, columns]; raises DicomError."""
+    try:
+        ds = pydicom.dcmread(path)
+        frames = _int_or_none(ds.get("NumberOfFrames", 1)) or 1
+        stored = pixel_array(ds, index=frame) if frames > 1 else ds.pixel_array
+    except PermissionError as err:
+        raise DicomError(path, "unreadable", err.strerror or "permission denied") from None
+    except Exception as err:  # decoders raise many kinds on corrupt streams
+        raise DicomError(path, "undecodable", f"{type(err).__name__}: {err}"[:200]) from None
+    if stored.ndim != 2:
+        raise DicomError(path, "not_monochrome", f"pixel array of shape {stored.shape}")
+    slope, intercept = _rescale(ds, frame)
+    pixels = stored.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+    if str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1":
+        bits = int(ds.get("BitsStored", ds.BitsAllocated))
+        low = -(2 ** (bits - 1)) if int(ds.get("PixelRepresentation", 0)) else 0
+        high = low + 2 ** bits - 1
+        pixels = np.float32(slope * (low + high) + 2 * intercept) - pixels
+    if not np.all(np.isfinite(pixels)):
+        raise DicomError(path, "undecodable", "non-finite intensities")
+    return pixels
+
+
+def order_frames(headers: Sequence[InstanceHeader]) -> list[tuple[InstanceHeader, FrameHeader]]:
+    """Every frame of a series, ordered along the slice normal (then InstanceNumber, path)."""
+    frames = [(h, f) for h in headers for f in h.frames]
+    have_geometry = all(math.isfinite(f.position) for _, f in frames)
+
+    def key(item):
+        header, frame = item
+        position = frame.position if have_geometry else 0.0
+        number = header.instance_number if header.instance_number is not None else 0
+        return (position, number, header.path, frame.frame)
+
+    return sorted(frames, key=key)
+
+
+def read_series(paths: Sequence[str]) -> list[tuple[np.ndarray, dict[str, IapValue]]]:
+    """All slices of one series (files given in any order): pixels and IAPs, ordered along
+    the slice normal. Raises DicomError on the first unusable file."""
+    ordered = order_frames([read_instance_header(p) for p in paths])
+    return [(read_frame(h.path, f.frame), iap_values(f)) for h, f in ordered]
