@@ -1,0 +1,297 @@
+"""Train-step throughput of the multi-task ResNet-18: JAX (XLA and CPU-fast convolutions)
+beside a PyTorch ResNet-18 of the same shape, batch, loss and optimizer.
+
+Each (framework, variant, image size) runs in its own subprocess so that compile time and
+peak resident memory belong to that configuration alone. Prints a table and writes JSON.
+
+  python bench/train.py --sizes 64,128,224 --batch 32 --steps 5
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+# The paper's IAP heads, roughly sized like the Duke DBC label vocabularies; TE and TR
+# are regressed (one output each), every other head is a classification.
+HEAD_SIZES = {
+    "manufacturer": 3,
+    "model": 8,
+    "field_strength": 2,
+    "flip_angle": 6,
+    "slice_thickness": 8,
+    "fov": 10,
+    "matrix": 6,
+    "contrast_agent": 5,
+    "patient_position": 3,
+    "scan_options": 7,
+    "te": 1,
+    "tr": 1,
+}
+LEARNING_RATE = 1e-3
+DEFAULT_OUT = os.path.join("bench", "results", "train.json")
+
+
+def _synthetic_batch(batch: int, size: int):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    images = rng.random((batch, size, size, 1), dtype=np.float32)
+    labels = {
+        name: (rng.standard_normal(batch).astype(np.float32) if n == 1 else rng.integers(0, n, batch))
+        for name, n in HEAD_SIZES.items()
+    }
+    return images, labels
+
+
+def _max_rss_mib() -> float:
+    # Linux reports ru_maxrss in KiB.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ----------------------------------------------------------------------------- JAX
+
+
+def _run_jax(conv_impl: str, size: int, batch: int, steps: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from iap_jax.models.resnet import make_model
+
+    images, labels = _synthetic_batch(batch, size)
+    images, labels = jnp.asarray(images), {k: jnp.asarray(v) for k, v in labels.items()}
+    model = make_model("resnet18", HEAD_SIZES, conv_impl=conv_impl)
+    variables = model.init(jax.random.PRNGKey(0), images[:1], train=False)
+    optimizer = optax.adam(LEARNING_RATE)
+    state = (variables["params"], variables["batch_stats"], optimizer.init(variables["params"]))
+
+    # Images and labels are step arguments, not closed-over constants, so XLA cannot
+    # precompute anything from them at compile time.
+    def loss_fn(params, batch_stats, images, labels):
+        outputs, updates = model.apply(
+            {"params": params, "batch_stats": batch_stats}, images, train=True, mutable=["batch_stats"]
+        )
+        loss = 0.0
+        for name, n in HEAD_SIZES.items():
+            if n == 1:
+                loss += jnp.mean((outputs[name][:, 0] - labels[name]) ** 2)
+            else:
+                loss += optax.softmax_cross_entropy_with_integer_labels(outputs[name], labels[name]).mean()
+        return loss, updates["batch_stats"]
+
+    def train_step(state, images, labels):
+        params, batch_stats, opt_state = state
+        (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch_stats, images, labels)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), batch_stats, opt_state), loss
+
+    rss_before = _max_rss_mib()
+    start = time.perf_counter()
+    compiled = jax.jit(train_step, donate_argnums=0).lower(state, images, labels).compile()
+    compile_s = time.perf_counter() - start
+    step_times, losses = [], []
+    for _ in range(steps + 1):  # the first executed step warms caches and is not timed
+        start = time.perf_counter()
+        state, loss = compiled(state, images, labels)
+        losses.append(float(loss))
+        step_times.append(time.perf_counter() - start)
+    return dict(
+        compile_s=compile_s,
+        step_s=step_times[1:],
+        losses=losses,
+        peak_rss_delta_mib=_max_rss_mib() - rss_before,
+        backend=jax.default_backend(),
+        version=jax.__version__,
+    )
+
+
+# ------------------------------------------------------------------------- PyTorch
+
+
+def _torch_resnet18(heads: dict):
+    import torch
+    from torch import nn
+
+    class BasicBlock(nn.Module):
+        def __init__(self, cin, cout, stride):
+            super().__init__()
+            self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(cout)
+            self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+            self.bn2 = nn.BatchNorm2d(cout)
+            self.proj = None
+            if stride != 1 or cin != cout:
+                self.proj = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+        def forward(self, x):
+            y = torch.relu(self.bn1(self.conv1(x)))
+            y = self.bn2(self.conv2(y))
+            return torch.relu(y + (x if self.proj is None else self.proj(x)))
+
+    class ResNet18(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Sequential(
+                nn.Conv2d(1, 64, 7, 2, 3, bias=False),
+                nn.BatchNorm2d(64),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(3, 2, 1),
+            )
+            blocks, cin = [], 64
+            for stage, cout in enumerate((64, 128, 256, 512)):
+                for index in range(2):
+                    blocks.append(BasicBlock(cin, cout, 2 if stage > 0 and index == 0 else 1))
+                    cin = cout
+            self.blocks = nn.Sequential(*blocks)
+            self.heads = nn.ModuleDict({name: nn.Linear(512, n) for name, n in heads.items()})
+
+        def forward(self, x):
+            features = self.blocks(self.stem(x)).mean(dim=(2, 3))
+            return {name: head(features) for name, head in self.heads.items()}
+
+    return ResNet18()
+
+
+def _run_torch(size: int, batch: int, steps: int) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    images, labels = _synthetic_batch(batch, size)
+    images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+    labels = {k: torch.from_numpy(v) for k, v in labels.items()}
+    model = _torch_resnet18(HEAD_SIZES).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
+
+    def train_step():
+        optimizer.zero_grad(set_to_none=True)
+        outputs = model(images)
+        loss = 0.0
+        for name, n in HEAD_SIZES.items():
+            if n == 1:
+                loss = loss + F.mse_loss(outputs[name][:, 0], labels[name])
+            else:
+                loss = loss + F.cross_entropy(outputs[name], labels[name])
+        loss.backward()
+        optimizer.step()
+        return float(loss)
+
+    rss_before = _max_rss_mib()
+    step_times, losses = [], []
+    for _ in range(steps + 1):
+        start = time.perf_counter()
+        losses.append(train_step())
+        step_times.append(time.perf_counter() - start)
+    return dict(
+        compile_s=0.0,
+        step_s=step_times[1:],
+        losses=losses,
+        peak_rss_delta_mib=_max_rss_mib() - rss_before,
+        backend="cpu",
+        version=torch.__version__,
+        threads=torch.get_num_threads(),
+    )
+
+
+# ------------------------------------------------------------------------- driver
+
+VARIANTS = {
+    "jax_xla": lambda size, batch, steps: _run_jax("xla", size, batch, steps),
+    "jax_cpu_fast": lambda size, batch, steps: _run_jax("cpu_fast", size, batch, steps),
+    "torch": _run_torch,
+}
+
+
+def _torch_available() -> bool:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _run_in_subprocess(variant: str, size: int, batch: int, steps: int) -> dict:
+    command = [sys.executable, __file__, "--worker", variant, "--sizes", str(size), "--batch", str(batch),
+               "--steps", str(steps)]
+    repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [repo_root, os.environ.get("PYTHONPATH")])))
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"{variant} at {size}px failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _print_table(rows: list[dict]) -> None:
+    header = (f"{'size':>5} {'variant':>13} {'img/s':>8} {'vs torch':>9} {'compile s':>10} "
+              f"{'peak MiB':>9} {'loss[0]':>9}")
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        ratio = f"{row['ratio_vs_torch']:.2f}x" if row.get("ratio_vs_torch") else "-"
+        print(f"{row['size']:>5} {row['variant']:>13} {row['images_per_s']:>8.1f} {ratio:>9} "
+              f"{row['compile_s']:>10.1f} {row['peak_rss_delta_mib']:>9.0f} {row['losses'][0]:>9.4f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="64,128,224", help="comma-separated image sizes in pixels")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps after one untimed warm-up step")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"subset of {','.join(VARIANTS)}")
+    parser.add_argument("--out", default=DEFAULT_OUT)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+
+    if args.worker:
+        print(json.dumps(VARIANTS[args.worker](sizes[0], args.batch, args.steps)))
+        return
+
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        parser.error(f"unknown variants {unknown}; choose from {sorted(VARIANTS)}")
+    if "torch" in variants and not _torch_available():
+        print("torch not installed, skipping baseline (pip install 'iap-jax[bench]')")
+        variants.remove("torch")
+
+    rows = []
+    for size in sizes:
+        size_rows = []
+        for variant in variants:
+            result = _run_in_subprocess(variant, size, args.batch, args.steps)
+            result.update(variant=variant, size=size, batch=args.batch,
+                          images_per_s=args.batch / statistics.median(result["step_s"]))
+            print(f"{size}px {variant}: {result['images_per_s']:.1f} img/s", flush=True)
+            size_rows.append(result)
+        torch_row = next((r for r in size_rows if r["variant"] == "torch"), None)
+        for row in size_rows:
+            row["ratio_vs_torch"] = row["images_per_s"] / torch_row["images_per_s"] if torch_row else None
+        rows.extend(size_rows)
+
+    print()
+    _print_table(rows)
+    report = dict(
+        benchmark="train_step_resnet18",
+        batch=args.batch,
+        steps=args.steps,
+        head_sizes=HEAD_SIZES,
+        machine=dict(platform=platform.platform(), cpus=os.cpu_count(), python=platform.python_version()),
+        note="img/s from the median timed step; JAX and PyTorch ran side by side in this run",
+        results=rows,
+    )
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

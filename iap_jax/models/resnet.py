@@ -1,0 +1,163 @@
+"""ResNet v1.5 (18/34/50 and a tiny test variant) for 1-channel images with one head per IAP.
+
+Shapes follow torchvision's ResNet (7x7 stride-2 stem, 3x3 stride-2 max pool, stride in
+the 3x3 convolution of a bottleneck, PyTorch paddings and BatchNorm constants) so that
+results and parameter counts compare directly with the paper's PyTorch model.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from iap_jax.models.conv import Conv, max_pool_3x3_stride2, resolve_conv_impl
+
+# PyTorch's BatchNorm2d defaults: running = 0.9 * running + 0.1 * batch.
+BN_MOMENTUM = 0.9
+BN_EPSILON = 1e-5
+
+# He initialisation on fan-out, as torchvision initialises its convolutions.
+conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+class _Layers(nn.Module):
+    """Shared constructors so every block builds convolutions and norms the same way."""
+
+    dtype: Any = jnp.float32
+    conv_impl: str = "auto"
+
+    def conv(self, features: int, kernel: int, stride: int = 1, name: str | None = None) -> Conv:
+        pad = kernel // 2
+        return Conv(
+            features,
+            (kernel, kernel),
+            strides=(stride, stride),
+            padding=((pad, pad), (pad, pad)),
+            use_bias=False,
+            dtype=self.dtype,
+            kernel_init=conv_kernel_init,
+            impl=self.conv_impl,
+            name=name,
+        )
+
+    def norm(self, train: bool, name: str | None = None) -> nn.BatchNorm:
+        return nn.BatchNorm(
+            use_running_average=not train,
+            momentum=BN_MOMENTUM,
+            epsilon=BN_EPSILON,
+            dtype=self.dtype,
+            name=name,
+        )
+
+
+class BasicBlock(_Layers):
+    """Two 3x3 convolutions (ResNet-18/34)."""
+
+    features: int = 64
+    stride: int = 1
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+        residual = x
+        y = self.conv(self.features, 3, self.stride)(x)
+        y = nn.relu(self.norm(train)(y))
+        y = self.conv(self.features, 3)(y)
+        y = self.norm(train)(y)
+        if residual.shape != y.shape:
+            residual = self.conv(self.features, 1, self.stride, name="proj_conv")(residual)
+            residual = self.norm(train, name="proj_norm")(residual)
+        return nn.relu(y + residual)
+
+
+class BottleneckBlock(_Layers):
+    """1x1 reduce, 3x3 (carrying the stride: v1.5), 1x1 expand by 4 (ResNet-50)."""
+
+    features: int = 64
+    stride: int = 1
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+        residual = x
+        y = nn.relu(self.norm(train)(self.conv(self.features, 1)(x)))
+        y = nn.relu(self.norm(train)(self.conv(self.features, 3, self.stride)(y)))
+        y = self.norm(train)(self.conv(self.features * 4, 1)(y))
+        if residual.shape != y.shape:
+            residual = self.conv(self.features * 4, 1, self.stride, name="proj_conv")(residual)
+            residual = self.norm(train, name="proj_norm")(residual)
+        return nn.relu(y + residual)
+
+
+BLOCKS = {"basic": BasicBlock, "bottleneck": BottleneckBlock}
+
+
+class ResNet(_Layers):
+    """Multi-task ResNet: returns {head name: [batch, head size] float32} for [B, H, W, C] input.
+
+    head_sizes: logits size for a categorical IAP, 1 for a continuous one.
+    dtype: compute dtype (bfloat16 on accelerators); parameters stay float32.
+    conv_impl: "auto" | "xla" | "cpu_fast" (auto: cpu_fast on the CPU backend only).
+    """
+
+    stage_sizes: Sequence[int] = (2, 2, 2, 2)
+    block: str = "basic"
+    width: int = 64
+    head_sizes: Mapping[str, int] = None
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool) -> dict[str, jnp.ndarray]:
+        if x.ndim != 4:
+            raise ValueError(f"ResNet expects [batch, height, width, channels] input, got shape {x.shape}")
+        if not self.head_sizes:
+            raise ValueError("ResNet needs at least one head in head_sizes")
+        if self.block not in BLOCKS:
+            raise ValueError(f"block must be one of {sorted(BLOCKS)}, got {self.block!r}")
+        block_cls = BLOCKS[self.block]
+        x = jnp.asarray(x, self.dtype)
+        x = self.conv(self.width, 7, 2, name="stem_conv")(x)
+        x = nn.relu(self.norm(train, name="stem_norm")(x))
+        x = max_pool_3x3_stride2(x, self.conv_impl)
+        for stage, num_blocks in enumerate(self.stage_sizes):
+            for index in range(num_blocks):
+                x = block_cls(
+                    features=self.width * 2**stage,
+                    stride=2 if stage > 0 and index == 0 else 1,
+                    dtype=self.dtype,
+                    conv_impl=self.conv_impl,
+                    name=f"stage{stage + 1}_block{index + 1}",
+                )(x, train)
+        features = jnp.mean(x, axis=(1, 2))
+        return {
+            name: nn.Dense(size, dtype=self.dtype, name=f"head_{name}")(features).astype(jnp.float32)
+            for name, size in self.head_sizes.items()
+        }
+
+
+ARCHITECTURES = {
+    "resnet18": dict(stage_sizes=(2, 2, 2, 2), block="basic"),
+    "resnet34": dict(stage_sizes=(3, 4, 6, 3), block="basic"),
+    "resnet50": dict(stage_sizes=(3, 4, 6, 3), block="bottleneck"),
+    "tiny": dict(stage_sizes=(1, 1), block="basic"),
+}
+
+
+def make_model(
+    name: str,
+    head_sizes: Mapping[str, int],
+    width: int | None = None,
+    dtype: Any = jnp.float32,
+    conv_impl: str = "auto",
+) -> ResNet:
+    """Builds a named ResNet; width defaults to 64 (8 for "tiny")."""
+    if name not in ARCHITECTURES:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(ARCHITECTURES)}")
+    for head, size in head_sizes.items():
+        if int(size) < 1:
+            raise ValueError(f"head {head!r} needs a positive output size, got {size}")
+    resolve_conv_impl(conv_impl)
+    if width is None:
+        width = 8 if name == "tiny" else 64
+    return ResNet(
+        head_sizes=dict(head_sizes), width=width, dtype=dtype, conv_impl=conv_impl, **ARCHITECTURES[name]
+    )

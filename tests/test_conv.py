@@ -1,0 +1,152 @@
+"""The CPU-fast convolution and max pool against XLA's reference ops: values and gradients."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from iap_jax.models import conv
+from iap_jax.models.conv import Conv, conv2d_cpu, max_pool_3x3_stride2, resolve_conv_impl
+
+TOL = dict(rtol=2e-5, atol=2e-5)
+
+
+def _reference_conv(x, kernel, strides, padding):
+    return lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _value_and_pullback(fn, cotangent, *args):
+    """fn(*args) and its vjp applied to cotangent, compiled as one program (fast to test)."""
+
+    def run(cotangent, *args):
+        value, pullback = jax.vjp(fn, *args)
+        return value, pullback(cotangent)
+
+    return jax.jit(run)(cotangent, *args)
+
+
+# (input NHWC, kernel HWIO, strides, padding): ResNet's shapes in miniature plus odd cases.
+CASES = [
+    ((2, 9, 9, 3), (3, 3, 3, 4), (1, 1), ((1, 1), (1, 1))),  # 3x3 stride 1, matmul forward
+    ((2, 12, 12, 3), (3, 3, 3, 5), (1, 1), ((1, 1), (1, 1))),  # large map: XLA forward
+    ((2, 10, 10, 3), (3, 3, 3, 5), (2, 2), ((1, 1), (1, 1))),  # 3x3 stride 2, even input
+    ((2, 11, 11, 3), (3, 3, 3, 5), (2, 2), ((1, 1), (1, 1))),  # 3x3 stride 2, odd input
+    ((2, 19, 19, 1), (7, 7, 1, 4), (2, 2), ((3, 3), (3, 3))),  # the 7x7 stem on one channel
+    ((2, 8, 8, 4), (1, 1, 4, 6), (2, 2), ((0, 0), (0, 0))),  # 1x1 projection, stride 2
+    ((2, 8, 8, 4), (1, 1, 4, 6), (1, 1), "VALID"),  # 1x1, pure matmul
+    ((2, 2, 2, 8), (3, 3, 8, 8), (1, 1), ((1, 1), (1, 1))),  # tiny spatial map
+    ((1, 7, 6, 3), (3, 2, 3, 2), (2, 1), "SAME"),  # asymmetric SAME padding, mixed strides
+    ((2, 9, 9, 2), (3, 3, 2, 3), (1, 1), ((0, 2), (2, 0))),  # uneven explicit padding
+    ((1, 20, 20, 2), (3, 3, 2, 3), (2, 2), ((1, 1), (1, 1))),  # stride 2, large map: folded dx
+]
+
+
+@pytest.mark.parametrize("x_shape,k_shape,strides,padding", CASES)
+def test_conv_matches_xla_values_and_gradients(x_shape, k_shape, strides, padding):
+    kx, kk, kg = jax.random.split(jax.random.PRNGKey(0), 3)
+    x = jax.random.normal(kx, x_shape)
+    kernel = jax.random.normal(kk, k_shape)
+    out_shape = jax.eval_shape(lambda a, b: _reference_conv(a, b, strides, padding), x, kernel).shape
+    cotangent = jax.random.normal(kg, out_shape)
+
+    want, want_grads = _value_and_pullback(lambda a, b: _reference_conv(a, b, strides, padding), cotangent, x, kernel)
+    got, got_grads = _value_and_pullback(lambda a, b: conv2d_cpu(a, b, strides, padding), cotangent, x, kernel)
+    np.testing.assert_allclose(got, want, **TOL)
+    for got_grad, want_grad in zip(got_grads, want_grads):
+        np.testing.assert_allclose(got_grad, want_grad, **TOL)
+
+
+@pytest.mark.parametrize("strides", [(1, 1), (2, 2)])
+@pytest.mark.parametrize(
+    "plan",
+    [
+        conv.ConvPlan("xla", "xla", "xla"),
+        conv.ConvPlan("matmul", "matmul", "fold"),
+        conv.ConvPlan("xla", "matmul", "fold"),
+        conv.ConvPlan("matmul", "xla", "xla"),
+    ],
+)
+def test_every_conv_plan_matches_xla(monkeypatch, plan, strides):
+    monkeypatch.setattr(conv, "conv_plan", lambda *shapes: plan)
+    x = jax.random.normal(jax.random.PRNGKey(9), (2, 9, 9, 3))
+    kernel = jax.random.normal(jax.random.PRNGKey(10), (3, 3, 3, 4))
+    padding = ((1, 1), (1, 1))
+    out_shape = jax.eval_shape(lambda a, b: _reference_conv(a, b, strides, padding), x, kernel).shape
+    cotangent = jax.random.normal(jax.random.PRNGKey(11), out_shape)
+    want = _value_and_pullback(lambda a, b: _reference_conv(a, b, strides, padding), cotangent, x, kernel)
+    got = _value_and_pullback(lambda a, b: conv2d_cpu(a, b, strides, padding), cotangent, x, kernel)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(g, w, **TOL)
+
+
+def test_conv_gradients_under_jit_match_xla():
+    x = jax.random.normal(jax.random.PRNGKey(1), (3, 10, 10, 4))
+    kernel = jax.random.normal(jax.random.PRNGKey(2), (3, 3, 4, 8))
+
+    def loss(conv, a, b):
+        return jnp.sum(jnp.tanh(conv(a, b, (2, 2), ((1, 1), (1, 1)))))
+
+    want = jax.jit(jax.grad(lambda a, b: loss(_reference_conv, a, b), argnums=(0, 1)))(x, kernel)
+    got = jax.jit(jax.grad(lambda a, b: loss(conv2d_cpu, a, b), argnums=(0, 1)))(x, kernel)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, **TOL)
+
+
+def test_conv_module_shares_parameters_with_flax_conv():
+    x = jax.random.normal(jax.random.PRNGKey(3), (2, 9, 9, 3))
+    flax_conv = nn.Conv(5, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    params = flax_conv.init(jax.random.PRNGKey(4), x)
+    want = flax_conv.apply(params, x)
+    for impl in ("xla", "cpu_fast"):
+        ours = Conv(5, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), impl=impl)
+        ours_params = ours.init(jax.random.PRNGKey(4), x)
+        assert jax.tree.map(jnp.shape, ours_params) == jax.tree.map(jnp.shape, params)
+        np.testing.assert_allclose(ours.apply(params, x), want, **TOL)
+
+
+def test_conv_module_bf16_compute_keeps_f32_params():
+    x = jax.random.normal(jax.random.PRNGKey(5), (2, 8, 8, 3))
+    conv = Conv(4, (3, 3), dtype=jnp.bfloat16, impl="cpu_fast")
+    params = conv.init(jax.random.PRNGKey(6), x)
+    assert params["params"]["kernel"].dtype == jnp.float32
+    y = conv.apply(params, x)
+    assert y.dtype == jnp.bfloat16
+    reference = Conv(4, (3, 3), impl="xla").apply(params, x)
+    np.testing.assert_allclose(y.astype(jnp.float32), reference, rtol=5e-2, atol=5e-2)
+    grads = jax.grad(lambda p: conv.apply(p, x).astype(jnp.float32).sum())(params)
+    assert grads["params"]["kernel"].dtype == jnp.float32
+
+
+def test_conv_rejects_mismatched_channels():
+    with pytest.raises(ValueError, match="channels"):
+        conv2d_cpu(jnp.zeros((1, 4, 4, 3)), jnp.zeros((3, 3, 2, 4)))
+
+
+def test_resolve_conv_impl():
+    assert resolve_conv_impl("xla") == "xla"
+    assert resolve_conv_impl("auto") == ("cpu_fast" if jax.default_backend() == "cpu" else "xla")
+    with pytest.raises(ValueError, match="conv_impl"):
+        resolve_conv_impl("cudnn")
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 8, 3), (2, 9, 7, 2)])
+def test_max_pool_matches_flax_values_and_gradients(shape):
+    x = jax.random.normal(jax.random.PRNGKey(7), shape)
+    out_shape = jax.eval_shape(lambda a: max_pool_3x3_stride2(a, "xla"), x).shape
+    cotangent = jax.random.normal(jax.random.PRNGKey(8), out_shape)
+    want, want_grads = _value_and_pullback(lambda a: max_pool_3x3_stride2(a, "xla"), cotangent, x)
+    got, got_grads = _value_and_pullback(lambda a: max_pool_3x3_stride2(a, "cpu_fast"), cotangent, x)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_allclose(got_grads[0], want_grads[0], **TOL)
+
+
+def test_max_pool_gradient_with_ties_goes_to_one_position_per_window():
+    # After a ReLU many windows hold equal values; each window's gradient must still be
+    # routed to exactly one input, as in PyTorch, never duplicated.
+    x = jnp.zeros((1, 6, 6, 1))
+    cotangent = jnp.arange(1.0, 10.0).reshape(1, 3, 3, 1)
+    _, (dx,) = _value_and_pullback(lambda a: max_pool_3x3_stride2(a, "cpu_fast"), cotangent, x)
+    np.testing.assert_allclose(dx.sum(), cotangent.sum())
+    # Output column j covers input columns 2j-1..2j+1 and takes the first (leftmost) one.
+    np.testing.assert_array_equal(dx[0, 0, :, 0], [1.0, 2.0, 0.0, 3.0, 0.0, 0.0])

@@ -1,0 +1,135 @@
+"""The multi-task ResNet: output shapes, dtypes, conv backends, BatchNorm modes, learning."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from iap_jax.models.resnet import make_model
+
+HEADS = {"manufacturer": 3, "flip_angle": 5, "te": 1}
+
+
+def _images(batch=4, size=32, seed=0):
+    return jax.random.uniform(jax.random.PRNGKey(seed), (batch, size, size, 1))
+
+
+def _init(model, x):
+    return jax.jit(lambda a: model.init(jax.random.PRNGKey(0), a, train=False))(x)
+
+
+def test_tiny_outputs_one_float32_group_per_head():
+    model = make_model("tiny", HEADS)
+    x = _images()
+    variables = _init(model, x)
+    outputs = jax.jit(lambda v, a: model.apply(v, a, train=False))(variables, x)
+    assert {k: v.shape for k, v in outputs.items()} == {k: (4, n) for k, n in HEADS.items()}
+    assert all(v.dtype == jnp.float32 for v in outputs.values())
+
+
+@pytest.mark.parametrize("name,num_params", [("resnet18", 11_170_000), ("resnet50", 23_500_000)])
+def test_full_size_shapes_and_parameter_counts(name, num_params):
+    model = make_model(name, HEADS)
+    x = jax.ShapeDtypeStruct((2, 224, 224, 1), jnp.float32)
+    variables = jax.eval_shape(lambda a: model.init(jax.random.PRNGKey(0), a, train=False), x)
+    outputs = jax.eval_shape(lambda v, a: model.apply(v, a, train=False), variables, x)
+    assert {k: v.shape for k, v in outputs.items()} == {k: (2, n) for k, n in HEADS.items()}
+    count = sum(np.prod(p.shape) for p in jax.tree.leaves(variables["params"]))
+    # torchvision's ResNet-18/50 on one input channel, minus its 1000-way classifier.
+    assert abs(count - num_params) / num_params < 0.01
+
+
+def test_bf16_compute_keeps_float32_params_and_outputs():
+    model = make_model("tiny", HEADS, dtype=jnp.bfloat16)
+    x = _images()
+    variables = _init(model, x)
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables["params"]))
+    outputs, _ = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    assert all(v.dtype == jnp.float32 and bool(jnp.isfinite(v).all()) for v in outputs.values())
+
+
+def _loss(model, variables, x, params):
+    outputs, updates = model.apply(
+        {"params": params, "batch_stats": variables["batch_stats"]}, x, train=True, mutable=["batch_stats"]
+    )
+    return sum(jnp.sum(jnp.sin(v)) for v in outputs.values()), updates
+
+
+def test_xla_and_cpu_fast_convolutions_agree_on_outputs_and_gradients():
+    x = _images(size=40)
+    xla_model = make_model("tiny", HEADS, conv_impl="xla")
+    fast_model = make_model("tiny", HEADS, conv_impl="cpu_fast")
+    variables = _init(xla_model, x)
+    assert jax.tree.structure(_init(fast_model, x)) == jax.tree.structure(variables)
+
+    results = []
+    for model in (xla_model, fast_model):
+        grad_fn = jax.jit(jax.value_and_grad(lambda p, m=model: _loss(m, variables, x, p), has_aux=True))
+        results.append(grad_fn(variables["params"]))
+    (xla_loss, xla_stats), xla_grads = results[0]
+    (fast_loss, fast_stats), fast_grads = results[1]
+    np.testing.assert_allclose(fast_loss, xla_loss, rtol=1e-5)
+    for got, want in zip(jax.tree.leaves((fast_grads, fast_stats)), jax.tree.leaves((xla_grads, xla_stats))):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_batchnorm_uses_batch_statistics_in_training_and_running_ones_in_eval():
+    model = make_model("tiny", HEADS)
+    x = _images(batch=6)
+    variables = _init(model, x)
+    eval_out = model.apply(variables, x, train=False)
+    # Eval mode: each image's output is independent of the rest of the batch.
+    single = model.apply(variables, x[:1], train=False)
+    np.testing.assert_allclose(single["te"], eval_out["te"][:1], rtol=1e-5, atol=1e-6)
+
+    train_out, state = model.apply(
+        variables, x, train=True, mutable=["batch_stats", "intermediates"], capture_intermediates=True
+    )
+    assert not np.allclose(train_out["te"], eval_out["te"])
+    # PyTorch momentum: running = 0.9 * running + 0.1 * batch (mean starts at 0, var at 1).
+    (stem_conv_out,) = state["intermediates"]["stem_conv"]["__call__"]
+    stats = state["batch_stats"]["stem_norm"]
+    np.testing.assert_allclose(stats["mean"], 0.1 * stem_conv_out.mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(stats["var"], 0.9 + 0.1 * stem_conv_out.var(axis=(0, 1, 2)), rtol=1e-4)
+    with pytest.raises(Exception):
+        model.apply(variables, x, train=True)  # batch_stats must be declared mutable
+
+
+def test_tiny_model_overfits_a_small_batch():
+    model = make_model("tiny", {"cls": 4, "reg": 1})
+    x = _images(batch=8, size=32, seed=1)
+    labels = jnp.array([0, 1, 2, 3, 0, 1, 2, 3])
+    targets = jnp.linspace(-1.0, 1.0, 8)
+    variables = _init(model, x)
+    optimizer = optax.adam(1e-2)
+    state = (variables["params"], variables["batch_stats"], optimizer.init(variables["params"]))
+
+    def loss_fn(params, batch_stats):
+        outputs, updates = model.apply(
+            {"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"]
+        )
+        ce = optax.softmax_cross_entropy_with_integer_labels(outputs["cls"], labels).mean()
+        mse = jnp.mean((outputs["reg"][:, 0] - targets) ** 2)
+        return ce + mse, updates["batch_stats"]
+
+    @jax.jit
+    def step(state):
+        params, batch_stats, opt_state = state
+        (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch_stats)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), batch_stats, opt_state), loss
+
+    losses = []
+    for _ in range(40):
+        state, loss = step(state)
+        losses.append(float(loss))
+    assert losses[-1] < 0.1 * losses[0]
+
+
+def test_make_model_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="unknown model"):
+        make_model("resnet101", HEADS)
+    with pytest.raises(ValueError, match="positive"):
+        make_model("tiny", {"te": 0})
+    with pytest.raises(ValueError, match="conv_impl"):
+        make_model("tiny", HEADS, conv_impl="fast")
