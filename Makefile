@@ -6,7 +6,7 @@ RUN ?= runs/demo
 PATIENTS ?= 40
 WORKERS ?= 2
 
-.PHONY: install sysdeps demo synth test bench clean
+.PHONY: install sysdeps demo synth prep train test bench bench-synth bench-prep bench-train clean
 
 install: $(VENV)/.installed
 
@@ -25,15 +25,34 @@ synth: install
 	$(BIN)/iap-synth --out $(RUN)/dicom --patients $(PATIENTS) --seed 0 --preset small \
 	  --workers $(WORKERS) --contact-sheet $(RUN)/contact_sheet.png
 
-demo: synth
+DATA := $(RUN)/data
+IMAGE_SIZE ?= 64
+DATASET := $(DATA)/iap_dataset/pre_$(IMAGE_SIZE)/1.0.0
+
+prep: synth
+	$(BIN)/iap-prep --dicom-root $(RUN)/dicom --data-dir $(DATA) --image-size $(IMAGE_SIZE) \
+	  --workers $(WORKERS)
+
+demo: prep
 
 test: install sysdeps
 	$(BIN)/python -m pytest -q -n 2 tests
 
-bench: install
+# The PyTorch baseline is pinned to the CPU build that installs without a GPU stack.
+$(VENV)/.torch: $(VENV)/.installed
 	$(BIN)/pip install -q 'torch==2.13.0'
+	touch $@
+
+bench-synth: install
 	$(BIN)/python bench/synth.py
+
+bench-prep: install
+	$(BIN)/python bench/prep.py
+
+bench-train: install $(VENV)/.torch
 	$(BIN)/python bench/train.py
+
+bench: bench-synth bench-prep bench-train
 
 clean:
 	rm -rf $(RUN)

@@ -1,0 +1,64 @@
+"""Base config: every field a run reads. Variants import this and override.
+
+`arg` is a comma-separated list of switches, e.g. --config=configs/default.py:runlocal
+("runlocal" shrinks everything to run in a minute on a laptop).
+"""
+import ml_collections
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    switches = set(filter(None, (arg or "").split(",")))
+    config = ml_collections.ConfigDict()
+    config.dataset_dir = ""
+    config.train_split = "train"
+    config.eval_split = "validation"
+    config.seed = 0
+
+    config.model = ml_collections.ConfigDict(dict(
+        name="resnet18", width=64, dtype="float32", conv_impl="auto"))
+
+    # Label encoding from the train split's stats. kinds: {IAP: "categorical"|"continuous"};
+    # transforms: {IAP: "log"|"zscore"|"raw"} for continuous heads.
+    config.labels = ml_collections.ConfigDict(dict(
+        iaps=(), min_count=1, always_other=True,
+        kinds={}, transforms={"EchoTime": "log", "RepetitionTime": "log"}))
+
+    config.input = ml_collections.ConfigDict(dict(
+        image_size=0, normalisation="max", percentiles=(1.0, 99.0), augment=False,
+        shuffle_buffer=10_000, prefetch=2, threads=0))
+
+    config.batch_size = 128  # global, over all processes
+    config.eval_batch_size = 128
+    config.num_epochs = 30
+    config.halt_after_steps = 0  # > 0: save and stop there, as if preempted (for tests)
+
+    config.loss = ml_collections.ConfigDict(dict(mode="default", huber_delta=0.0, weights={}))
+    config.optim = ml_collections.ConfigDict(dict(
+        name="adamw", learning_rate=1e-3, weight_decay=1e-4, warmup_steps=200,
+        clip_norm=1.0, b1=0.9, b2=0.999))
+
+    config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+    config.sharding = ml_collections.ConfigDict(dict(tactic="replicate", fsdp_min_size=2**14))
+
+    config.checkpoint = ml_collections.ConfigDict(dict(
+        every_steps=1000, keep=2, keep_best=1, best_metric="mean_top1", async_save=True))
+    config.log_every_steps = 50
+    config.progress_bar = True
+
+    # Multi-process: num_processes > 1 (or cluster env, see main.py) calls jax.distributed.
+    config.distributed = ml_collections.ConfigDict(dict(
+        coordinator="", num_processes=1, process_id=-1, cpu_collectives="gloo"))
+
+    if "runlocal" in switches:
+        apply_runlocal(config)
+    return config
+
+
+def apply_runlocal(config: ml_collections.ConfigDict) -> None:
+    config.model.name = "tiny"
+    config.model.width = 8
+    config.input.image_size = 32
+    config.batch_size = config.eval_batch_size = 16
+    config.num_epochs = 1
+    config.log_every_steps = 5
+    config.checkpoint.every_steps = 50

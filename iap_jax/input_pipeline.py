@@ -1,0 +1,231 @@
+"""tf.data input over the prepared TFDS dataset, one share per process.
+
+Each process reads its own slice of a split (tfds.even_splits), so the global batch is
+the concatenation of the per-process batches (see sharding.global_batch).
+
+Training order is a pure function of (seed, epoch): epoch e is the split shuffled with
+seed (seed, e). Starting at global step s means starting epoch s // steps_per_epoch and
+skipping the records of its first s % steps_per_epoch batches, so a resumed run sees
+exactly the batches an uninterrupted run would have.
+
+Normalisation (images become float32 [B, S, S, 1]):
+  max         the paper's: x / max(x) * 255 per image
+  percentile  robust: clip to the image's [low, high] percentiles, scale to [0, 255]
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from typing import Iterator
+
+import jax
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from iap_jax.features import STATS_FILE
+from iap_jax.iaps import IAP_NAMES
+from iap_jax.labels import LabelEncoding
+
+NORMALISATIONS = ("max", "percentile")
+_tf_configured = False
+
+
+def configure_tensorflow(threads: int = 0) -> None:
+    """Keep TensorFlow off the accelerators (JAX owns them) and cap its thread pools."""
+    global _tf_configured
+    if _tf_configured:
+        return
+    tf.config.set_visible_devices([], "GPU")
+    if threads:
+        try:
+            tf.config.threading.set_inter_op_parallelism_threads(threads)
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+        except RuntimeError:  # the TF runtime already started; its pools are fixed now
+            pass
+    _tf_configured = True
+
+
+@dataclasses.dataclass(frozen=True)
+class InputConfig:
+    image_size: int = 0  # 0: the stored size
+    normalisation: str = "max"
+    percentiles: tuple[float, float] = (1.0, 99.0)
+    augment: bool = False
+    shuffle_buffer: int = 10_000
+    prefetch: int = 2
+    threads: int = 0  # tf.data private thread pool (0: TF's default)
+
+    @classmethod
+    def from_config(cls, config) -> "InputConfig":
+        return cls(image_size=int(config.image_size), normalisation=config.normalisation,
+                   percentiles=tuple(config.percentiles), augment=bool(config.augment),
+                   shuffle_buffer=int(config.shuffle_buffer), prefetch=int(config.prefetch),
+                   threads=int(config.threads))
+
+
+def load_builder(dataset_dir: str):
+    if not os.path.isdir(dataset_dir):
+        raise FileNotFoundError(f"{dataset_dir}: no such dataset directory")
+    try:
+        return tfds.builder_from_directory(dataset_dir)
+    except Exception as err:
+        raise ValueError(f"{dataset_dir}: not a prepared TFDS dataset ({err})") from err
+
+
+def dataset_fingerprint(dataset_dir: str) -> dict:
+    """What identifies a prepared dataset: split sizes and a hash of its metadata."""
+    builder = load_builder(dataset_dir)
+    digest = hashlib.sha256()
+    for name in ("dataset_info.json", "features.json", STATS_FILE):
+        path = os.path.join(dataset_dir, name)
+        if os.path.exists(path):
+            with open(path, "rb") as f:
+                digest.update(f.read())
+    return {"dataset_dir": os.path.abspath(dataset_dir), "sha256": digest.hexdigest(),
+            "splits": {k: int(v.num_examples) for k, v in builder.info.splits.items()}}
+
+
+# --- per-example transforms --------------------------------------------------------
+
+def _normalise(image: tf.Tensor, cfg: InputConfig) -> tf.Tensor:
+    if cfg.normalisation == "max":
+        return image / tf.maximum(tf.reduce_max(image), 1e-6) * 255.0
+    flat = tf.sort(tf.reshape(image, [-1]))
+    n = tf.cast(tf.size(flat) - 1, tf.float32)
+    low = tf.gather(flat, tf.cast(tf.round(n * cfg.percentiles[0] / 100.0), tf.int32))
+    high = tf.gather(flat, tf.cast(tf.round(n * cfg.percentiles[1] / 100.0), tf.int32))
+    return (tf.clip_by_value(image, low, high) - low) / tf.maximum(high - low, 1e-6) * 255.0
+
+
+def _augment(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+    """Left-right flip and a mild intensity gain, both seeded (reproducible on resume)."""
+    image = tf.image.stateless_random_flip_left_right(image, seed)
+    gain = tf.random.stateless_uniform([], seed + 1, 0.9, 1.1)
+    return tf.clip_by_value(image * gain, 0.0, 255.0)
+
+
+def _preprocess(example: dict, cfg: InputConfig, seed: tf.Tensor | None) -> dict:
+    image = tf.cast(example["image"], tf.float32)
+    image = image * example["intensity_scale"] + example["intensity_offset"]
+    image = _normalise(image[..., None], cfg)
+    if cfg.image_size and cfg.image_size != image.shape[0]:
+        image = tf.image.resize(image, (cfg.image_size, cfg.image_size), antialias=True)
+    if seed is not None:
+        image = _augment(image, seed)
+    labels = {name: {key: example["labels"][name][key] for key in ("value", "number", "state")}
+              for name in IAP_NAMES}
+    return {"image": image, "labels": labels}
+
+
+# --- datasets ----------------------------------------------------------------------
+
+class SplitReader:
+    """One process's share of one split."""
+
+    def __init__(self, dataset_dir: str, split: str, cfg: InputConfig, *,
+                 process_index: int = 0, process_count: int = 1):
+        if cfg.normalisation not in NORMALISATIONS:
+            raise ValueError(f"unknown normalisation {cfg.normalisation!r}; "
+                             f"expected one of {NORMALISATIONS}")
+        self.builder = load_builder(dataset_dir)
+        if split not in self.builder.info.splits:
+            raise ValueError(f"{dataset_dir}: no split {split!r} "
+                             f"(has {sorted(self.builder.info.splits)})")
+        self.cfg = cfg
+        self.split_size = int(self.builder.info.splits[split].num_examples)
+        self.process_split = tfds.even_splits(split, n=process_count)[process_index]
+        # Every process runs the same number of steps: plan with the smallest share.
+        self.min_process_examples = self.split_size // process_count
+        self.max_process_examples = -(-self.split_size // process_count)
+
+    def records(self) -> tf.data.Dataset:
+        ds = self.builder.as_dataset(split=self.process_split, shuffle_files=False,
+                                     read_config=tfds.ReadConfig(try_autocache=False))
+        options = tf.data.Options()
+        options.deterministic = True
+        if self.cfg.threads:
+            options.threading.private_threadpool_size = self.cfg.threads
+        return ds.with_options(options)
+
+
+def _to_numpy_batch(batch: dict, encoding: LabelEncoding, valid: int | None = None) -> dict:
+    targets, masks = encoding.encode(batch["labels"])
+    if valid is not None:
+        masks = {k: np.where(np.arange(len(m)) < valid, m, 0.0).astype(np.float32)
+                 for k, m in masks.items()}
+    return {"image": batch["image"], "targets": targets, "masks": masks}
+
+
+def train_batches(reader: SplitReader, encoding: LabelEncoding, local_batch_size: int, *,
+                  seed: int, start_step: int = 0) -> Iterator[dict]:
+    """Endless stream of local training batches starting at global step start_step."""
+    steps_per_epoch = reader.min_process_examples // local_batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"split has {reader.split_size} examples: fewer than one batch of "
+                         f"{local_batch_size} per process")
+    cfg = reader.cfg
+    epoch, skip = divmod(start_step, steps_per_epoch)
+    while True:
+        ds = reader.records().shuffle(min(cfg.shuffle_buffer, reader.max_process_examples),
+                                      seed=seed * 100_003 + epoch, reshuffle_each_iteration=False)
+        ds = ds.take(steps_per_epoch * local_batch_size).enumerate().skip(skip * local_batch_size)
+        if cfg.augment:
+            ds = ds.map(lambda i, ex: _preprocess(
+                ex, cfg, tf.stack([tf.cast(seed * 7919 + epoch, tf.int64), i])),
+                num_parallel_calls=tf.data.AUTOTUNE)
+        else:
+            ds = ds.map(lambda i, ex: _preprocess(ex, cfg, None), num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.batch(local_batch_size, drop_remainder=True).prefetch(cfg.prefetch)
+        for batch in tfds.as_numpy(ds):
+            yield _to_numpy_batch(batch, encoding)
+        epoch, skip = epoch + 1, 0
+
+
+def eval_batches(reader: SplitReader, encoding: LabelEncoding, local_batch_size: int
+                 ) -> Iterator[dict]:
+    """One pass over the split in fixed-shape batches; padding rows have zero masks.
+    Every process yields the same number of batches."""
+    num_batches = -(-reader.max_process_examples // local_batch_size)
+    ds = reader.records().map(lambda ex: _preprocess(ex, reader.cfg, None),
+                              num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.batch(local_batch_size).prefetch(reader.cfg.prefetch)
+    produced = 0
+    template = None
+    for batch in tfds.as_numpy(ds):
+        valid = len(batch["image"])
+        padded = _pad(batch, local_batch_size)
+        template = padded
+        produced += 1
+        yield _to_numpy_batch(padded, encoding, valid)
+    while produced < num_batches:
+        if template is None:
+            raise ValueError("cannot build an empty evaluation batch without one example")
+        produced += 1
+        yield _to_numpy_batch(template, encoding, 0)
+
+
+def steps_per_epoch(reader: SplitReader, local_batch_size: int) -> int:
+    return reader.min_process_examples // local_batch_size
+
+
+def _pad(batch, size: int):
+    def pad(x):
+        x = np.asarray(x)
+        if len(x) == size:
+            return x
+        return np.concatenate([x, np.repeat(x[:1], size - len(x), axis=0)])
+    return jax.tree.map(pad, batch)
+
+
+def load_split_stats(dataset_dir: str, split: str = "train") -> dict:
+    path = os.path.join(dataset_dir, STATS_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no split statistics; was this dataset made by iap-prep?")
+    with open(path) as f:
+        stats = json.load(f)
+    if split not in stats:
+        raise ValueError(f"{path}: no statistics for split {split!r} (has {sorted(stats)})")
+    return stats[split]

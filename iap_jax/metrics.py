@@ -1,0 +1,77 @@
+"""Validation metrics as sums, so they add across batches and hosts.
+
+Per categorical head: labelled count, top-1 and top-2 hits. Per continuous head, in real
+units (the encoding's inverse transform): count, sum |error|, sum error^2, sum y, sum y^2,
+giving MAE and R^2 at the end. `metric_sums` runs inside the jitted eval step, where the
+sums span the global batch; `MetricSums` accumulates the host copies.
+"""
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from iap_jax.labels import LabelEncoding
+
+
+def metric_sums(outputs: Mapping, targets: Mapping, masks: Mapping,
+                encoding: LabelEncoding) -> dict[str, dict[str, jax.Array]]:
+    sums = {}
+    for head in encoding.heads:
+        out, target, mask = outputs[head.name], targets[head.name], masks[head.name]
+        if head.categorical:
+            k = min(2, head.size)
+            _, top = jax.lax.top_k(out, k)
+            hit = top == target[:, None]
+            sums[head.name] = {"count": jnp.sum(mask),
+                               "top1": jnp.sum(hit[:, 0] * mask),
+                               "top2": jnp.sum(jnp.any(hit, axis=-1) * mask)}
+        else:
+            pred = head.from_standard(out.reshape(out.shape[0], -1)[:, 0].astype(jnp.float32))
+            true = head.from_standard(jnp.where(mask > 0, target, 0.0))
+            err = jnp.where(mask > 0, pred - true, 0.0)
+            true = jnp.where(mask > 0, true, 0.0)
+            sums[head.name] = {"count": jnp.sum(mask), "abs_err": jnp.sum(jnp.abs(err)),
+                               "sq_err": jnp.sum(err * err), "y": jnp.sum(true),
+                               "y2": jnp.sum(true * true)}
+    return sums
+
+
+class MetricSums:
+    """Host-side running totals (float64) of metric_sums over batches (or hosts)."""
+
+    def __init__(self):
+        self.totals: dict[str, dict[str, float]] = {}
+
+    def add(self, sums: Mapping[str, Mapping[str, float]]) -> "MetricSums":
+        for head, values in jax.device_get(sums).items():
+            bucket = self.totals.setdefault(head, {})
+            for key, value in values.items():
+                bucket[key] = bucket.get(key, 0.0) + float(value)
+        return self
+
+    def summary(self, encoding: LabelEncoding) -> dict[str, dict[str, float]]:
+        """Per head: categorical {count, top1, top2}; continuous {count, mae, r2}
+        (NaN where nothing was labelled)."""
+        result = {}
+        for head in encoding.heads:
+            t = self.totals.get(head.name, {})
+            n = t.get("count", 0.0)
+            if head.categorical:
+                result[head.name] = {"count": n, "top1": t["top1"] / n if n else math.nan,
+                                     "top2": t["top2"] / n if n else math.nan}
+            else:
+                mae = t["abs_err"] / n if n else math.nan
+                total_var = t.get("y2", 0.0) - t.get("y", 0.0) ** 2 / n if n else math.nan
+                r2 = 1.0 - t["sq_err"] / total_var if n and total_var > 0 else math.nan
+                result[head.name] = {"count": n, "mae": mae, "r2": r2, "unit": head.unit}
+        return result
+
+
+def mean_top1(summary: Mapping[str, Mapping[str, float]]) -> float:
+    """Mean top-1 accuracy over the categorical heads that had labels."""
+    values = [m["top1"] for m in summary.values() if "top1" in m and not np.isnan(m["top1"])]
+    return float(np.mean(values)) if values else math.nan

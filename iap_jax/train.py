@@ -1,0 +1,326 @@
+"""Training: one linear train_and_evaluate(config, workdir), in labelled sections.
+
+The state (params, batch_stats, opt_state, step, rng) lives on a device mesh laid out by
+the config's sharding tactic; one jitted step updates it in place (donated). Each
+process feeds its share of every global batch. Validation runs at each epoch's end.
+Checkpoints (Orbax) carry the input position, so a killed run resumes exactly.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import tensorflow as tf
+from absl import logging
+from jax.experimental import multihost_utils
+from tensorflow.core.framework import summary_pb2
+from tqdm import tqdm
+
+from iap_jax import checkpoints as checkpoints_lib
+from iap_jax import input_pipeline
+from iap_jax import losses
+from iap_jax import metrics as metrics_lib
+from iap_jax import optim
+from iap_jax import sharding as sharding_lib
+from iap_jax.iaps import IAP_NAMES
+from iap_jax.labels import LabelEncoding
+from iap_jax.models.resnet import make_model
+
+
+# TensorBoard's scalar-plugin tag, written without the tensorboard package installed.
+_SCALAR_METADATA = summary_pb2.SummaryMetadata(
+    plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"))
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    rng: jax.Array
+
+
+def create_model(model_config, head_sizes):
+    return make_model(model_config.name, head_sizes, width=model_config.width,
+                      dtype=jnp.dtype(model_config.dtype), conv_impl=model_config.conv_impl)
+
+
+def make_init_fn(model, tx, image_size: int) -> Callable[[jax.Array], TrainState]:
+    def init(rng):
+        init_rng, state_rng = jax.random.split(rng)
+        variables = model.init(init_rng, jnp.zeros((1, image_size, image_size, 1)), train=False)
+        params = variables["params"]
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          batch_stats=variables.get("batch_stats", {}),
+                          opt_state=tx.init(params), rng=state_rng)
+    return init
+
+
+def make_train_step(model, tx, loss_fn):
+    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        def objective(params):
+            outputs, updates = model.apply(
+                {"params": params, "batch_stats": state.batch_stats}, batch["image"],
+                train=True, mutable=["batch_stats"])
+            total, per_head = loss_fn(outputs, batch["targets"], batch["masks"])
+            return total, (per_head, updates["batch_stats"])
+
+        (loss, (per_head, batch_stats)), grads = jax.value_and_grad(objective, has_aux=True)(
+            state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                                  batch_stats=batch_stats, opt_state=opt_state,
+                                  rng=jax.random.split(state.rng)[0])
+        logs = {"loss": loss, "grad_norm": optax.tree_utils.tree_norm(grads)}
+        logs.update({f"loss/{name}": value for name, value in per_head.items()})
+        return new_state, logs
+    return train_step
+
+
+def make_eval_step(model, encoding: LabelEncoding):
+    def eval_step(state: TrainState, batch: dict) -> dict:
+        outputs = model.apply({"params": state.params, "batch_stats": state.batch_stats},
+                              batch["image"], train=False)
+        return metrics_lib.metric_sums(outputs, batch["targets"], batch["masks"], encoding)
+    return eval_step
+
+
+def config_to_json(config: ml_collections.ConfigDict) -> dict:
+    return json.loads(config.to_json_best_effort())
+
+
+class _PreemptionFlag:
+    """Set by SIGTERM; the loop saves and exits at the next step."""
+
+    def __init__(self):
+        self.requested = False
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        logging.warning("SIGTERM: saving a checkpoint and stopping")
+        self.requested = True
+
+    def any_process(self) -> bool:
+        if jax.process_count() == 1:
+            return self.requested
+        flags = multihost_utils.process_allgather(np.asarray(self.requested))
+        return bool(np.any(flags))
+
+
+def _format_summary(summary: dict) -> str:
+    lines = [f"{'IAP':<24} {'n':>6} {'top-1':>7} {'top-2':>7} {'MAE':>10} {'R2':>7}"]
+    for name, m in summary.items():
+        if "top1" in m:
+            lines.append(f"{name:<24} {int(m['count']):>6} {m['top1']:>7.3f} {m['top2']:>7.3f}")
+        else:
+            mae = f"{m['mae']:.3g} {m['unit']}"
+            lines.append(f"{name:<24} {int(m['count']):>6} {'':>7} {'':>7} {mae:>10} {m['r2']:>7.3f}")
+    return "\n".join(lines)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains (or resumes) in workdir; returns {"step", "validation", "state"}."""
+    os.makedirs(workdir, exist_ok=True)
+    is_chief = jax.process_index() == 0
+
+    # ---------------------------------------------------------------- mesh ----------
+    mesh = sharding_lib.make_mesh(dict(config.mesh))
+    num_processes = jax.process_count()
+    for name, size in (("batch_size", config.batch_size), ("eval_batch_size", config.eval_batch_size)):
+        if size % mesh.size or size % num_processes:
+            raise ValueError(f"{name}={size} must divide over {mesh.size} devices and "
+                             f"{num_processes} processes")
+    local_batch = config.batch_size // num_processes
+    local_eval_batch = config.eval_batch_size // num_processes
+    logging.info("mesh %s over %d processes", dict(mesh.shape), num_processes)
+
+    # ---------------------------------------------------------------- input ---------
+    input_pipeline.configure_tensorflow(config.input.threads)
+    input_config = input_pipeline.InputConfig.from_config(config.input)
+    readers = {split: input_pipeline.SplitReader(
+        config.dataset_dir, split, input_config, process_index=jax.process_index(),
+        process_count=num_processes) for split in (config.train_split, config.eval_split)}
+    steps_per_epoch = input_pipeline.steps_per_epoch(readers[config.train_split], local_batch)
+    if steps_per_epoch == 0:
+        raise ValueError(f"{config.dataset_dir}: split {config.train_split!r} is smaller than "
+                         f"one batch of {config.batch_size}")
+    total_steps = steps_per_epoch * config.num_epochs
+    image_size = input_config.image_size or int(
+        readers[config.train_split].builder.info.features["image"].shape[0])
+    fingerprint = input_pipeline.dataset_fingerprint(config.dataset_dir)
+
+    # ---------------------------------------------------------------- label encoding -
+    encoding = LabelEncoding.from_stats(
+        input_pipeline.load_split_stats(config.dataset_dir, config.train_split),
+        iaps=tuple(config.labels.iaps) or IAP_NAMES,
+        kinds=dict(config.labels.kinds), transforms=dict(config.labels.transforms),
+        min_count=config.labels.min_count, always_other=config.labels.always_other)
+    checkpointer = checkpoints_lib.Checkpointer(
+        workdir, keep=config.checkpoint.keep, keep_best=config.checkpoint.keep_best,
+        best_metric=config.checkpoint.best_metric, async_save=config.checkpoint.async_save)
+    resume_step = checkpointer.latest_step()
+    if resume_step is not None:  # the run's own encoding, even if the stats file changed
+        encoding = LabelEncoding.from_json(checkpointer.restore(
+            resume_step, items=("label_encoding",))["label_encoding"])
+    logging.info("heads %s", encoding.head_sizes())
+
+    # ---------------------------------------------------------------- model shapes --
+    model = create_model(config.model, encoding.head_sizes())
+    tx = optim.make_optimizer(config.optim, total_steps)
+    init_fn = make_init_fn(model, tx, image_size)
+    abstract_state = jax.eval_shape(init_fn, jax.random.PRNGKey(config.seed))
+    num_params = sum(x.size for x in jax.tree.leaves(abstract_state.params))
+    logging.info("model %s: %.2fM parameters", config.model.name, num_params / 1e6)
+
+    # ---------------------------------------------------------------- shardings -----
+    state_shardings = sharding_lib.tree_shardings(
+        abstract_state, mesh, config.sharding.tactic, config.sharding.fsdp_min_size)
+    batch_sharding = sharding_lib.batch_sharding(mesh)
+    replicated = sharding_lib.replicated(mesh)
+
+    # ---------------------------------------------------------------- jitted steps --
+    loss_fn = losses.make_loss_fn(encoding, mode=config.loss.mode, weights=dict(config.loss.weights),
+                                  huber_delta=config.loss.huber_delta)
+    train_step = jax.jit(make_train_step(model, tx, loss_fn),
+                         in_shardings=(state_shardings, batch_sharding),
+                         out_shardings=(state_shardings, replicated), donate_argnums=0)
+    eval_step = jax.jit(make_eval_step(model, encoding),
+                        in_shardings=(state_shardings, batch_sharding), out_shardings=replicated)
+
+    # ---------------------------------------------------------------- checkpoint / resume
+    target = sharding_lib.with_shardings(abstract_state, state_shardings)
+    if resume_step is not None:
+        restored = checkpointer.restore(
+            resume_step, items=("model", "train", "input", "dataset"),
+            model_target={"params": target.params, "batch_stats": target.batch_stats},
+            train_target={"opt_state": target.opt_state, "step": target.step, "rng": target.rng})
+        if restored["dataset"]["sha256"] != fingerprint["sha256"]:
+            logging.warning("resuming on a dataset whose fingerprint differs from the checkpoint's")
+        state = TrainState(params=restored["model"]["params"],
+                           batch_stats=restored["model"]["batch_stats"], **restored["train"])
+        start_step = int(restored["input"]["step"])
+        logging.info("resumed from step %d", start_step)
+    else:
+        state = jax.jit(init_fn, out_shardings=state_shardings)(jax.random.PRNGKey(config.seed))
+        start_step = 0
+
+    def save(step: int, metrics: dict | None = None) -> None:
+        checkpointer.save(step, model={"params": state.params, "batch_stats": state.batch_stats},
+                          train={"opt_state": state.opt_state, "step": state.step, "rng": state.rng},
+                          config=config_to_json(config), encoding=encoding, dataset=fingerprint,
+                          input_position={"step": step}, metrics=metrics)
+
+    # ---------------------------------------------------------------- AOT compile ---
+    abstract_batch = {
+        "image": jax.ShapeDtypeStruct((config.batch_size, image_size, image_size, 1), jnp.float32,
+                                      sharding=batch_sharding),
+        "targets": {h.name: jax.ShapeDtypeStruct((config.batch_size,),
+                                                 jnp.int32 if h.categorical else jnp.float32,
+                                                 sharding=batch_sharding) for h in encoding.heads},
+        "masks": {h.name: jax.ShapeDtypeStruct((config.batch_size,), jnp.float32,
+                                               sharding=batch_sharding) for h in encoding.heads},
+    }
+    compile_start = time.time()
+    compiled_train_step = train_step.lower(target, abstract_batch).compile()
+    memory = compiled_train_step.memory_analysis()
+    logging.info("train step compiled in %.1fs; memory per device: %s", time.time() - compile_start,
+                 None if memory is None else
+                 f"args {memory.argument_size_in_bytes / 2**20:.1f} MiB, "
+                 f"temp {memory.temp_size_in_bytes / 2**20:.1f} MiB")
+
+    # ---------------------------------------------------------------- evaluation ----
+    def evaluate() -> dict:
+        sums = metrics_lib.MetricSums()
+        for batch in input_pipeline.eval_batches(readers[config.eval_split], encoding, local_eval_batch):
+            sums.add(eval_step(state, sharding_lib.global_batch(batch, mesh)))
+        return sums.summary(encoding)
+
+    # ---------------------------------------------------------------- writers -------
+    summary_writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard")) if is_chief else None
+
+    def write_metrics(step: int, scalars: dict) -> None:
+        if not is_chief:
+            return
+        with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+            row = {k: None if np.isnan(v) else v for k, v in scalars.items()}  # strict JSON
+            f.write(json.dumps({"step": step, **row}) + "\n")
+        with summary_writer.as_default(step=step):
+            for key, value in scalars.items():
+                tf.summary.write(key, tf.constant(value, tf.float32), metadata=_SCALAR_METADATA)
+        summary_writer.flush()
+
+    def flatten(summary: dict) -> dict:
+        flat = {f"val/{name}/{key}": float(v) for name, m in summary.items()
+                for key, v in m.items() if key != "unit"}
+        flat["val/mean_top1"] = metrics_lib.mean_top1(summary)
+        return flat
+
+    # ---------------------------------------------------------------- loop ----------
+    batches = input_pipeline.train_batches(readers[config.train_split], encoding, local_batch,
+                                           seed=config.seed, start_step=start_step)
+    preemption = _PreemptionFlag()
+    progress = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
+                    disable=not (is_chief and config.progress_bar))
+    validation: dict = {}
+    step = start_step
+    window_start, window_steps = time.time(), 0
+    run_start = time.time()
+    while step < total_steps:
+        state, logs = compiled_train_step(state, sharding_lib.global_batch(next(batches), mesh))
+        step += 1
+        window_steps += 1
+        progress.update(1)
+
+        if step % config.log_every_steps == 0 or step == total_steps:
+            logs = jax.device_get(logs)
+            rate = window_steps * config.batch_size / max(time.time() - window_start, 1e-9)
+            scalars = {f"train/{k}": float(v) for k, v in logs.items()}
+            scalars["train/images_per_s"] = rate
+            progress.set_postfix(loss=f"{logs['loss']:.3f}", img_s=f"{rate:.1f}")
+            if not config.progress_bar and is_chief:
+                eta = (total_steps - step) * config.batch_size / max(rate, 1e-9)
+                logging.info("step %d/%d loss %.4f %.1f img/s ETA %.0fs", step, total_steps,
+                             logs["loss"], rate, eta)
+            write_metrics(step, scalars)
+            window_start, window_steps = time.time(), 0
+
+        epoch_end = step % steps_per_epoch == 0
+        if epoch_end:
+            summary = evaluate()
+            validation = summary
+            flat = flatten(summary)
+            write_metrics(step, flat)
+            if is_chief:
+                progress.write(f"epoch {step // steps_per_epoch} (step {step}): "
+                               f"mean top-1 {flat['val/mean_top1']:.3f}")
+            save(step, {checkpointer.best_metric: flat[f"val/{checkpointer.best_metric}"]})
+        elif step % config.checkpoint.every_steps == 0:
+            save(step)
+
+        halted = config.halt_after_steps and step >= config.halt_after_steps
+        if halted or preemption.any_process():
+            save(step)
+            break
+    progress.close()
+    if step == total_steps:
+        save(step)
+    checkpointer.close()
+
+    # ---------------------------------------------------------------- summary -------
+    if is_chief and validation:
+        elapsed = time.time() - run_start
+        print(f"\nValidation ({config.eval_split}) at step {step}, {elapsed:.0f}s of training:")
+        print(_format_summary(validation))
+    return {"step": step, "validation": validation, "state": state}

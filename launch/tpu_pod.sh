@@ -1,0 +1,23 @@
+#!/bin/bash
+# Train on a Cloud TPU VM pod slice: the same command on every worker, started with
+# gcloud's --worker=all. jax.distributed.initialize() discovers the pod by itself.
+# The dataset and workdir must be on storage every worker reads (e.g. gs:// buckets).
+#
+#   launch/tpu_pod.sh TPU_NAME ZONE gs://bucket/iap_dataset gs://bucket/runs/r1 [--config.key=value ...]
+#
+# The repository is expected at ~/iap-jax on every worker (copy it with
+# `gcloud compute tpus tpu-vm scp --recurse . TPU_NAME:~/iap-jax --worker=all`) and
+# installed with `pip install -e ~/iap-jax`.
+set -euo pipefail
+TPU_NAME=${1:?usage: tpu_pod.sh TPU_NAME ZONE DATASET_DIR WORKDIR [flags]}
+ZONE=${2:?}
+DATASET_DIR=${3:?}
+WORKDIR=${4:?}
+shift 4
+gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all --command="
+  cd ~/iap-jax && python -m iap_jax.main \
+    --config=configs/tpu_pod.py \
+    --workdir='$WORKDIR' \
+    --config.dataset_dir='$DATASET_DIR' \
+    --config.distributed.cpu_collectives='' \
+    $*"

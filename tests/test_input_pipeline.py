@@ -1,0 +1,56 @@
+import numpy as np
+import pytest
+
+import train_data
+from iap_jax import input_pipeline
+from iap_jax.labels import LabelEncoding
+
+
+@pytest.fixture(scope="module")
+def dataset_dir(tmp_path_factory):
+    return train_data.write_dataset(str(tmp_path_factory.mktemp("data")), num_train=40,
+                                    num_validation=10)
+
+
+def _encoding(dataset_dir):
+    return LabelEncoding.from_stats(input_pipeline.load_split_stats(dataset_dir))
+
+
+def test_resumed_stream_repeats_the_uninterrupted_one(dataset_dir):
+    cfg = input_pipeline.InputConfig(augment=True)
+    reader = input_pipeline.SplitReader(dataset_dir, "train", cfg)
+    enc = _encoding(dataset_dir)
+    stream = input_pipeline.train_batches(reader, enc, 8, seed=3)
+    full = [next(stream)["image"] for _ in range(8)]  # 5 steps per epoch: crosses an epoch
+    resumed = input_pipeline.train_batches(reader, enc, 8, seed=3, start_step=4)
+    for expected in full[4:]:
+        np.testing.assert_array_equal(next(resumed)["image"], expected)
+    assert not np.array_equal(full[0], full[5])  # epochs are shuffled differently
+    assert full[0].shape == (8, 32, 32, 1) and full[0].dtype == np.float32
+
+
+def test_process_shares_are_disjoint_and_eval_pads_with_masks(dataset_dir):
+    cfg = input_pipeline.InputConfig(normalisation="percentile", image_size=16)
+    enc = _encoding(dataset_dir)
+    seen = []
+    for index in range(2):
+        reader = input_pipeline.SplitReader(dataset_dir, "validation", cfg, process_index=index,
+                                            process_count=2)
+        batches = list(input_pipeline.eval_batches(reader, enc, 4))
+        assert len(batches) == 2  # 5 examples per process -> 2 batches of 4, the last padded
+        assert batches[0]["image"].shape == (4, 16, 16, 1)
+        assert 0.0 <= batches[0]["image"].min() and batches[0]["image"].max() <= 255.0
+        masks = np.concatenate([b["masks"]["Manufacturer"] for b in batches])
+        assert masks.sum() == 5
+        seen.append(np.concatenate([b["image"] for b in batches])[masks > 0])
+    assert not any(np.array_equal(a, b) for a in seen[0] for b in seen[1])
+
+
+def test_bad_dataset_dir_and_split_are_named(dataset_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such dataset"):
+        input_pipeline.SplitReader(str(tmp_path / "nope"), "train", input_pipeline.InputConfig())
+    with pytest.raises(ValueError, match="no split 'test'"):
+        input_pipeline.SplitReader(dataset_dir, "test", input_pipeline.InputConfig())
+    with pytest.raises(ValueError, match="normalisation"):
+        input_pipeline.SplitReader(dataset_dir, "train",
+                                   input_pipeline.InputConfig(normalisation="zscore"))

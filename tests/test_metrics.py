@@ -1,0 +1,60 @@
+import math
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from iap_jax.labels import HeadEncoding, LabelEncoding
+from iap_jax.metrics import MetricSums, mean_top1, metric_sums
+
+ENC = LabelEncoding((HeadEncoding("Manufacturer", "categorical", classes=("A", "B", "C")),
+                     HeadEncoding("EchoTime", "continuous", unit="ms", transform="log",
+                                  mean=0.5, std=0.2)))
+
+
+def _batch(rng, n):
+    logits = rng.normal(size=(n, 3)).astype(np.float32)
+    labels = rng.integers(0, 3, n).astype(np.int32)
+    mask = (rng.uniform(size=n) > 0.2).astype(np.float32)
+    pred = rng.normal(size=(n, 1)).astype(np.float32)
+    target = rng.normal(size=n).astype(np.float32)
+    tmask = (rng.uniform(size=n) > 0.3).astype(np.float32)
+    return ({"Manufacturer": logits, "EchoTime": pred}, {"Manufacturer": labels, "EchoTime": target},
+            {"Manufacturer": mask, "EchoTime": tmask})
+
+
+def test_metrics_match_numpy_and_accumulate_across_batches():
+    rng = np.random.default_rng(1)
+    batches = [_batch(rng, 16), _batch(rng, 8)]
+    sums = MetricSums()
+    for outputs, targets, masks in batches:
+        sums.add(metric_sums({k: jnp.asarray(v) for k, v in outputs.items()},
+                             {k: jnp.asarray(v) for k, v in targets.items()},
+                             {k: jnp.asarray(v) for k, v in masks.items()}, ENC))
+    summary = sums.summary(ENC)
+
+    def cat(part, name):  # part 0/1/2: outputs/targets/masks of every batch
+        return np.concatenate([b[part][name] for b in batches])
+
+    logits, labels = cat(0, "Manufacturer"), cat(1, "Manufacturer")
+    mask = cat(2, "Manufacturer").astype(bool)
+    order = np.argsort(-logits, axis=1)
+    assert summary["Manufacturer"]["top1"] == pytest.approx(np.mean((order[:, 0] == labels)[mask]))
+    assert summary["Manufacturer"]["top2"] == pytest.approx(
+        np.mean((order[:, :2] == labels[:, None]).any(1)[mask]))
+    assert summary["Manufacturer"]["count"] == mask.sum()
+
+    tmask = cat(2, "EchoTime").astype(bool)
+    pred = np.exp(cat(0, "EchoTime")[:, 0] * 0.2 + 0.5)[tmask]
+    true = np.exp(cat(1, "EchoTime") * 0.2 + 0.5)[tmask]
+    assert summary["EchoTime"]["mae"] == pytest.approx(np.mean(np.abs(pred - true)), rel=1e-4)
+    r2 = 1 - np.sum((pred - true) ** 2) / np.sum((true - true.mean()) ** 2)
+    assert summary["EchoTime"]["r2"] == pytest.approx(r2, rel=1e-4)
+    assert mean_top1(summary) == summary["Manufacturer"]["top1"]
+
+
+def test_no_labels_gives_nan_not_error():
+    outputs, targets, masks = _batch(np.random.default_rng(2), 4)
+    masks = {k: np.zeros_like(v) for k, v in masks.items()}
+    summary = MetricSums().add(metric_sums(outputs, targets, masks, ENC)).summary(ENC)
+    assert math.isnan(summary["Manufacturer"]["top1"]) and math.isnan(summary["EchoTime"]["mae"])
