@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 RUN ?= runs/demo
-PATIENTS ?= 40
+PATIENTS ?= 300
 WORKERS ?= 2
 
 .PHONY: install sysdeps demo synth prep train test bench bench-synth bench-prep bench-train clean
@@ -33,7 +33,11 @@ prep: synth
 	$(BIN)/iap-prep --dicom-root $(RUN)/dicom --data-dir $(DATA) --image-size $(IMAGE_SIZE) \
 	  --workers $(WORKERS)
 
-demo: prep
+train: prep
+	$(BIN)/iap-train --config=configs/synthetic_cpu.py --workdir=$(RUN)/train \
+	  --config.dataset_dir=$(DATASET)
+
+demo: train
 
 test: install sysdeps
 	$(BIN)/python -m pytest -q -n 2 tests

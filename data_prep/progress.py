@@ -1,15 +1,27 @@
-"""A progress line on stderr: items done, rate and ETA, at most about once a second."""
+"""A progress line on stderr: items done, rate and ETA.
+
+On a terminal the line is rewritten about once a second; in a log file (a batch job's
+stderr) a new line is written every LOG_EVERY_S seconds, so logs stay readable.
+"""
 from __future__ import annotations
 
 import sys
 import time
 
+LOG_EVERY_S = 15.0
+
+
+def is_terminal(stream) -> bool:
+    return bool(getattr(stream, "isatty", lambda: False)())
+
 
 class Progress:
-    def __init__(self, label: str, total: int, unit: str = "items", stream=None, every_s: float = 1.0):
+    def __init__(self, label: str, total: int, unit: str = "items", stream=None,
+                 every_s: float | None = None):
         self.label, self.total, self.unit = label, total, unit
         self.stream = stream or sys.stderr
-        self.every_s = every_s
+        self.terminal = is_terminal(self.stream)
+        self.every_s = every_s if every_s is not None else (1.0 if self.terminal else LOG_EVERY_S)
         self.done = 0
         self.start = time.monotonic()
         self._last = 0.0
@@ -24,7 +36,7 @@ class Progress:
         now = time.monotonic()
         if now - self._last >= self.every_s:
             self._last = now
-            self._print(end="\r")
+            self._print(end="\r" if self.terminal else "\n")
 
     def _print(self, end: str) -> None:
         rate = self.rate

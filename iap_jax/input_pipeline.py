@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
 from typing import Iterator
 
@@ -25,7 +24,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from iap_jax.features import STATS_FILE
+from iap_jax.features import STATS_FILE, load_iap_stats
 from iap_jax.iaps import IAP_NAMES
 from iap_jax.labels import LabelEncoding
 
@@ -221,11 +220,7 @@ def _pad(batch, size: int):
 
 
 def load_split_stats(dataset_dir: str, split: str = "train") -> dict:
-    path = os.path.join(dataset_dir, STATS_FILE)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no split statistics; was this dataset made by iap-prep?")
-    with open(path) as f:
-        stats = json.load(f)
+    stats = load_iap_stats(dataset_dir)
     if split not in stats:
-        raise ValueError(f"{path}: no statistics for split {split!r} (has {sorted(stats)})")
+        raise ValueError(f"{dataset_dir}: no statistics for split {split!r} (has {sorted(stats)})")
     return stats[split]

@@ -4,6 +4,7 @@ Multi-process runs call jax.distributed.initialize() first: with an explicit coo
 from config.distributed (local multi-process, launch/local_multiprocess.py), or with
 cluster auto-detection under SLURM or on a TPU VM pod (launch/).
 """
+import logging as std_logging
 import os
 
 import jax
@@ -36,10 +37,21 @@ def initialise_distributed(config) -> None:
     logging.info("process %d of %d", jax.process_index(), jax.process_count())
 
 
+class _LibraryInfoFilter(std_logging.Filter):
+    """Keeps the run log about the run: Orbax and TFDS log every save and read at INFO."""
+
+    NOISY = ("/orbax/", "/tensorflow_datasets/")
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return record.levelno >= std_logging.WARNING or not any(
+            part in record.pathname for part in self.NOISY)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     logging.set_verbosity(logging.INFO)
+    logging.get_absl_handler().addFilter(_LibraryInfoFilter())
     initialise_distributed(FLAGS.config)
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 

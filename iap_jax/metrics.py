@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from iap_jax.labels import LabelEncoding
+from iap_jax.iaps import SPECS
+from iap_jax.labels import ABSENT, EMPTY, OTHER, HeadEncoding, LabelEncoding
 
 
 def metric_sums(outputs: Mapping, targets: Mapping, masks: Mapping,
@@ -75,3 +76,37 @@ def mean_top1(summary: Mapping[str, Mapping[str, float]]) -> float:
     """Mean top-1 accuracy over the categorical heads that had labels."""
     values = [m["top1"] for m in summary.values() if "top1" in m and not np.isnan(m["top1"])]
     return float(np.mean(values)) if values else math.nan
+
+
+def class_counts(head: HeadEncoding, split_stats: Mapping) -> dict[str, float]:
+    """Labelled examples per class of a categorical head, from one split's statistics."""
+    iap = split_stats["iaps"].get(head.name, {})
+    counts: dict[str, float] = {}
+    for value, n in iap.get("value_counts", {}).items():
+        cls = value if value in head.classes else OTHER
+        if cls in head.classes:
+            counts[cls] = counts.get(cls, 0) + n
+    if SPECS[head.name].missing_is_class:
+        states = iap.get("states", {})
+        counts[ABSENT] = counts.get(ABSENT, 0) + states.get("ABSENT", 0)
+        counts[EMPTY] = counts.get(EMPTY, 0) + states.get("EMPTY", 0)
+    return counts
+
+
+def majority_baseline(encoding: LabelEncoding, train_stats: Mapping,
+                      eval_stats: Mapping) -> dict[str, float]:
+    """Per categorical head, the top-1 accuracy on the eval split of always answering the
+    train split's most common class: the chance level a model must clearly beat."""
+    baseline = {}
+    for head in encoding.heads:
+        if not head.categorical:
+            continue
+        train_counts = class_counts(head, train_stats)
+        eval_counts = class_counts(head, eval_stats)
+        total = sum(eval_counts.values())
+        if not train_counts or not total:
+            baseline[head.name] = math.nan
+            continue
+        majority = max(sorted(train_counts), key=train_counts.get)
+        baseline[head.name] = eval_counts.get(majority, 0) / total
+    return baseline

@@ -119,14 +119,17 @@ class _PreemptionFlag:
         return bool(np.any(flags))
 
 
-def _format_summary(summary: dict) -> str:
-    lines = [f"{'IAP':<24} {'n':>6} {'top-1':>7} {'top-2':>7} {'MAE':>10} {'R2':>7}"]
+def _format_summary(summary: dict, baseline: dict) -> str:
+    """Per-IAP table; 'majority' is the top-1 of always answering train's commonest class."""
+    lines = [f"{'IAP':<24} {'n':>6} {'top-1':>7} {'top-2':>7} {'majority':>9} {'MAE':>10} {'R2':>7}"]
     for name, m in summary.items():
         if "top1" in m:
-            lines.append(f"{name:<24} {int(m['count']):>6} {m['top1']:>7.3f} {m['top2']:>7.3f}")
+            lines.append(f"{name:<24} {int(m['count']):>6} {m['top1']:>7.3f} {m['top2']:>7.3f} "
+                         f"{baseline.get(name, float('nan')):>9.3f}")
         else:
             mae = f"{m['mae']:.3g} {m['unit']}"
-            lines.append(f"{name:<24} {int(m['count']):>6} {'':>7} {'':>7} {mae:>10} {m['r2']:>7.3f}")
+            lines.append(f"{name:<24} {int(m['count']):>6} {'':>7} {'':>7} {'':>9} {mae:>10} "
+                         f"{m['r2']:>7.3f}")
     return "\n".join(lines)
 
 
@@ -322,5 +325,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if is_chief and validation:
         elapsed = time.time() - run_start
         print(f"\nValidation ({config.eval_split}) at step {step}, {elapsed:.0f}s of training:")
-        print(_format_summary(validation))
+        baseline = metrics_lib.majority_baseline(
+            encoding, input_pipeline.load_split_stats(config.dataset_dir, config.train_split),
+            input_pipeline.load_split_stats(config.dataset_dir, config.eval_split))
+        print(_format_summary(validation, baseline))
     return {"step": step, "validation": validation, "state": state}

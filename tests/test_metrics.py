@@ -58,3 +58,26 @@ def test_no_labels_gives_nan_not_error():
     masks = {k: np.zeros_like(v) for k, v in masks.items()}
     summary = MetricSums().add(metric_sums(outputs, targets, masks, ENC)).summary(ENC)
     assert math.isnan(summary["Manufacturer"]["top1"]) and math.isnan(summary["EchoTime"]["mae"])
+
+
+def test_majority_baseline_scores_trains_commonest_class_on_eval():
+    from iap_jax.metrics import majority_baseline
+
+    def split(values, states=None):
+        return {"iaps": {
+            "Manufacturer": {"value_counts": values, "states": {"PRESENT": sum(values.values())}},
+            "ContrastBolusAgent": {"value_counts": {"GADAVIST": 2},
+                                   "states": states or {"PRESENT": 2, "ABSENT": 5, "EMPTY": 1}},
+            "EchoTime": {"value_counts": {}, "numeric": {"count": 3, "mean": 2.0, "std": 0.1,
+                                                         "log_mean": 0.7, "log_std": 0.05}},
+        }}
+
+    train = split({"GE MEDICAL SYSTEMS": 30, "SIEMENS": 10})
+    encoding = LabelEncoding.from_stats(train, iaps=("Manufacturer", "ContrastBolusAgent", "EchoTime"))
+    evaluation = split({"GE MEDICAL SYSTEMS": 3, "SIEMENS": 9},
+                       states={"PRESENT": 2, "ABSENT": 1, "EMPTY": 1})
+    baseline = majority_baseline(encoding, train, evaluation)
+    assert baseline["Manufacturer"] == pytest.approx(3 / 12)
+    # "<absent>" is train's commonest agent class; eval has 1 of 4 labelled.
+    assert baseline["ContrastBolusAgent"] == pytest.approx(1 / 4)
+    assert "EchoTime" not in baseline

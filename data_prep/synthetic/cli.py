@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
     rows, results = cohort.run_cohort(args.out, args.patients, args.seed, args.preset,
-                                      args.phases, args.workers, progress=cohort.stderr_progress)
+                                      args.phases, args.workers, progress=cohort.StderrProgress())
     seconds = time.perf_counter() - start
     print(summary_table(rows, results, seconds))
     sheet = write_contact_sheet(args.out, args.contact_sheet or args.out / "contact_sheet.png")

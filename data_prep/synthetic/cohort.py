@@ -17,6 +17,7 @@ small preset writes SMALL_SLICES slices spread evenly over the real slab.
 from __future__ import annotations
 
 import csv
+import math
 import os
 import shutil
 import sys
@@ -28,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data_prep.progress import LOG_EVERY_S, is_terminal
 from data_prep.synthetic import acquisition, phantom, scanners, tissues
 from data_prep.synthetic.dicom_writer import (PatientIdentity, SliceGeometry, format_number,
                                               SeriesEncoder, max_stored_value, pixel_dtype,
@@ -358,10 +360,21 @@ def generate_cohort(out_dir, patients: int, seed: int, preset: str = "small", ph
     return rows
 
 
-def stderr_progress(done: int, total: int, slices: int, seconds: float) -> None:
-    rate = slices / seconds if seconds > 0 else 0.0
-    eta = seconds / done * (total - done) if done else 0.0
-    print(f"\rpatients {done}/{total}  {rate:6.1f} slices/s  ETA {eta:5.0f}s", end="",
-          file=sys.stderr, flush=True)
-    if done == total:
-        print(file=sys.stderr)
+class StderrProgress:
+    """Patients done, slices/s and ETA: a rewritten line on a terminal, a new line every
+    LOG_EVERY_S seconds in a log file."""
+
+    def __init__(self):
+        self.terminal = is_terminal(sys.stderr)
+        self.every_s = 1.0 if self.terminal else LOG_EVERY_S
+        self._last = -math.inf
+
+    def __call__(self, done: int, total: int, slices: int, seconds: float) -> None:
+        if done < total and seconds - self._last < self.every_s:
+            return
+        self._last = seconds
+        rate = slices / seconds if seconds > 0 else 0.0
+        eta = seconds / done * (total - done) if done else 0.0
+        line = f"patients {done}/{total}  {rate:6.1f} slices/s  ETA {eta:5.0f}s"
+        end = "\n" if done == total or not self.terminal else ""
+        print(("\r" if self.terminal else "") + line, end=end, file=sys.stderr, flush=True)
