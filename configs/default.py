@@ -45,9 +45,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.log_every_steps = 50
     config.progress_bar = True
 
-    # Multi-process: num_processes > 1 (or cluster env, see main.py) calls jax.distributed.
+    # Multi-process: num_processes > 1, auto=True (the cluster environment tells JAX the
+    # rest), or a SLURM / TPU pod environment seen by main.py calls jax.distributed.
     config.distributed = ml_collections.ConfigDict(dict(
-        coordinator="", num_processes=1, process_id=-1, cpu_collectives="gloo"))
+        coordinator="", num_processes=1, process_id=-1, cpu_collectives="gloo", auto=False))
 
     if "runlocal" in switches:
         apply_runlocal(config)

@@ -20,9 +20,11 @@ def get_config(arg: str = ""):
     config.mesh.fsdp = 4
     config.sharding.tactic = "fsdp"
     config.checkpoint.every_steps = 2000
+    config.distributed.auto = True  # every worker joins the pod, found by jax.distributed
     if "runlocal" in arg:
         _default["apply_runlocal"](config)
         config.model.dtype = "float32"
         config.model.conv_impl = "auto"
         config.mesh.fsdp = 1
+        config.distributed.auto = False
     return config

@@ -61,9 +61,6 @@ class Checkpointer:
     def best_step(self) -> int | None:
         return self.manager.best_step()
 
-    def all_steps(self) -> list[int]:
-        return list(self.manager.all_steps())
-
     def save(self, step: int, *, model: Any, train: Any, config: Mapping, encoding: LabelEncoding,
              dataset: Mapping, input_position: Mapping, metrics: Mapping[str, float] | None = None
              ) -> bool:
@@ -99,9 +96,6 @@ class Checkpointer:
 
     def item_metadata(self, step: int, item: str) -> Any:
         return self.manager.item_metadata(step)[item]
-
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
 
     def close(self) -> None:
         self.manager.wait_until_finished()

@@ -90,7 +90,8 @@ def dataset_fingerprint(dataset_dir: str) -> dict:
 # --- per-example transforms --------------------------------------------------------
 
 def _normalise(image: tf.Tensor, cfg: InputConfig) -> tf.Tensor:
-    if cfg.normalisation == "max":
+    if cfg.normalisation == "max":  # the paper's; signed data is first shifted to start at 0
+        image = image - tf.minimum(tf.reduce_min(image), 0.0)
         return image / tf.maximum(tf.reduce_max(image), 1e-6) * 255.0
     flat = tf.sort(tf.reshape(image, [-1]))
     n = tf.cast(tf.size(flat) - 1, tf.float32)
@@ -100,8 +101,12 @@ def _normalise(image: tf.Tensor, cfg: InputConfig) -> tf.Tensor:
 
 
 def _augment(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
-    """Left-right flip and a mild intensity gain, both seeded (reproducible on resume)."""
-    image = tf.image.stateless_random_flip_left_right(image, seed)
+    """A shift of up to 1/16 of the image and a mild intensity gain, both seeded
+    (reproducible on resume). No flips: left-right orientation carries patient position."""
+    size = image.shape[0]
+    margin = max(size // 16, 1)
+    padded = tf.pad(image, [[margin, margin], [margin, margin], [0, 0]], mode="REFLECT")
+    image = tf.image.stateless_random_crop(padded, tf.shape(image), seed)
     gain = tf.random.stateless_uniform([], seed + 1, 0.9, 1.1)
     return tf.clip_by_value(image * gain, 0.0, 255.0)
 

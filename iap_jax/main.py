@@ -25,7 +25,7 @@ def initialise_distributed(config) -> None:
     dist = config.distributed
     cluster = "SLURM_NTASKS" in os.environ and int(os.environ["SLURM_NTASKS"]) > 1
     tpu_pod = bool(os.environ.get("TPU_WORKER_HOSTNAMES", "").count(","))
-    if dist.num_processes <= 1 and not cluster and not tpu_pod:
+    if dist.num_processes <= 1 and not (dist.auto or cluster or tpu_pod):
         return
     if dist.cpu_collectives:  # before any backend starts; CPU arrays need it to talk
         jax.config.update("jax_cpu_collectives_implementation", dist.cpu_collectives)

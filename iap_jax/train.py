@@ -119,6 +119,30 @@ class _PreemptionFlag:
         return bool(np.any(flags))
 
 
+# Fields whose change would make a resumed run differ from an uninterrupted one.
+# (More epochs is allowed: it extends a run.)
+_RESUME_FIELDS = ("batch_size", "seed", "train_split", "model", "labels", "loss")
+
+
+def _check_resumable(config: ml_collections.ConfigDict, saved: dict) -> None:
+    current = config_to_json(config)
+    changed = [k for k in _RESUME_FIELDS if k in saved and saved[k] != current.get(k)]
+    if changed:
+        raise ValueError(f"the checkpoint in this workdir was made with different {changed}; "
+                         "use a new --workdir, or the same config to resume")
+
+
+def _trim_metrics_log(path: str, start_step: int) -> None:
+    """Drops rows logged after the checkpoint a run resumes from: they will be logged again."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        rows = [line for line in f if line.strip() and json.loads(line)["step"] <= start_step]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(rows)
+    os.replace(path + ".tmp", path)
+
+
 def _format_summary(summary: dict, baseline: dict) -> str:
     """Per-IAP table; 'majority' is the top-1 of always answering train's commonest class."""
     lines = [f"{'IAP':<24} {'n':>6} {'top-1':>7} {'top-2':>7} {'majority':>9} {'MAE':>10} {'R2':>7}"]
@@ -211,9 +235,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             train_target={"opt_state": target.opt_state, "step": target.step, "rng": target.rng})
         if restored["dataset"]["sha256"] != fingerprint["sha256"]:
             logging.warning("resuming on a dataset whose fingerprint differs from the checkpoint's")
+        _check_resumable(config, checkpointer.restore(resume_step, items=("config",))["config"])
         state = TrainState(params=restored["model"]["params"],
                            batch_stats=restored["model"]["batch_stats"], **restored["train"])
         start_step = int(restored["input"]["step"])
+        if is_chief:
+            _trim_metrics_log(os.path.join(workdir, "metrics.jsonl"), start_step)
         logging.info("resumed from step %d", start_step)
     else:
         state = jax.jit(init_fn, out_shardings=state_shardings)(jax.random.PRNGKey(config.seed))
@@ -313,12 +340,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             save(step)
 
         halted = config.halt_after_steps and step >= config.halt_after_steps
-        if halted or preemption.any_process():
+        # Multi-process: agreeing on SIGTERM costs a collective, so only at log steps.
+        check_preemption = num_processes == 1 or step % config.log_every_steps == 0
+        if halted or (check_preemption and preemption.any_process()):
             save(step)
             break
     progress.close()
     if step == total_steps:
         save(step)
+        if not validation:  # a finished run started again: report, don't train
+            validation = evaluate()
     checkpointer.close()
 
     # ---------------------------------------------------------------- summary -------

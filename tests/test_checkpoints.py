@@ -6,10 +6,9 @@ import textwrap
 import numpy as np
 import pytest
 
-import train_data
 from iap_jax import train
 from iap_jax.checkpoints import restore_model
-from test_train_resume import tiny_config
+from train_data import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -17,7 +16,7 @@ TRAIN_ON_FOUR_DEVICES = textwrap.dedent("""
     import sys, jax, numpy as np
     sys.path.insert(0, "tests")
     from iap_jax import train
-    from test_train_resume import tiny_config
+    from train_data import tiny_config
     dataset_dir, workdir = sys.argv[1:3]
     assert len(jax.devices()) == 4
     config = tiny_config(dataset_dir, num_epochs=1)
@@ -30,19 +29,9 @@ TRAIN_ON_FOUR_DEVICES = textwrap.dedent("""
 """)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    with train_data.compilation_cache(str(tmp_path_factory.getbasetemp() / "jax_cache")):
-        yield
-
-
-@pytest.fixture(scope="module")
-def dataset_dir(tmp_path_factory):
-    return train_data.write_dataset(str(tmp_path_factory.mktemp("data")), num_train=64,
-                                    num_validation=16)
-
-
-def test_checkpoint_from_four_device_fsdp_mesh_restores_on_one_device(dataset_dir, tmp_path):
+@pytest.mark.usefixtures("compiled_programs_cache")
+def test_checkpoint_from_four_device_fsdp_mesh_restores_on_one_device(train_dataset_dir, tmp_path):
+    dataset_dir = train_dataset_dir
     workdir = str(tmp_path / "run")
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
                JAX_PLATFORMS="cpu", PYTHONPATH=REPO)

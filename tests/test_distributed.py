@@ -1,22 +1,13 @@
 import os
 import sys
 
-import pytest
-
-import train_data
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "launch"))
 import local_multiprocess  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def dataset_dir(tmp_path_factory):
-    return train_data.write_dataset(str(tmp_path_factory.mktemp("data")), num_train=64,
-                                    num_validation=16)
-
-
-def test_two_processes_train_and_checkpoint(dataset_dir, tmp_path):
+def test_two_processes_train_and_checkpoint(train_dataset_dir, tmp_path):
+    dataset_dir = train_dataset_dir
     workdir = tmp_path / "run"
     env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)

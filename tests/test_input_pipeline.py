@@ -54,3 +54,26 @@ def test_bad_dataset_dir_and_split_are_named(dataset_dir, tmp_path):
     with pytest.raises(ValueError, match="normalisation"):
         input_pipeline.SplitReader(dataset_dir, "train",
                                    input_pipeline.InputConfig(normalisation="zscore"))
+
+
+def test_max_normalisation_is_the_papers_and_copes_with_signed_data():
+    import tensorflow as tf
+
+    cfg = input_pipeline.InputConfig()
+    image = tf.constant([[[0.0], [50.0]], [[100.0], [200.0]]])
+    np.testing.assert_allclose(input_pipeline._normalise(image, cfg).numpy().ravel(),
+                               [0.0, 63.75, 127.5, 255.0])
+    signed = tf.constant([[[-100.0], [-50.0]], [[-20.0], [0.0]]])
+    out = input_pipeline._normalise(signed, cfg).numpy().ravel()
+    np.testing.assert_allclose(out, [0.0, 127.5, 204.0, 255.0])
+
+
+def test_augmentation_shifts_without_mirroring():
+    import tensorflow as tf
+
+    ramp = np.tile(np.arange(32, dtype=np.float32), (32, 1))[..., None]  # grows left to right
+    for seed in range(5):
+        out = input_pipeline._augment(tf.constant(ramp), tf.constant([seed, 7])).numpy()
+        assert out.shape == ramp.shape
+        # A mirrored image would fall from left to right.
+        assert out[16, 28, 0] > out[16, 3, 0]

@@ -1,45 +1,24 @@
-import os
-import runpy
+import json
 
 import jax
 import numpy as np
 import pytest
 
-import train_data
 from iap_jax import train
 from iap_jax.checkpoints import Checkpointer, restore_model
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tiny_config(dataset_dir, **overrides):
-    config = runpy.run_path(os.path.join(REPO, "configs", "synthetic_cpu.py"))["get_config"]("runlocal")
-    config.dataset_dir = dataset_dir
-    config.num_epochs = 2
-    config.progress_bar = False
-    config.checkpoint.every_steps = 1000
-    for key, value in overrides.items():
-        config[key] = value
-    return config
+from train_data import tiny_config
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    with train_data.compilation_cache(str(tmp_path_factory.getbasetemp() / "jax_cache")):
-        yield
-
-
-@pytest.fixture(scope="module")
-def dataset_dir(tmp_path_factory):
-    return train_data.write_dataset(str(tmp_path_factory.mktemp("data")), num_train=64,
-                                    num_validation=16)
-
-
-def test_killed_run_resumes_to_the_same_result(dataset_dir, tmp_path):
+@pytest.mark.usefixtures("compiled_programs_cache")
+def test_killed_run_resumes_to_the_same_result(train_dataset_dir, tmp_path):
+    dataset_dir = train_dataset_dir
     full = train.train_and_evaluate(tiny_config(dataset_dir), str(tmp_path / "full"))
     halted = train.train_and_evaluate(tiny_config(dataset_dir, halt_after_steps=3),
                                       str(tmp_path / "resumed"))
     assert halted["step"] == 3
+    # As if killed later than its last checkpoint: a row logged past step 3.
+    with open(tmp_path / "resumed" / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 5, "train/loss": 123.0}) + "\n")
     resumed = train.train_and_evaluate(tiny_config(dataset_dir), str(tmp_path / "resumed"))
     assert resumed["step"] == full["step"] == 8
     for a, b in zip(jax.tree.leaves(jax.device_get(full["state"])),
@@ -57,3 +36,15 @@ def test_killed_run_resumes_to_the_same_result(dataset_dir, tmp_path):
     assert model["config"]["model"]["name"] == "tiny"
     with open(tmp_path / "full" / "metrics.jsonl") as f:
         assert any("val/mean_top1" in line for line in f)
+
+    # The rows the halted run logged past its checkpoint were dropped, not repeated.
+    with open(tmp_path / "resumed" / "metrics.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    keys = [(row["step"], tuple(sorted(row))) for row in rows]
+    assert len(keys) == len(set(keys))
+    with open(tmp_path / "full" / "metrics.jsonl") as f:
+        assert sorted(keys) == sorted((r["step"], tuple(sorted(r))) for r in map(json.loads, f))
+
+    # Resuming with a config that would change the run is refused, naming the fields.
+    with pytest.raises(ValueError, match="batch_size"):
+        train.train_and_evaluate(tiny_config(dataset_dir, batch_size=8), str(tmp_path / "resumed"))
