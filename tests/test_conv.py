@@ -28,14 +28,15 @@ def _value_and_pullback(fn, cotangent, *args):
 
 # (input NHWC, kernel HWIO, strides, padding): ResNet's shapes in miniature plus odd cases.
 CASES = [
-    ((2, 9, 9, 3), (3, 3, 3, 4), (1, 1), ((1, 1), (1, 1))),  # 3x3 stride 1, matmul forward
-    ((2, 12, 12, 3), (3, 3, 3, 5), (1, 1), ((1, 1), (1, 1))),  # large map: XLA forward
+    ((2, 9, 9, 3), (3, 3, 3, 4), (1, 1), ((1, 1), (1, 1))),  # 3x3 stride 1: XLA throughout
+    ((2, 12, 12, 3), (3, 3, 3, 5), (1, 1), ((1, 1), (1, 1))),  # 3x3 stride 1, more outputs
     ((2, 10, 10, 3), (3, 3, 3, 5), (2, 2), ((1, 1), (1, 1))),  # 3x3 stride 2, even input
     ((2, 11, 11, 3), (3, 3, 3, 5), (2, 2), ((1, 1), (1, 1))),  # 3x3 stride 2, odd input
     ((2, 19, 19, 1), (7, 7, 1, 4), (2, 2), ((3, 3), (3, 3))),  # the 7x7 stem on one channel
     ((2, 8, 8, 4), (1, 1, 4, 6), (2, 2), ((0, 0), (0, 0))),  # 1x1 projection, stride 2
     ((2, 8, 8, 4), (1, 1, 4, 6), (1, 1), "VALID"),  # 1x1, pure matmul
     ((2, 2, 2, 8), (3, 3, 8, 8), (1, 1), ((1, 1), (1, 1))),  # tiny spatial map
+    ((2, 4, 4, 6), (3, 3, 6, 5), (2, 2), ((1, 1), (1, 1))),  # strided, output smaller than the kernel
     ((1, 7, 6, 3), (3, 2, 3, 2), (2, 1), "SAME"),  # asymmetric SAME padding, mixed strides
     ((2, 9, 9, 2), (3, 3, 2, 3), (1, 1), ((0, 2), (2, 0))),  # uneven explicit padding
     ((1, 20, 20, 2), (3, 3, 2, 3), (2, 2), ((1, 1), (1, 1))),  # stride 2, large map: folded dx
@@ -78,6 +79,24 @@ def test_every_conv_plan_matches_xla(monkeypatch, plan, strides):
     got = _value_and_pullback(lambda a, b: conv2d_cpu(a, b, strides, padding), cotangent, x, kernel)
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(g, w, **TOL)
+
+
+@pytest.mark.parametrize(
+    "in_shape,kernel_shape,strides,want",
+    [
+        ((32, 56, 56, 64), (3, 3, 64, 64), (1, 1), conv.ConvPlan("xla", "xla", "xla")),
+        ((32, 56, 56, 64), (3, 3, 64, 128), (2, 2), conv.ConvPlan("xla", "xla", "fold")),
+        ((32, 224, 224, 1), (7, 7, 1, 64), (2, 2), conv.ConvPlan("xla", "xla", "fold")),
+        ((32, 56, 56, 64), (1, 1, 64, 128), (2, 2), conv.ConvPlan("matmul", "matmul", "fold")),
+        ((32, 2, 2, 512), (3, 3, 512, 512), (1, 1), conv.ConvPlan("matmul", "matmul", "fold")),
+        ((32, 4, 4, 256), (3, 3, 256, 512), (2, 2), conv.ConvPlan("matmul", "matmul", "fold")),
+    ],
+)
+def test_conv_plan_avoids_slow_xla_cases(in_shape, kernel_shape, strides, want):
+    # XLA's strided input gradient and any convolution whose output map is smaller than
+    # its kernel are the slow cases on the CPU; everything else stays on XLA.
+    padding = conv.explicit_padding(in_shape[1:3], kernel_shape[:2], strides, "SAME")
+    assert conv.conv_plan(in_shape, kernel_shape, strides, padding) == want
 
 
 def test_conv_gradients_under_jit_match_xla():
