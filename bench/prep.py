@@ -51,7 +51,8 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", default="1,2")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "prep.json"))
+    parser.add_argument("--out", default=os.path.join("bench", "results", "prep.json"),
+                        help="results JSON (relative to the current directory)")
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow_datasets as tfds
@@ -75,7 +76,7 @@ def main(argv=None) -> int:
         for workers in (int(w) for w in args.workers.split(",")):
             start = time.perf_counter()
             dataset_dir = prepare(root, os.path.join(work, f"tfds_{workers}"), image_size=args.image_size,
-                                  workers=workers, progress=False)
+                                  salt="bench", workers=workers, progress=False)
             seconds = time.perf_counter() - start
             written = sum(s.num_examples for s in tfds.builder_from_directory(dataset_dir).info.splits.values())
             assert written == count, (written, count)

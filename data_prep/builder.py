@@ -10,10 +10,17 @@ Through TFDS:
 Output, under <data_dir>/iap_dataset/<config>/<version>/ (the "dataset dir"):
 TFRecord shards, dataset_info.json and features.json (TFDS), iap_stats.json (per-split
 statistics of the examples written, iap_jax.features) and metadata.json (the same
-statistics plus skip counts). Nothing in it identifies a patient: identifiers are salted
-hashes and the salt is never written. <data_dir>/prep_report.json lists every skipped
-file by its path under the DICOM root: a local diagnostic (archive paths often contain
-patient IDs), kept outside the dataset dir so the dataset dir can be shared as is.
+statistics, skip counts, the archive fingerprint and the decode skips by salted file
+hash). Nothing in it identifies a patient: identifiers are salted hashes and the salt is
+never written there (data_prep.salt: --salt, $IAP_PREP_SALT, or <data_dir>/prep_salt).
+<data_dir>/prep_report.json lists every skipped file by its path under the DICOM root: a
+local diagnostic (archive paths often contain patient IDs), kept outside the dataset dir
+so the dataset dir can be shared as is.
+
+A rerun into the same data dir reuses the dataset of the same config if the archive's
+fingerprint (relative paths, sizes, mtimes) is unchanged; if the archive changed it
+stops, naming both fingerprints, unless overwrite=True (`iap-prep --overwrite`, or
+`tfds build --overwrite`) rebuilds it.
 
 Many machines: with a Beam runner (`prepare(..., beam_runner="DirectRunner")`, or
 `iap-prep --beam-runner`, or `tfds build ... --beam_pipeline_options=...`), header
@@ -26,14 +33,17 @@ this package installed:
 temp_location=gs://bucket/tmp,setup_file=./setup.py,num_workers=32"
     (Flink: runner=FlinkRunner,flink_master=HOST:8081; Spark: runner=SparkRunner or
     PortableRunner,job_endpoint=HOST:8099; each with environment_type as the cluster needs.)
-Skips found while decoding are Beam counters there (iap_prep/skipped_<reason>), not
-report entries.
+Skips found while decoding are a side output there, written as JSON lines under
+<data_dir>/.beam_skips.<config>/ and merged into prep_report.json after the pipeline
+(and Beam counters iap_prep/skipped_<reason>).
 
 Kill-and-rerun: TFDS writes into a temporary sibling dir and renames it when complete;
 a rerun removes temporaries left by a killed run and makes the same shards, because
 example keys derive from salted hashes and slice indices, and TFDS orders examples by key.
-Statistics are written after the shards (iap_stats.json last, atomically) and redone by
-a rerun if missing.
+The report is completed before the rename, and the dataset's metadata keeps the decode
+skips (by salted file hash), so a rerun that finds the report missing or from another
+run rebuilds it. Statistics are written after the shards (iap_stats.json last,
+atomically) and redone by a rerun if missing.
 """
 from __future__ import annotations
 
@@ -41,16 +51,19 @@ import collections
 import dataclasses
 import functools
 import hashlib
+import json
 import os
 import shutil
 from typing import Any, Iterator, Sequence
 
 import tensorflow_datasets as tfds
+from etils import epath
 
 from data_prep import report as report_lib
-from data_prep.discovery import Discovery, Skip, discover
+from data_prep.discovery import Discovery, Skip, archive_fingerprint, discover, list_files
 from data_prep.examples import SliceItem, make_example
 from data_prep.progress import Progress
+from data_prep.salt import resolve_salt
 from data_prep.selection import SeriesSelection, parse_slices, phase_of, select_slices
 from data_prep.splits import SPLIT_NAMES, parse_split, salted_hash, split_of
 from data_prep.stats import compute_stats, write_json_atomic, write_stats
@@ -60,19 +73,18 @@ from iap_jax.features import DATASET_NAME, STATS_FILE, example_features
 from iap_jax.preprocess import RESIZE_MODES
 
 REPORT_FILE = "prep_report.json"
-DEFAULT_SALT = "iap-jax"
+SKIP_TAG = "skips"
 
 
 @dataclasses.dataclass(eq=False)
 class IapDatasetConfig(tfds.core.BuilderConfig):
-    """Everything that changes the written examples (worker count does not)."""
+    """Everything that changes the written examples, except the salt (worker count does not)."""
 
     series_filter: str | None = None
     phases: str = "pre"
     image_size: int = 224
     slices: str = "all"
     split: tuple[float, float, float] = (0.7, 0.15, 0.15)
-    salt: str = dataclasses.field(default=DEFAULT_SALT, repr=False)  # never logged
     resize: str = "resize"
 
     def validate(self) -> None:
@@ -86,59 +98,83 @@ class IapDatasetConfig(tfds.core.BuilderConfig):
 
 
 def make_config(*, series_filter=None, phases="pre", image_size=224, slices="all",
-                split=(0.7, 0.15, 0.15), salt=DEFAULT_SALT, resize="resize") -> IapDatasetConfig:
-    """A config named `<phases>_<size>`, plus a digest of the other options when not default."""
+                split=(0.7, 0.15, 0.15), resize="resize") -> IapDatasetConfig:
+    """A config named `<phases>_<size>`, plus a digest of the other options when not default.
+    The salt is not an option here: nothing derived from it may name a dataset."""
     options = dict(series_filter=series_filter, phases=phases, image_size=int(image_size),
-                   slices=slices, split=parse_split(split), salt=salt, resize=resize)
-    defaults = dict(series_filter=None, slices="all", split=(0.7, 0.15, 0.15),
-                    salt=DEFAULT_SALT, resize="resize")
+                   slices=slices, split=parse_split(split), resize=resize)
+    defaults = dict(series_filter=None, slices="all", split=(0.7, 0.15, 0.15), resize="resize")
     name = f"{phases}_{int(image_size)}"
     if any(options[k] != v for k, v in defaults.items()):
         digest = hashlib.sha256(repr(sorted(options.items())).encode()).hexdigest()[:8]
         name = f"{name}_{digest}"
-    public = {k: v for k, v in options.items() if k != "salt"}
-    config = IapDatasetConfig(name=name, description=f"iap-prep options (salt not shown): {public}",
-                              **options)
+    config = IapDatasetConfig(name=name, description=f"iap-prep options: {options}", **options)
     config.validate()
     return config
 
 
-def _work_items(discovery: Discovery, config: IapDatasetConfig, dicom_root: str
-                ) -> tuple[dict[str, list[SliceItem]], collections.Counter, list[str]]:
-    """Slices to write per split, reasons series were left out, files of selected series."""
+@dataclasses.dataclass
+class WorkPlan:
+    items: dict[str, list[SliceItem]]  # slices to write, per split
+    rejected: collections.Counter  # why series were left out
+    used_files: list[str]  # files of the selected series
+    no_patient_id: collections.Counter  # selected series without PatientID, by the key used
+
+    @property
+    def slices_per_file(self) -> collections.Counter:
+        return collections.Counter(i.relative_path for items in self.items.values() for i in items)
+
+    def notes(self) -> dict[str, Any]:
+        if not self.no_patient_id:
+            return {}
+        return {"no_patient_id": {"series": sum(self.no_patient_id.values()),
+                                  "keyed_by": dict(sorted(self.no_patient_id.items()))}}
+
+
+def _work_plan(discovery: Discovery, config: IapDatasetConfig, dicom_root: str, salt: str) -> WorkPlan:
     selection = SeriesSelection(config.series_filter, config.phases)
     fractions = parse_split(config.split)
-    items: dict[str, list[SliceItem]] = {name: [] for name in SPLIT_NAMES}
-    rejected: collections.Counter = collections.Counter()
-    used_files: list[str] = []
+    plan = WorkPlan({name: [] for name in SPLIT_NAMES}, collections.Counter(), [],
+                    collections.Counter())
     for series in discovery.series:
         reason = selection.rejection(series)
         if reason:
-            rejected[reason] += 1
+            plan.rejected[reason] += 1
             continue
-        used_files.extend(series.files)
-        patient = salted_hash(config.salt, "patient", series.patient_id)
-        series_hash = salted_hash(config.salt, "series", series.key)
-        split = split_of(series.patient_id, config.salt, fractions)
+        plan.used_files.extend(series.files)
+        if series.patient_key_source != "patient_id":
+            plan.no_patient_id[series.patient_key_source] += 1
+        patient = salted_hash(salt, "patient", series.patient_id)
+        series_hash = salted_hash(salt, "series", series.key)
+        split = split_of(series.patient_id, salt, fractions)
         num_slices = len(series.slices)
         for index in select_slices(num_slices, config.slices):
             ref = series.slices[index]
-            items[split].append(SliceItem(
+            plan.items[split].append(SliceItem(
                 key=f"{series_hash}_{index:05d}", path=ref.path,
                 relative_path=os.path.relpath(ref.path, dicom_root), frame=ref.frame,
                 patient=patient, series=series_hash, phase=phase_of(series),
                 slice_index=index, num_slices=num_slices, iaps=ref.iaps))
-    return items, rejected, used_files
+    return plan
 
 
-def _beam_examples(item: SliceItem, image_size: int, resize_mode: str) -> Iterator[tuple[str, Any]]:
+def _beam_examples(item: SliceItem, image_size: int, resize_mode: str) -> Iterator[Any]:
     import apache_beam as beam
 
     key, result = make_example(item, image_size, resize_mode)
     if isinstance(result, DicomError):
         beam.metrics.Metrics.counter("iap_prep", f"skipped_{result.reason}").inc()
+        yield beam.pvalue.TaggedOutput(SKIP_TAG, dataclasses.asdict(
+            Skip(item.relative_path, result.reason, result.detail)))
         return
     yield key, result
+
+
+def _hashed_skips(skips: Sequence[Skip], salt: str) -> list[dict[str, Any]]:
+    """Decode skips without their paths (which may name patients): file hash, reason, count."""
+    counts = collections.Counter((s.path, s.reason) for s in skips)
+    return sorted(({"file": salted_hash(salt, "file", path), "reason": reason, "slices": n}
+                   for (path, reason), n in counts.items()), key=lambda s: (s["file"], s["reason"]))
 
 
 def remove_incomplete_dirs(dataset_dir: str) -> list[str]:
@@ -169,11 +205,17 @@ class IapDataset(tfds.core.GeneratorBasedBuilder):
         "Pass the root folder of the DICOM archive (any layout) as manual_dir, e.g. the "
         "Duke-Breast-Cancer-MRI download from TCIA or the output of `iap-synth`.")
 
-    def __init__(self, *, workers: int = 1, progress: bool = True, **kwargs):
+    def __init__(self, *, workers: int = 1, progress: bool = True, salt: str | None = None,
+                 overwrite: bool = False, **kwargs):
         self._workers = max(1, int(workers))
         self._progress = progress
+        self._given_salt = salt
+        self._salt: str | None = None
+        self._overwrite = overwrite
         self._use_beam = False
         self._report: dict[str, Any] | None = None
+        self._plan: WorkPlan | None = None
+        self._fingerprint: str | None = None
         self._decode_skips: list[Skip] = []
         super().__init__(**kwargs)
         assert DATASET_NAME == self.name, (DATASET_NAME, self.name)
@@ -186,32 +228,74 @@ class IapDataset(tfds.core.GeneratorBasedBuilder):
             metadata=tfds.core.MetadataDict(),
         )
 
+    def _resolve_salt(self) -> str:
+        if self._salt is None:  # says where a generated salt is kept, even when quiet
+            self._salt = resolve_salt(os.fspath(self._data_dir_root), self._given_salt)
+        return self._salt
+
+    def _plan_work(self, dicom_root: str) -> tuple[Discovery, WorkPlan]:
+        found = discover(dicom_root, self._workers, progress=self._progress)
+        return found, _work_plan(found, self.builder_config, dicom_root, self._resolve_salt())
+
     # --- generation ---------------------------------------------------------------
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         config = self.builder_config
         config.validate()
         dicom_root = os.fspath(dl_manager.manual_dir)
-        found = discover(dicom_root, self._workers, progress=self._progress)
-        items, rejected, used_files = _work_items(found, config, dicom_root)
-        self._report = report_lib.new_report(found, rejected, used_files, items, config.name)
+        found, self._plan = self._plan_work(dicom_root)
+        self._fingerprint = found.fingerprint
+        items = self._plan.items
+        self._report = report_lib.new_report(found, self._plan.rejected, self._plan.used_files,
+                                             items, config.name, self._plan.notes())
         self._write_report()
         empty = [name for name in SPLIT_NAMES if not items[name]]
         if len(empty) == len(SPLIT_NAMES):
             raise ValueError(f"{dicom_root}: no slices selected from {found.num_files} files "
-                             f"(series left out: {dict(rejected)}; see {self._report_path()})")
-        return {name: self._generate_examples(items[name]) for name in SPLIT_NAMES if items[name]}
+                             f"(series left out: {dict(self._plan.rejected)}; see {self._report_path()})")
+        if self._use_beam:
+            self._beam_skips_dir().rmtree(missing_ok=True)  # left by a killed run
+        return {name: self._generate_examples(items[name], name)
+                for name in SPLIT_NAMES if items[name]}
 
-    def _generate_examples(self, items: Sequence[SliceItem]):
+    def _generate_examples(self, items: Sequence[SliceItem], split: str):
         config = self.builder_config
+        if self._use_beam:
+            return self._beam_transform(items, os.fspath(self._beam_skips_dir() / split))
         make = functools.partial(make_example, image_size=int(config.image_size),
                                  resize_mode=config.resize)
-        if self._use_beam:
-            import apache_beam as beam
-
-            return (beam.Create(list(items))
-                    | beam.FlatMap(_beam_examples, int(config.image_size), config.resize))
         return self._generate_locally(items, make)
+
+    def _beam_transform(self, items: Sequence[SliceItem], skips_prefix: str):
+        """Decoding as a Beam transform; failures go to a side output written as JSON lines."""
+        import apache_beam as beam
+
+        config = self.builder_config
+
+        @beam.ptransform_fn
+        def examples(pipeline):
+            results = (pipeline
+                       | "items" >> beam.Create(list(items))
+                       | "decode" >> beam.FlatMap(_beam_examples, int(config.image_size),
+                                                  config.resize).with_outputs(SKIP_TAG, main="examples"))
+            _ = (results[SKIP_TAG]
+                 | "skip_json" >> beam.Map(json.dumps, sort_keys=True)
+                 | "write_skips" >> beam.io.WriteToText(skips_prefix, file_name_suffix=".jsonl"))
+            return results.examples
+
+        return examples()
+
+    def _beam_skips_dir(self) -> epath.Path:
+        return epath.Path(self._data_dir_root) / f".beam_skips.{self.builder_config.name}"
+
+    def _collect_beam_skips(self) -> list[Skip]:
+        folder = self._beam_skips_dir()
+        if not folder.exists():
+            return []
+        skips = [Skip(**json.loads(line)) for path in sorted(folder.glob("*.jsonl"))
+                 for line in path.read_text().splitlines() if line.strip()]
+        folder.rmtree()
+        return skips
 
     def _generate_locally(self, items: Sequence[SliceItem], make) -> Iterator[tuple[str, Any]]:
         meter = Progress("slices", len(items), unit="slices") if self._progress else None
@@ -233,7 +317,17 @@ class IapDataset(tfds.core.GeneratorBasedBuilder):
                 continue
             yield key, result
 
-    # --- after the shards: statistics, metadata, report ------------------------------
+    def _download_and_prepare(self, dl_manager, download_config=None) -> None:
+        super()._download_and_prepare(dl_manager, download_config)
+        # Still inside TFDS's temporary dir, before the rename: the report is completed and
+        # the metadata (which moves with the shards) keeps what a rerun needs to rebuild it.
+        skips = self._decode_skips + self._collect_beam_skips()
+        report_lib.finish_report(self._report, skips, self._plan.slices_per_file)
+        self._write_report()
+        self.info.metadata.update({"archive_fingerprint": self._fingerprint,
+                                   "decode_skips": _hashed_skips(skips, self._resolve_salt())})
+
+    # --- before: an existing dataset; after the shards: statistics, metadata, report --------
 
     def download_and_prepare(self, *, download_config: tfds.download.DownloadConfig | None = None,
                              **kwargs) -> None:
@@ -242,21 +336,61 @@ class IapDataset(tfds.core.GeneratorBasedBuilder):
         removed = remove_incomplete_dirs(os.fspath(self.data_dir))
         if removed:
             print(f"removed {len(removed)} incomplete dir(s) left by an interrupted run")
+        dicom_root = download_config.manual_dir and os.fspath(download_config.manual_dir)
+        if dicom_root and self.data_path.exists():
+            self._check_existing(dicom_root, self._overwrite or
+                                 download_config.download_mode.overwrite_dataset)
         super().download_and_prepare(download_config=download_config, **kwargs)
         dataset_dir = os.fspath(self.data_dir)
-        if self._report is not None:
-            report_lib.finish_report(self._report, self._decode_skips)
-            self._write_report()
+        report = self._load_report()
+        if dicom_root and not self._report_is_current(report):
+            print(f"rebuilding {self._report_path()} for {dataset_dir}")
+            self._rebuild_report(dicom_root)
         stats_path = os.path.join(dataset_dir, STATS_FILE)
         if not os.path.exists(stats_path):
             stats = self.compute_stats()
-            counts = self._report["skipped_by_reason"] if self._report else {}
+            report = self._load_report()
+            counts = report["skipped_by_reason"] if self._report_is_current(report) else {}
             self.info.metadata.update({"iap_stats": stats, "skipped_by_reason": counts})
             self.info.metadata.save_metadata(dataset_dir)
             write_stats(dataset_dir, stats)
         if self._progress:
             print(report_lib.summary_table(report_lib.load_stats(dataset_dir), self._load_report()))
             print(f"dataset: {dataset_dir}\nreport:  {self._report_path()}")
+
+    def _check_existing(self, dicom_root: str, overwrite: bool) -> None:
+        """Stops (or, with overwrite, removes the dataset) when the archive has changed."""
+        stored = self.info.metadata.get("archive_fingerprint")
+        current = archive_fingerprint(dicom_root, list_files(dicom_root))
+        if stored == current:
+            return
+        dataset_dir = os.fspath(self.data_dir)
+        if not overwrite:
+            raise ValueError(
+                f"{dataset_dir} was written from an archive with fingerprint {stored}, but "
+                f"{dicom_root} now has fingerprint {current} (files added, removed or changed): "
+                f"pass --overwrite (overwrite=True) to rebuild it, or use another data dir")
+        print(f"archive changed (fingerprint {stored} -> {current}): rebuilding {dataset_dir}")
+        self.data_path.rmtree()
+        self.info.metadata.clear()
+
+    def _report_is_current(self, report: dict[str, Any] | None) -> bool:
+        return bool(report) and report.get("config") == self.builder_config.name and \
+            report.get("archive_fingerprint") == self.info.metadata.get("archive_fingerprint")
+
+    def _rebuild_report(self, dicom_root: str) -> None:
+        """The report of the run that wrote the dataset: discovery again, and the decode skips
+        from the metadata (file hashes matched against the selected files)."""
+        found, plan = self._plan_work(dicom_root)
+        salt = self._resolve_salt()
+        by_hash = {salted_hash(salt, "file", path): path for path in plan.slices_per_file}
+        skips = [Skip(by_hash[entry["file"]], entry["reason"], "found by the run that wrote the dataset")
+                 for entry in self.info.metadata.get("decode_skips", []) if entry["file"] in by_hash
+                 for _ in range(entry["slices"])]
+        self._report = report_lib.new_report(found, plan.rejected, plan.used_files, plan.items,
+                                             self.builder_config.name, plan.notes())
+        report_lib.finish_report(self._report, skips, plan.slices_per_file)
+        self._write_report()
 
     def compute_stats(self) -> dict[str, Any]:
         """Statistics of the examples as written, read back without decoding images."""
@@ -280,18 +414,20 @@ class IapDataset(tfds.core.GeneratorBasedBuilder):
 
 def prepare(dicom_root: str, data_dir: str, *, series_filter: str | None = None, phases: str = "pre",
             image_size: int = 224, slices: str = "all",
-            split: str | Sequence[float] = (0.7, 0.15, 0.15), salt: str = DEFAULT_SALT,
+            split: str | Sequence[float] = (0.7, 0.15, 0.15), salt: str | None = None,
             workers: int = 1, resize: str = "resize", beam_runner: Any = None,
-            progress: bool = True) -> str:
-    """DICOM archive -> TFDS dataset; returns the dataset dir (for tfds.builder_from_directory)."""
+            overwrite: bool = False, progress: bool = True) -> str:
+    """DICOM archive -> TFDS dataset; returns the dataset dir (for tfds.builder_from_directory).
+    salt None: $IAP_PREP_SALT, else the data dir's kept salt (data_prep.salt)."""
     if not os.path.isdir(dicom_root):
         raise FileNotFoundError(f"{dicom_root}: DICOM root is not a directory")
     config = make_config(series_filter=series_filter, phases=phases, image_size=image_size,
-                         slices=slices, split=split, salt=salt, resize=resize)
+                         slices=slices, split=split, resize=resize)
     # The predefined configs (for `tfds build --config`) must be passed by name.
     predefined = {c.name for c in IapDataset.BUILDER_CONFIGS}
     builder = IapDataset(config=config.name if config.name in predefined else config,
-                         data_dir=data_dir, workers=workers, progress=progress)
+                         data_dir=data_dir, workers=workers, progress=progress, salt=salt,
+                         overwrite=overwrite)
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
         manual_dir=dicom_root, beam_runner=beam_runner))
     return os.fspath(builder.data_dir)

@@ -3,8 +3,10 @@
   iap-prep --dicom-root DIR --data-dir OUT [--series-filter REGEX] [--phases pre|all]
            [--image-size 224] [--slices all|central:F|stride:K] [--split 0.7,0.15,0.15]
            [--salt S] [--workers N] [--resize resize|pad] [--beam-runner DirectRunner]
+           [--overwrite]
 
-Prints the dataset dir (for tfds.builder_from_directory) last on stdout.
+Prints the dataset dir (for tfds.builder_from_directory) last on stdout. Exit status 2
+on bad arguments, an unusable DICOM root or data dir, or a changed archive.
 """
 from __future__ import annotations
 
@@ -24,12 +26,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--slices", default="all", help="all | central:F | stride:K")
     parser.add_argument("--split", default="0.7,0.15,0.15", help="train,validation,test fractions")
     parser.add_argument("--salt", default=None,
-                        help="salt of the patient/series hashes (default: $IAP_PREP_SALT or 'iap-jax')")
+                        help="salt of the patient/series hashes (default: $IAP_PREP_SALT, else a "
+                             "random salt generated once and kept in DATA_DIR/prep_salt)")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--resize", choices=("resize", "pad"), default="resize",
                         help="resize: stretch to a square (the paper); pad: keep the aspect ratio")
     parser.add_argument("--beam-runner", default=None,
                         help="prepare with Apache Beam on this runner (e.g. DirectRunner)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="rebuild a dataset of the same options written from an archive that "
+                             "has changed since (default: stop with an error)")
     return parser
 
 
@@ -38,17 +44,21 @@ def main(argv=None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow_datasets as tfds
 
-    from data_prep.builder import DEFAULT_SALT, prepare
+    from data_prep.builder import prepare
 
     tfds.disable_progress_bar()
-    salt = args.salt if args.salt is not None else os.environ.get("IAP_PREP_SALT", DEFAULT_SALT)
     try:
         dataset_dir = prepare(args.dicom_root, args.data_dir, series_filter=args.series_filter,
                               phases=args.phases, image_size=args.image_size, slices=args.slices,
-                              split=args.split, salt=salt, workers=args.workers, resize=args.resize,
-                              beam_runner=args.beam_runner)
-    except (FileNotFoundError, ValueError) as err:
+                              split=args.split, salt=args.salt, workers=args.workers,
+                              resize=args.resize, beam_runner=args.beam_runner,
+                              overwrite=args.overwrite)
+    except ValueError as err:
         print(f"iap-prep: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # FileNotFoundError, PermissionError, a full disk...
+        where = f"{err.filename}: " if err.filename and str(err.filename) not in str(err) else ""
+        print(f"iap-prep: error: {where}{err}", file=sys.stderr)
         return 2
     print(dataset_dir)
     return 0

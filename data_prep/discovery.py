@@ -5,11 +5,19 @@ Headers are read without pixels, in parallel. Instances are grouped by SeriesIns
 by folder; slices are ordered along the slice normal. Files that cannot be used are
 skipped with a reason: unreadable, not DICOM, non-image objects, duplicate
 SOPInstanceUIDs, sizes that differ from the rest of their series.
+
+A series without PatientID is given to the patient named by (PatientName,
+PatientBirthDate), else to its study, so that one patient's studies stay together where
+the headers allow it; such series are counted in the report.
+
+The archive fingerprint (a hash of every file's relative path, size and mtime) tells a
+rerun whether the archive changed since a dataset was written.
 """
 from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
 import os
 from typing import Iterable, Sequence
 
@@ -36,12 +44,13 @@ class SliceRef:
 class Series:
     series_uid: str
     temporal_position: int | None
-    patient_id: str  # PatientID, else the study or series UID (never written out raw)
+    patient_id: str  # the patient key (see patient_key); never written out raw
     description: str
     rows: int
     columns: int
     slices: tuple[SliceRef, ...]  # ordered along the slice normal
     files: tuple[str, ...]  # relative paths of the files used
+    patient_key_source: str = "patient_id"  # or one of PATIENT_KEY_FALLBACKS
 
     @property
     def key(self) -> str:
@@ -55,6 +64,36 @@ class Discovery:
     series: list[Series]
     skips: list[Skip]
     num_files: int
+    fingerprint: str  # of the archive's file list, sizes and mtimes
+
+
+PATIENT_KEY_FALLBACKS = ("name_birth_date", "study_uid", "series_uid")
+
+
+def patient_key(header: InstanceHeader) -> tuple[str, str]:
+    """(key, source): PatientID, else a hash of (PatientName, PatientBirthDate) when both
+    are present, else the study, else the series."""
+    if header.patient_id:
+        return header.patient_id, "patient_id"
+    if header.patient_name and header.patient_birth_date:
+        text = f"{header.patient_name}\0{header.patient_birth_date}"
+        return "name+birth:" + hashlib.sha256(text.encode()).hexdigest(), "name_birth_date"
+    if header.study_uid:
+        return f"study:{header.study_uid}", "study_uid"
+    return f"series:{header.series_uid}", "series_uid"
+
+
+def archive_fingerprint(root: str, relative_paths: Sequence[str]) -> str:
+    """Hash of the sorted relative paths with their sizes and modification times."""
+    digest = hashlib.sha256()
+    for relative in sorted(relative_paths):
+        try:
+            stat = os.stat(os.path.join(root, relative))
+            entry = f"{relative}\0{stat.st_size}\0{stat.st_mtime_ns}\n"
+        except OSError:  # vanished or unreadable: still part of the listing
+            entry = f"{relative}\0?\n"
+        digest.update(entry.encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()[:16]
 
 
 def list_files(root: str) -> list[str]:
@@ -130,12 +169,11 @@ def _build_series(root: str, members: list[InstanceHeader]) -> tuple[Series, lis
              for h in members if (h.rows, h.columns) != size]
     ordered = order_frames(kept)
     first = ordered[0][0]
-    patient = first.patient_id or (f"study:{first.study_uid}" if first.study_uid
-                                   else f"series:{first.series_uid}")
+    patient, source = patient_key(first)
     slices = tuple(SliceRef(h.path, f.frame, f.iaps) for h, f in ordered)
     files = tuple(sorted(_relative(root, h.path) for h in kept))
     series = Series(first.series_uid, first.temporal_position, patient, first.series_description,
-                    size[0], size[1], slices, files)
+                    size[0], size[1], slices, files, source)
     return series, skips
 
 
@@ -161,5 +199,6 @@ def discover(root: str, workers: int = 1, progress: bool = True) -> Discovery:
     if meter:
         meter.close()
     series, group_skips = group_series(root, headers)
-    return Discovery(series, sorted(skips + group_skips, key=lambda s: s.path), len(relative_paths))
+    return Discovery(series, sorted(skips + group_skips, key=lambda s: s.path), len(relative_paths),
+                     archive_fingerprint(root, relative_paths))
 

@@ -16,30 +16,48 @@ from iap_jax.iaps import IAP_NAMES, SPECS, Kind
 
 
 def new_report(found, rejected: Mapping[str, int], used_files: Sequence[str],
-               items: Mapping[str, Sequence], config_name: str) -> dict[str, Any]:
-    """What discovery and selection decided, before any pixel is decoded."""
+               items: Mapping[str, Sequence], config_name: str,
+               notes: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """What discovery and selection decided, before any pixel is decoded. `notes` are
+    facts about used series that are not skips (e.g. series without PatientID)."""
     skipped = [dataclasses.asdict(s) for s in found.skips]
     return {
         "config": config_name,
+        "archive_fingerprint": found.fingerprint,
         "files": {"found": found.num_files, "used": len(used_files), "skipped": len(skipped),
-                  "in_series_not_selected": found.num_files - len(used_files) - len(skipped)},
+                  "in_series_not_selected": found.num_files - len(used_files) - len(skipped),
+                  "partly_skipped": 0},
         "skipped_by_reason": dict(sorted(collections.Counter(s["reason"] for s in skipped).items())),
         "series": {"found": len(found.series), "selected": len(found.series) - sum(rejected.values()),
                    "not_selected_by_reason": dict(sorted(rejected.items()))},
         "slices": {"selected": {name: len(v) for name, v in items.items()}, "skipped_at_decode": 0},
+        "notes": dict(notes or {}),
         "skipped": skipped,
+        "partly_skipped": [],
     }
 
 
-def finish_report(report: dict[str, Any], decode_skips: Sequence) -> None:
-    """Adds the files whose pixels failed to decode (counted once per file)."""
-    by_path = {}
+def finish_report(report: dict[str, Any], decode_skips: Sequence,
+                  slices_per_file: Mapping[str, int]) -> None:
+    """Adds the slices whose pixels failed to decode. A file counts as skipped when every
+    selected slice (frame) of it failed, else as used and partly skipped."""
+    failed: dict[str, list] = {}
     for skip in decode_skips:
-        by_path.setdefault(skip.path, dataclasses.asdict(skip))
+        failed.setdefault(skip.path, []).append(skip)
+    whole, partly = [], []
+    for path, skips in sorted(failed.items()):
+        entry = dataclasses.asdict(skips[0])
+        if len(skips) >= slices_per_file.get(path, 1):
+            whole.append(entry)
+        else:
+            partly.append({**entry, "slices_skipped": len(skips),
+                           "slices_selected": slices_per_file[path]})
     report["slices"]["skipped_at_decode"] = len(decode_skips)
-    report["files"]["used"] -= len(by_path)
-    report["files"]["skipped"] += len(by_path)
-    report["skipped"] = sorted(report["skipped"] + list(by_path.values()), key=lambda s: s["path"])
+    report["files"]["used"] -= len(whole)
+    report["files"]["skipped"] += len(whole)
+    report["files"]["partly_skipped"] = len(partly)
+    report["skipped"] = sorted(report["skipped"] + whole, key=lambda s: s["path"])
+    report["partly_skipped"] = partly
     report["skipped_by_reason"] = dict(sorted(
         collections.Counter(s["reason"] for s in report["skipped"]).items()))
 
@@ -84,6 +102,11 @@ def summary_table(stats: Mapping[str, Any], report: Mapping[str, Any] | None) ->
         files = report["files"]
         reasons = ", ".join(f"{r}: {n}" for r, n in report["skipped_by_reason"].items()) or "none"
         lines.append("")
-        lines.append(f"files: {files['found']} found, {files['used']} used, {files['skipped']} skipped "
-                     f"({reasons}), {files['in_series_not_selected']} in series not selected")
+        partly = f", {files['partly_skipped']} with some frames skipped" if files.get("partly_skipped") else ""
+        lines.append(f"files: {files['found']} found, {files['used']} used{partly}, {files['skipped']} "
+                     f"skipped ({reasons}), {files['in_series_not_selected']} in series not selected")
+        no_id = report.get("notes", {}).get("no_patient_id")
+        if no_id:
+            lines.append(f"note: {no_id['series']} selected series without PatientID, grouped by "
+                         + ", ".join(f"{k}: {n}" for k, n in no_id["keyed_by"].items()))
     return "\n".join(lines)

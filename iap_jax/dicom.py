@@ -74,6 +74,8 @@ class InstanceHeader:
     series_uid: str
     study_uid: str
     patient_id: str
+    patient_name: str  # with the birth date, keys a patient whose PatientID is empty
+    patient_birth_date: str
     series_description: str
     temporal_position: int | None
     instance_number: int | None
@@ -139,18 +141,19 @@ def _looks_like_dicom_without_preamble(path: str) -> bool:
     return start[:2] in (b"\x02\x00", b"\x08\x00")
 
 
-def _open(path: str) -> Dataset:
+def _open(path: str, defer_size: int | None = 1024) -> Dataset:
+    """The dataset of one file, also when it lacks the 128-byte preamble and DICM prefix;
+    values larger than defer_size (pixels, private blobs) stay on disk until asked for."""
     try:
         size = os.path.getsize(path)
         if size == 0:
             raise DicomError(path, "zero_byte")
-        # Large values (pixels, private blobs) stay on disk until asked for.
         try:
-            return pydicom.dcmread(path, defer_size=1024)
+            return pydicom.dcmread(path, defer_size=defer_size)
         except InvalidDicomError:
             if not _looks_like_dicom_without_preamble(path):
                 raise DicomError(path, "not_dicom", "no DICM preamble") from None
-            return pydicom.dcmread(path, defer_size=1024, force=True)
+            return pydicom.dcmread(path, defer_size=defer_size, force=True)
     except DicomError:
         raise
     except PermissionError as err:
@@ -224,6 +227,8 @@ def read_instance_header(path: str) -> InstanceHeader:
             series_uid=series_uid,
             study_uid=_text(ds, "StudyInstanceUID"),
             patient_id=_text(ds, "PatientID"),
+            patient_name=_text(ds, "PatientName"),
+            patient_birth_date=_text(ds, "PatientBirthDate"),
             series_description=_text(ds, "SeriesDescription"),
             temporal_position=_int_or_none(find_element_value(ds, "TemporalPositionIdentifier")),
             instance_number=_int_or_none(ds.get("InstanceNumber")),
@@ -247,12 +252,10 @@ def _rescale(ds: Dataset, frame: int) -> tuple[float, float]:
 
 def read_frame(path: str, frame: int = 0) -> np.ndarray:
     """One frame as float32 intensities [rows, columns]; raises DicomError."""
+    ds = _open(path, defer_size=None)  # the same opener as the header stage
     try:
-        ds = pydicom.dcmread(path)
         frames = _int_or_none(ds.get("NumberOfFrames", 1)) or 1
         stored = pixel_array(ds, index=frame) if frames > 1 else ds.pixel_array
-    except PermissionError as err:
-        raise DicomError(path, "unreadable", err.strerror or "permission denied") from None
     except Exception as err:  # decoders raise many kinds on corrupt streams
         raise DicomError(path, "undecodable", f"{type(err).__name__}: {err}"[:200]) from None
     if stored.ndim != 2:

@@ -38,9 +38,9 @@ def resize_weights(in_size: int, out_size: int) -> np.ndarray:
     centres = (np.arange(out_size) + 0.5) / scale - 0.5
     distance = (np.arange(in_size)[None, :] - centres[:, None]) / kernel_width
     weights = np.maximum(0.0, 1.0 - np.abs(distance))
-    weights /= weights.sum(axis=1, keepdims=True)
-    weights.setflags(write=False)
-    return weights.astype(np.float32)
+    weights = (weights / weights.sum(axis=1, keepdims=True)).astype(np.float32)
+    weights.setflags(write=False)  # shared by every caller through the cache
+    return weights
 
 
 def resize(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:

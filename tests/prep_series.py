@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 
 import numpy as np
-import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, RLELossless, generate_uid
 
@@ -53,14 +52,16 @@ def make_instance(*, patient_id: str, patient_name: str, birth_date: str, study_
 def write_series(folder: str, *, patient_id: str, description: str, num_slices: int = 4,
                  tags: dict | None = None, rows: int = 24, columns: int = 24, seed: int = 0,
                  rle: bool = False, temporal_position: int | None = None,
-                 study_uid: str | None = None, shuffle_names: bool = True) -> list[str]:
+                 study_uid: str | None = None, shuffle_names: bool = True,
+                 patient_name: str | None = None, birth_date: str = "19700101") -> list[str]:
     """One series in `folder`, files named so that name order is not slice order."""
     os.makedirs(folder, exist_ok=True)
     series_uid, study_uid = generate_uid(), study_uid or generate_uid()
     paths = []
     for index in range(num_slices):
-        ds = make_instance(patient_id=patient_id, patient_name=f"Doe^{patient_id}",
-                           birth_date="19700101", study_uid=study_uid, series_uid=series_uid,
+        ds = make_instance(patient_id=patient_id,
+                           patient_name=f"Doe^{patient_id}" if patient_name is None else patient_name,
+                           birth_date=birth_date, study_uid=study_uid, series_uid=series_uid,
                            description=description, index=index, position=2.0 * index, rows=rows,
                            columns=columns, tags=tags, seed=seed, temporal_position=temporal_position)
         if rle:
@@ -70,10 +71,6 @@ def write_series(folder: str, *, patient_id: str, description: str, num_slices: 
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
-
-
-def read(path: str) -> Dataset:
-    return pydicom.dcmread(path)
 
 
 SIEMENS_SERIES = ("ax t1", "ax dyn pre", "ax dyn 1st pass", "ax dyn 2nd pass")

@@ -114,3 +114,17 @@ def test_read_series_of_the_tiny_philips_series():
     assert len(slices) == 3
     assert all(pixels.dtype == np.float32 and pixels.ndim == 2 for pixels, _ in slices)
     assert {labels["Manufacturer"].value for _, labels in slices} == {"PHILIPS MEDICAL SYSTEMS, INC."}
+
+
+def test_file_without_preamble_passes_both_stages(tmp_path, mr_small_pixels):
+    """Some exporters write the dataset without the 128-byte preamble and DICM prefix."""
+    content = open(get_testdata_file("MR_small.dcm"), "rb").read()
+    assert content[128:132] == b"DICM"
+    path = str(tmp_path / "bare.dcm")
+    with open(path, "wb") as f:
+        f.write(content[132:])
+    with pytest.raises(pydicom.errors.InvalidDicomError):
+        pydicom.dcmread(path)
+    header = read_instance_header(path)
+    assert iap_values(header.frames[0])["EchoTime"].value == "240"
+    np.testing.assert_array_equal(read_frame(path), mr_small_pixels)

@@ -1,6 +1,8 @@
 """The prep stage end to end on a small Duke-like cohort written with pydicom."""
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pydicom
@@ -163,3 +165,23 @@ def test_tfds_builder_interface(cohort, tmp_path):
     assert os.path.exists(os.path.join(builder.data_dir, STATS_FILE))
     example = next(iter(tfds.as_numpy(builder.as_dataset(split="train"))))
     assert example["image"].shape == (224, 224)
+
+
+def test_tfds_build_command(cohort, tmp_path):
+    """The builder through TFDS's own command line, as documented."""
+    root, _ = cohort
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    tfds_command = os.path.join(os.path.dirname(sys.executable), "tfds")
+    data_dir = str(tmp_path / "built")
+    env = dict(os.environ, PYTHONPATH=repo, TF_CPP_MIN_LOG_LEVEL="2")
+    env.pop("IAP_PREP_SALT", None)
+    result = subprocess.run([tfds_command, "build", "data_prep/builder.py", "--manual_dir", root,
+                             "--data_dir", data_dir, "--config", "pre_224"],
+                            cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    dataset_dir = os.path.join(data_dir, "iap_dataset", "pre_224", "1.0.0")
+    builder = tfds.builder_from_directory(dataset_dir)
+    assert sum(s.num_examples for s in builder.info.splits.values()) == NUM_PATIENTS * NUM_SLICES
+    assert os.path.exists(os.path.join(dataset_dir, STATS_FILE))
+    assert os.path.exists(os.path.join(data_dir, REPORT_FILE))
+    assert os.path.exists(os.path.join(data_dir, "prep_salt"))

@@ -7,7 +7,8 @@ import pytest
 import tensorflow_datasets as tfds
 
 from data_prep.synthetic import cohort as cohort_module
-from data_prep.builder import DEFAULT_SALT, REPORT_FILE, prepare
+from data_prep.builder import REPORT_FILE, prepare
+from data_prep.salt import SALT_FILE
 from data_prep.splits import salted_hash
 from iap_jax.iaps import IAP_NAMES, SPECS, LabelState
 
@@ -41,8 +42,10 @@ def expected_label(row, name):
 
 
 def test_labels_match_cohort_csv(synthetic):
-    _, rows, _, dataset_dir = synthetic
-    dce = {(salted_hash(DEFAULT_SALT, "patient", r["patient_id"]), int(r["phase"])): r
+    _, rows, data_dir, dataset_dir = synthetic
+    with open(os.path.join(data_dir, SALT_FILE)) as f:
+        salt = f.read().strip()
+    dce = {(salted_hash(salt, "patient", r["patient_id"]), int(r["phase"])): r
            for r in rows if r["fat_suppressed"] == "1"}
     examples = [e for split in all_examples(dataset_dir).values() for e in split]
     assert len(examples) == sum(int(r["n_slices"]) for r in dce.values())

@@ -1,9 +1,16 @@
-"""Series selection, slice sampling and patient splits."""
+"""Series selection, slice sampling, patient splits and keys, report counting."""
 import collections
+import json
+import os
 
 import pytest
+import tensorflow_datasets as tfds
 
-from data_prep.discovery import Series
+import prep_series
+from data_prep import report as report_lib
+from data_prep.builder import REPORT_FILE, prepare
+from data_prep.discovery import Discovery, Series, Skip
+from data_prep.salt import SALT_FILE
 from data_prep.selection import SeriesSelection, phase_of, select_slices
 from data_prep.splits import parse_split, salted_hash, split_of
 
@@ -52,11 +59,32 @@ def test_slice_sampling():
             select_slices(4, bad)
 
 
-def test_splits_are_stable_when_patients_are_added():
+def patient_splits(dataset_dir):
+    builder = tfds.builder_from_directory(dataset_dir)
+    return {e["patient"].decode(): split for split in builder.info.splits
+            for e in tfds.as_numpy(builder.as_dataset(split=split))}
+
+
+def test_adding_patients_later_keeps_every_old_patients_split(tmp_path, monkeypatch):
+    monkeypatch.delenv("IAP_PREP_SALT", raising=False)
+    root, data_dir = str(tmp_path / "dicom"), str(tmp_path / "data")
+    options = dict(image_size=8, split=(0.4, 0.3, 0.3), progress=False)
+    prep_series.write_duke_cohort(root, 10, num_slices=2)
+    os.makedirs(data_dir)
+    with open(os.path.join(data_dir, SALT_FILE), "w") as f:  # as a first run would keep it
+        f.write("0123456789abcdef0123456789abcdef\n")
+    old = patient_splits(prepare(root, data_dir, **options))
+    assert len(old) == 10 and len(set(old.values())) > 1
+    prep_series.write_duke_cohort(root, 10, num_slices=2, first=10)
+    # The data dir's kept salt is reused: the archive grew, so rebuild the dataset over it.
+    new = patient_splits(prepare(root, data_dir, overwrite=True, **options))
+    assert len(new) == 20
+    assert {p: new[p] for p in old} == old
+
+
+def test_split_assignment_follows_the_fractions_and_the_salt():
     fractions = parse_split("0.7,0.15,0.15")
-    first = {f"P{i}": split_of(f"P{i}", "s", fractions) for i in range(200)}
     more = {f"P{i}": split_of(f"P{i}", "s", fractions) for i in range(1000)}
-    assert all(more[p] == first[p] for p in first)
     counts = collections.Counter(more.values())
     assert 620 < counts["train"] < 780 and 100 < counts["validation"] < 200 and 100 < counts["test"] < 200
     # Another salt gives another assignment and other hashes.
@@ -71,3 +99,49 @@ def test_split_parsing():
     for bad in ("0.5,0.5", "0.5,0.6,0.1", "a,b,c", (-0.5, 1, 0.5)):
         with pytest.raises(ValueError, match="split"):
             parse_split(bad)
+
+
+def test_series_without_patient_id_are_keyed_by_name_and_birth_date_then_study(tmp_path):
+    root = str(tmp_path / "dicom")
+    for study in ("a", "b"):  # one patient, two studies, no PatientID
+        prep_series.write_series(os.path.join(root, "anonymous", study), patient_id="",
+                                 patient_name="Roe^Jane", birth_date="19610203",
+                                 description="ax dyn pre", num_slices=2)
+    prep_series.write_series(os.path.join(root, "nameless"), patient_id="", patient_name="",
+                             birth_date="", description="ax dyn pre", num_slices=2)
+    prep_series.write_series(os.path.join(root, "named"), patient_id="Breast_MRI_001",
+                             description="ax dyn pre", num_slices=2)
+    data_dir = str(tmp_path / "data")
+    dataset_dir = prepare(root, data_dir, image_size=8, split=(0.34, 0.33, 0.33), salt="s",
+                          progress=False)
+    builder = tfds.builder_from_directory(dataset_dir)
+    series_of = collections.defaultdict(set)
+    for split in builder.info.splits:
+        for e in tfds.as_numpy(builder.as_dataset(split=split)):
+            series_of[e["patient"].decode()].add((e["series"], split))
+    assert sorted(len(s) for s in series_of.values()) == [1, 1, 2]
+    both_studies = next(s for s in series_of.values() if len(s) == 2)
+    assert len({split for _, split in both_studies}) == 1
+    with open(os.path.join(data_dir, REPORT_FILE)) as f:
+        report = json.load(f)
+    assert report["notes"] == {"no_patient_id": {"series": 3, "keyed_by": {"name_birth_date": 2,
+                                                                           "study_uid": 1}}}
+    assert report["skipped"] == [] and report["files"]["skipped"] == 0
+
+
+def test_decode_skips_count_files_only_when_every_frame_failed():
+    found = Discovery(series=[], skips=[Skip("junk.txt", "not_dicom")], num_files=4, fingerprint="f")
+    report = report_lib.new_report(found, {}, ["multi.dcm", "single.dcm", "good.dcm"],
+                                   {"train": [0] * 12}, "c")
+    skips = [Skip("multi.dcm", "undecodable", "frame 3"), Skip("multi.dcm", "undecodable", "frame 4"),
+             Skip("single.dcm", "undecodable", "bad stream")]
+    report_lib.finish_report(report, skips, {"multi.dcm": 10, "single.dcm": 1, "good.dcm": 1})
+    assert report["slices"]["skipped_at_decode"] == 3
+    assert report["files"] == {"found": 4, "used": 2, "skipped": 2, "in_series_not_selected": 0,
+                               "partly_skipped": 1}
+    assert [s["path"] for s in report["skipped"]] == ["junk.txt", "single.dcm"]
+    assert report["skipped_by_reason"] == {"not_dicom": 1, "undecodable": 1}
+    assert report["partly_skipped"] == [{"path": "multi.dcm", "reason": "undecodable",
+                                         "detail": "frame 3", "slices_skipped": 2,
+                                         "slices_selected": 10}]
+    assert "1 with some frames skipped" in report_lib.summary_table({}, report)

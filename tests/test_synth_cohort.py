@@ -1,5 +1,6 @@
 """The synthetic cohort on disk: headers, files, determinism, reruns, contact sheet."""
 import csv
+import dataclasses
 import shutil
 import subprocess
 from pathlib import Path
@@ -11,6 +12,7 @@ from pydicom.uid import ImplicitVRLittleEndian, MRImageStorage
 
 from data_prep.synthetic import cli, cohort, phantom
 from data_prep.synthetic.contact_sheet import write_contact_sheet
+from data_prep.synthetic.dicom_writer import PatientIdentity, series_uid, study_uid
 
 SEED = 11
 REQUIRED_TAGS = (
@@ -117,18 +119,47 @@ def test_dcmdump_reads_every_file(small_cohort):
         assert "E:" not in result.stderr, result.stderr[:2000]
 
 
-def _pixels(out: Path) -> dict:
-    return {p.relative_to(out).as_posix(): pydicom.dcmread(p).PixelData
-            for p in sorted(out.rglob("*.dcm"))}
+def _files(out: Path) -> dict:
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*.dcm"))}
 
 
 def test_same_seed_identical_and_workers_do_not_matter(tmp_path):
     cohort.generate_cohort(tmp_path / "a", patients=2, seed=SEED, preset="small", workers=1)
     cohort.generate_cohort(tmp_path / "b", patients=2, seed=SEED, preset="small", workers=2)
-    a, b = _pixels(tmp_path / "a"), _pixels(tmp_path / "b")
+    a, b = _files(tmp_path / "a"), _files(tmp_path / "b")
     assert a.keys() == b.keys() and a
     assert all(a[k] == b[k] for k in a)
     assert (tmp_path / "a" / "cohort.csv").read_text() == (tmp_path / "b" / "cohort.csv").read_text()
+
+
+def test_patient_ids_and_uids_never_repeat_within_a_cohort(small_cohort):
+    ids = [cohort.patient_id(SEED, i) for i in range(200_000)]
+    assert len(set(ids)) == len(ids)
+    assert all(len(i) == 8 and i.isdigit() and i[0] != "0" for i in ids)
+    assert cohort.patient_id(SEED, 0) != cohort.patient_id(SEED + 1, 0)
+    with pytest.raises(ValueError, match="index"):
+        cohort.patient_id(SEED, -1)
+    # Two patients with the same ID (e.g. from two cohorts) still get distinct UIDs.
+    a = PatientIdentity("12345678", 0, "A^B", "19700101", 50, 70, "20200101", "120000", "A1", "X")
+    b = dataclasses.replace(a, patient_index=1)
+    assert study_uid(SEED, a) != study_uid(SEED, b)
+    assert series_uid(SEED, a, 3) != series_uid(SEED, b, 3)
+    out, _ = small_cohort
+    studies = {}
+    for path in sorted(out.rglob("0001.dcm")):
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        studies.setdefault(ds.PatientID, set()).add(ds.StudyInstanceUID)
+    assert len(studies) == 3 and all(len(uids) == 1 for uids in studies.values())
+    assert len(set.union(*studies.values())) == 3
+
+
+def test_cli_rejects_a_cohort_of_no_patients(tmp_path, capsys):
+    for bad in ("0", "-2", "x"):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["--out", str(tmp_path), "--patients", bad])
+        assert exit_info.value.code == 2
+        assert "--patients" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
 
 
 def test_different_seeds_give_different_anatomy():
@@ -144,7 +175,7 @@ def test_different_seeds_give_different_anatomy():
 def test_rerun_into_same_folder_leaves_no_duplicates(small_cohort, tmp_path):
     out = tmp_path / "rerun"
     cohort.generate_cohort(out, patients=2, seed=SEED, preset="small")
-    before = _pixels(out)
+    before = _files(out)
     # A half-written series from a killed run and a removed series must both be repaired.
     series_dir = next(p for p in out.rglob("*.dcm")).parent
     stale = series_dir.parent / f".tmp-{series_dir.name}-99999"
@@ -152,7 +183,7 @@ def test_rerun_into_same_folder_leaves_no_duplicates(small_cohort, tmp_path):
     (stale / "0001.dcm").write_bytes(b"partial")
     shutil.rmtree(series_dir)
     rows = cohort.generate_cohort(out, patients=2, seed=SEED, preset="small")
-    after = _pixels(out)
+    after = _files(out)
     assert after == before
     assert not any(p.name.startswith(".tmp") for p in series_dir.parent.iterdir())
     assert len(_read_csv(out / "cohort.csv")) == len(rows)

@@ -11,15 +11,25 @@ from data_prep.synthetic import cohort
 from data_prep.synthetic.contact_sheet import write_contact_sheet
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="iap-synth", description=__doc__)
     parser.add_argument("--out", required=True, type=Path, help="output folder")
-    parser.add_argument("--patients", type=int, default=40)
+    parser.add_argument("--patients", type=positive_int, default=40)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--preset", choices=sorted(cohort.PRESETS), default="small")
     parser.add_argument("--phases", choices=("pre", "all"), default="pre",
                         help="pre: T1 non-fat-sat + pre-contrast DCE; all: also post-contrast phases")
-    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--workers", type=positive_int, default=1)
     parser.add_argument("--contact-sheet", type=Path, default=None,
                         help="PNG path (default OUT/contact_sheet.png)")
     return parser.parse_args(argv)

@@ -1,7 +1,9 @@
 """Patients -> series: the synthetic cohort, written in parallel, and cohort.csv.
 
 Determinism: patient i draws everything from child i of numpy's SeedSequence(seed), so
-its files do not depend on the worker count or on the other patients. Only the scanner
+its files do not depend on the worker count or on the other patients. Its PatientID is a
+bijection of i (8 digits, offset by the seed), so PatientIDs, and the UIDs derived from
+them and from i, never repeat within a cohort. Only the scanner
 assignment looks at the cohort: when a cohort has at least as many patients as the
 catalog has scanners, its first patients cover every scanner once (in a seeded order) so
 that small demo cohorts show them all; the rest follow the Duke cohort weights.
@@ -22,6 +24,7 @@ import os
 import shutil
 import sys
 import time
+import zlib
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from multiprocessing import get_context
@@ -107,14 +110,27 @@ def patient_seed(seed: int, index: int) -> np.random.SeedSequence:
     return np.random.SeedSequence(seed).spawn(index + 1)[index]
 
 
-def _identity(rng: np.random.Generator, protocol: SeriesProtocol, age: int) -> PatientIdentity:
+PATIENT_ID_SPAN = 9 * 10**7  # 8-digit IDs: 10000000 .. 99999999
+PATIENT_ID_STEP = 48271  # coprime with PATIENT_ID_SPAN: index -> ID is one-to-one
+
+
+def patient_id(seed: int, index: int) -> str:
+    """An 8-digit PatientID, unique per cohort (a bijection of the index), that looks random."""
+    if not 0 <= index < PATIENT_ID_SPAN:
+        raise ValueError(f"patient index {index} outside 0..{PATIENT_ID_SPAN - 1}")
+    offset = zlib.crc32(f"patient-id:{seed}".encode())
+    return str(10**7 + (offset + index * PATIENT_ID_STEP) % PATIENT_ID_SPAN)
+
+
+def _identity(rng: np.random.Generator, protocol: SeriesProtocol, age: int, seed: int,
+              index: int) -> PatientIdentity:
     year = protocol.year
     month, day = int(rng.integers(1, 13)), int(rng.integers(1, 29))
     birth_year = year - age
     bmonth, bday = int(rng.integers(1, 13)), int(rng.integers(1, 29))
     institution = INSTITUTIONS[protocol.scanner.manufacturer][int(rng.integers(0, 2))]
     return PatientIdentity(
-        patient_id=f"{int(rng.integers(10**7, 10**8))}",
+        patient_id=patient_id(seed, index), patient_index=index,
         patient_name=f"{LAST_NAMES[rng.integers(len(LAST_NAMES))]}^{FIRST_NAMES[rng.integers(len(FIRST_NAMES))]}",
         birth_date=f"{birth_year:04d}{bmonth:02d}{bday:02d}", age=age,
         weight_kg=int(rng.normal(74, 14)), study_date=f"{year:04d}{month:02d}{day:02d}",
@@ -238,7 +254,7 @@ def generate_patient(task: PatientTask) -> PatientResult:
                                         task.variant_index)
     if task.phases == "pre":
         plan = [p for p in plan if p.phase == 0]
-    identity = _identity(identity_rng, plan[0], params.age)
+    identity = _identity(identity_rng, plan[0], params.age, task.seed, task.index)
     z_offset = float(maps_rng.uniform(-8, 8))
     scale_jitter = float(maps_rng.uniform(0.8, 1.2))
     noise_seeds = noise_seq.spawn(len(plan))

@@ -1,8 +1,9 @@
 """DICOM headers and files for the synthetic series, with each vendor's conventions.
 
 One file per slice, MR Image Storage, Implicit VR Little Endian (as in the Duke cohort),
-valid file meta. UIDs are pydicom `generate_uid` hashes of the cohort seed and the
-patient/series/slice, so a rerun writes identical files.
+valid file meta. UIDs are pydicom `generate_uid` hashes of the cohort seed, the patient's
+index and ID, and the series/slice, so a rerun writes identical files and no two
+patients of a cohort share a UID.
 """
 from __future__ import annotations
 
@@ -46,6 +47,7 @@ def acquisition_matrix_tag(protocol: SeriesProtocol) -> list[int]:
 @dataclass(frozen=True)
 class PatientIdentity:
     patient_id: str
+    patient_index: int  # in the cohort; part of every UID's entropy
     patient_name: str
     birth_date: str
     age: int
@@ -67,12 +69,16 @@ class SliceGeometry:
     slice_z: tuple[float, ...]
 
 
-def series_uid(seed: int, patient_id: str, series_number: int) -> str:
-    return generate_uid(entropy_srcs=[str(seed), patient_id, "series", str(series_number)])
+def _patient_entropy(seed: int, identity: PatientIdentity) -> list[str]:
+    return [str(seed), str(identity.patient_index), identity.patient_id]
 
 
-def study_uid(seed: int, patient_id: str) -> str:
-    return generate_uid(entropy_srcs=[str(seed), patient_id, "study"])
+def series_uid(seed: int, identity: PatientIdentity, series_number: int) -> str:
+    return generate_uid(entropy_srcs=_patient_entropy(seed, identity) + ["series", str(series_number)])
+
+
+def study_uid(seed: int, identity: PatientIdentity) -> str:
+    return generate_uid(entropy_srcs=_patient_entropy(seed, identity) + ["study"])
 
 
 def _time_plus(hhmmss: str, seconds: float) -> str:
@@ -144,14 +150,14 @@ def series_template(protocol: SeriesProtocol, identity: PatientIdentity, geometr
     ds.FlipAngle = format_number(protocol.flip_angle)
     ds.VariableFlipAngleFlag = "N"
     ds.PatientPosition = protocol.patient_position
-    ds.StudyInstanceUID = study_uid(seed, identity.patient_id)
-    ds.SeriesInstanceUID = series_uid(seed, identity.patient_id, protocol.series_number)
+    ds.StudyInstanceUID = study_uid(seed, identity)
+    ds.SeriesInstanceUID = series_uid(seed, identity, protocol.series_number)
     ds.StudyID = identity.accession_number[-4:]
     ds.SeriesNumber = str(protocol.series_number)
     ds.AcquisitionNumber = "1"
     ds.ImageOrientationPatient = [format_number(v) for v in
                                   geometry.row_direction + geometry.column_direction]
-    ds.FrameOfReferenceUID = generate_uid(entropy_srcs=[str(seed), identity.patient_id, "frame"])
+    ds.FrameOfReferenceUID = generate_uid(entropy_srcs=_patient_entropy(seed, identity) + ["frame"])
     ds.PositionReferenceIndicator = ""
     if protocol.role == "dce":
         ds.TemporalPositionIdentifier = str(protocol.phase + 1)
