@@ -127,9 +127,10 @@ class ResNet(_Layers):
                     conv_impl=self.conv_impl,
                     name=f"stage{stage + 1}_block{index + 1}",
                 )(x, train)
-        features = jnp.mean(x, axis=(1, 2))
+        # Pooling and heads in float32: bf16 would round logits and regression outputs.
+        features = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
         return {
-            name: nn.Dense(size, dtype=self.dtype, name=f"head_{name}")(features).astype(jnp.float32)
+            name: nn.Dense(size, dtype=jnp.float32, name=f"head_{name}")(features)
             for name, size in self.head_sizes.items()
         }
 
