@@ -59,10 +59,15 @@ def _max_rss_mib() -> float:
 # ----------------------------------------------------------------------------- JAX
 
 
-def _run_jax(conv_impl: str, size: int, batch: int, steps: int, dtype: str) -> dict:
+def _run_jax(conv_impl: str, size: int, batch: int, steps: int, dtype: str,
+             cpu_devices: int = 1) -> dict:
     import jax
     import jax.numpy as jnp
     import optax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    if cpu_devices > 1:  # data parallel over host devices, as iap_jax.main does on the CPU
+        jax.config.update("jax_num_cpu_devices", cpu_devices)
 
     from iap_jax.models.resnet import make_model
 
@@ -95,7 +100,12 @@ def _run_jax(conv_impl: str, size: int, batch: int, steps: int, dtype: str) -> d
 
     rss_before = _max_rss_mib()
     start = time.perf_counter()
-    compiled = jax.jit(train_step, donate_argnums=0).lower(state, images, labels).compile()
+    mesh = jax.make_mesh((len(jax.devices()),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    split, whole = NamedSharding(mesh, PartitionSpec("data")), NamedSharding(mesh, PartitionSpec())
+    state = jax.device_put(state, whole)
+    images, labels = jax.device_put(images, split), jax.device_put(labels, split)
+    compiled = jax.jit(train_step, in_shardings=(whole, split, split), out_shardings=(whole, whole),
+                       donate_argnums=0).lower(state, images, labels).compile()
     compile_s = time.perf_counter() - start
     step_times, losses = [], []
     for _ in range(steps + 1):  # the first executed step warms caches and is not timed
@@ -111,7 +121,7 @@ def _run_jax(conv_impl: str, size: int, batch: int, steps: int, dtype: str) -> d
         peak_rss_delta_mib=_max_rss_mib() - rss_before,
         peak_device_mib=device_stats.get("peak_bytes_in_use", 0) / 2**20,
         backend=jax.default_backend(),
-        device=str(jax.devices()[0].device_kind),
+        device=f"{jax.devices()[0].device_kind} x{len(jax.devices())}",
         version=jax.__version__,
     )
 
@@ -223,6 +233,9 @@ def _run_torch(size: int, batch: int, steps: int, dtype: str) -> dict:
 VARIANTS = {
     "jax_xla": lambda size, batch, steps, dtype: _run_jax("xla", size, batch, steps, dtype),
     "jax_cpu_fast": lambda size, batch, steps, dtype: _run_jax("cpu_fast", size, batch, steps, dtype),
+    # The trainer's CPU default: the CPU conv, data parallel over 2 host devices.
+    "jax_cpu_fast_2dev": lambda size, batch, steps, dtype: _run_jax("cpu_fast", size, batch, steps,
+                                                                     dtype, cpu_devices=2),
     "torch": _run_torch,
 }
 

@@ -40,6 +40,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
     config.sharding = ml_collections.ConfigDict(dict(tactic="replicate", fsdp_min_size=2**14))
 
+    # CPU only: split the CPU into this many data-parallel devices (0 = auto, see main.py).
+    config.cpu_devices = 0
+
     config.checkpoint = ml_collections.ConfigDict(dict(
         every_steps=1000, keep=2, keep_best=1, best_metric="mean_top1", async_save=True))
     config.log_every_steps = 50

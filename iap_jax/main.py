@@ -20,12 +20,36 @@ flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def cpu_device_count(config, cpu_count: int | None, xla_flags: str, multi_process: bool) -> int:
+    """How many host devices to split the CPU into (1 = leave JAX's default).
+
+    Data parallel over two CPU devices trained 1.15x (128 px) to 1.25x (224 px) faster than
+    one device using both cores (bench/train.py, variant jax_cpu_fast_2dev); XLA's CPU convolutions gain
+    little from a second thread. "auto" (0) applies it to single-process runs whose batches
+    divide; an XLA_FLAGS device count set by the user always wins."""
+    if "xla_force_host_platform_device_count" in xla_flags:
+        return 1
+    count = config.cpu_devices
+    if count == 0:
+        if multi_process:
+            return 1
+        count = min(2, cpu_count or 1)
+        if config.batch_size % count or config.eval_batch_size % count:
+            return 1
+    return max(count, 1)
+
+
+def is_multi_process(config) -> bool:
+    """From config, or a SLURM job of several tasks, or a TPU VM pod of several workers."""
+    cluster = int(os.environ.get("SLURM_NTASKS", "1")) > 1
+    tpu_pod = bool(os.environ.get("TPU_WORKER_HOSTNAMES", "").count(","))
+    return config.distributed.num_processes > 1 or config.distributed.auto or cluster or tpu_pod
+
+
 def initialise_distributed(config) -> None:
     """jax.distributed for multi-process runs; a no-op for one process."""
     dist = config.distributed
-    cluster = "SLURM_NTASKS" in os.environ and int(os.environ["SLURM_NTASKS"]) > 1
-    tpu_pod = bool(os.environ.get("TPU_WORKER_HOSTNAMES", "").count(","))
-    if dist.num_processes <= 1 and not (dist.auto or cluster or tpu_pod):
+    if not is_multi_process(config):
         return
     if dist.cpu_collectives:  # before any backend starts; CPU arrays need it to talk
         jax.config.update("jax_cpu_collectives_implementation", dist.cpu_collectives)
@@ -52,8 +76,13 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     logging.set_verbosity(logging.INFO)
     logging.get_absl_handler().addFilter(_LibraryInfoFilter())
-    initialise_distributed(FLAGS.config)
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    config = FLAGS.config
+    devices = cpu_device_count(config, os.cpu_count(), os.environ.get("XLA_FLAGS", ""),
+                               is_multi_process(config))
+    if devices > 1:  # before any backend starts; only the CPU backend reads it
+        jax.config.update("jax_num_cpu_devices", devices)
+    initialise_distributed(config)
+    train.train_and_evaluate(config, FLAGS.workdir)
 
 
 def run():

@@ -1,0 +1,22 @@
+"""The entry point's choices made before JAX starts: CPU device count."""
+from iap_jax.main import cpu_device_count
+from train_data import tiny_config
+
+
+def test_cpu_devices_auto_splits_two_cores_for_single_process_runs():
+    config = tiny_config("unused")
+    assert config.cpu_devices == 0  # auto
+    assert cpu_device_count(config, 2, "", multi_process=False) == 2
+    assert cpu_device_count(config, 16, "", multi_process=False) == 2
+    assert cpu_device_count(config, 1, "", multi_process=False) == 1
+    # Each process of a multi-process run keeps one device; a user's XLA_FLAGS wins.
+    assert cpu_device_count(config, 2, "", multi_process=True) == 1
+    assert cpu_device_count(config, 2, "--xla_force_host_platform_device_count=4",
+                            multi_process=False) == 1
+
+
+def test_cpu_devices_auto_needs_batches_that_divide_and_explicit_counts_are_kept():
+    config = tiny_config("unused", batch_size=15)
+    assert cpu_device_count(config, 2, "", multi_process=False) == 1
+    config = tiny_config("unused", cpu_devices=4)
+    assert cpu_device_count(config, 2, "", multi_process=True) == 4
