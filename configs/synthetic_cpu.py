@@ -11,10 +11,12 @@ _default = runpy.run_path(os.path.join(os.path.dirname(__file__), "default.py"))
 def get_config(arg: str = ""):
     config = _default["get_config"](arg)
     config.model.name = "resnet18"
-    config.model.width = 8
+    config.model.width = 16
     config.input.image_size = 64
+    # Robust percentiles rather than the paper's max: measured better on every head here.
+    config.input.normalisation = "percentile"
     config.batch_size = config.eval_batch_size = 32
-    config.num_epochs = 8
+    config.num_epochs = 12
     config.optim.learning_rate = 3e-3
     config.optim.warmup_steps = 20
     config.log_every_steps = 10
