@@ -29,9 +29,11 @@ DATA := $(RUN)/data
 IMAGE_SIZE ?= 64
 DATASET := $(DATA)/iap_dataset/pre_$(IMAGE_SIZE)/1.0.0
 
+# A fixed salt keeps the demo's splits reproducible; the cohort is synthetic, so nothing
+# is private. On real data, leave --salt out: a random private salt is generated and kept.
 prep: synth
 	$(BIN)/iap-prep --dicom-root $(RUN)/dicom --data-dir $(DATA) --image-size $(IMAGE_SIZE) \
-	  --workers $(WORKERS)
+	  --workers $(WORKERS) --salt synthetic-demo
 
 train: prep
 	$(BIN)/iap-train --config=configs/synthetic_cpu.py --workdir=$(RUN)/train \
