@@ -1,6 +1,7 @@
 """Validation metrics as sums, so they add across batches and hosts.
 
-Per categorical head: labelled count, top-1 and top-2 hits. Per continuous head, in real
+Per categorical head: labelled count, top-1 and top-2 hits, and the confusion matrix
+(rows: true class, columns: predicted). Per continuous head, in real
 units (the encoding's inverse transform): count, sum |error|, sum error^2, sum y, sum y^2,
 giving MAE and R^2 at the end. `metric_sums` runs inside the jitted eval step, where the
 sums span the global batch; `MetricSums` accumulates the host copies.
@@ -27,9 +28,12 @@ def metric_sums(outputs: Mapping, targets: Mapping, masks: Mapping,
             k = min(2, head.size)
             _, top = jax.lax.top_k(out, k)
             hit = top == target[:, None]
+            truth = jax.nn.one_hot(target, head.size) * mask[:, None]
+            predicted = jax.nn.one_hot(top[:, 0], head.size)
             sums[head.name] = {"count": jnp.sum(mask),
                                "top1": jnp.sum(hit[:, 0] * mask),
-                               "top2": jnp.sum(jnp.any(hit, axis=-1) * mask)}
+                               "top2": jnp.sum(jnp.any(hit, axis=-1) * mask),
+                               "confusion": truth.T @ predicted}
         else:
             pred = head.from_standard(out.reshape(out.shape[0], -1)[:, 0].astype(jnp.float32))
             true = head.from_standard(jnp.where(mask > 0, target, 0.0))
@@ -51,15 +55,20 @@ class MetricSums:
         for head, values in jax.device_get(sums).items():
             bucket = self.totals.setdefault(head, {})
             for key, value in values.items():
-                bucket[key] = bucket.get(key, 0.0) + float(value)
+                bucket[key] = bucket.get(key, 0.0) + np.asarray(value, np.float64)
         return self
+
+    def confusion(self, name: str) -> np.ndarray:
+        """Counts [true class, predicted class] of a categorical head."""
+        return self.totals[name]["confusion"]
 
     def summary(self, encoding: LabelEncoding) -> dict[str, dict[str, float]]:
         """Per head: categorical {count, top1, top2}; continuous {count, mae, r2}
         (NaN where nothing was labelled)."""
         result = {}
         for head in encoding.heads:
-            t = self.totals.get(head.name, {})
+            t = {k: v for k, v in self.totals.get(head.name, {}).items() if k != "confusion"}
+            t = {k: float(v) for k, v in t.items()}
             n = t.get("count", 0.0)
             if head.categorical:
                 result[head.name] = {"count": n, "top1": t["top1"] / n if n else math.nan,

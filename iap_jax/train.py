@@ -31,6 +31,7 @@ from iap_jax import input_pipeline
 from iap_jax import losses
 from iap_jax import metrics as metrics_lib
 from iap_jax import optim
+from iap_jax import plots
 from iap_jax import sharding as sharding_lib
 from iap_jax.iaps import IAP_NAMES
 from iap_jax.labels import LabelEncoding
@@ -271,10 +272,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                  f"temp {memory.temp_size_in_bytes / 2**20:.1f} MiB")
 
     # ---------------------------------------------------------------- evaluation ----
+    confusions: dict = {}  # of the latest evaluation, for the pictures at the end
+
     def evaluate() -> dict:
         sums = metrics_lib.MetricSums()
         for batch in input_pipeline.eval_batches(readers[config.eval_split], encoding, local_eval_batch):
             sums.add(eval_step(state, sharding_lib.global_batch(batch, mesh)))
+        confusions.update({h.name: sums.confusion(h.name) for h in encoding.heads if h.categorical})
         return sums.summary(encoding)
 
     # ---------------------------------------------------------------- writers -------
@@ -360,4 +364,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             encoding, input_pipeline.load_split_stats(config.dataset_dir, config.train_split),
             input_pipeline.load_split_stats(config.dataset_dir, config.eval_split))
         print(_format_summary(validation, baseline))
+        plot_dir = os.path.join(workdir, "plots")
+        plots.write_confusion_matrices(confusions, encoding, plot_dir)
+        print(f"confusion matrices: {plot_dir}")
     return {"step": step, "validation": validation, "state": state}

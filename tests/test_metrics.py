@@ -43,6 +43,10 @@ def test_metrics_match_numpy_and_accumulate_across_batches():
     assert summary["Manufacturer"]["top2"] == pytest.approx(
         np.mean((order[:, :2] == labels[:, None]).any(1)[mask]))
     assert summary["Manufacturer"]["count"] == mask.sum()
+    expected = np.zeros((3, 3))
+    np.add.at(expected, (labels[mask], order[mask, 0]), 1)
+    np.testing.assert_array_equal(sums.confusion("Manufacturer"), expected)
+    assert "confusion" not in summary["Manufacturer"]
 
     tmask = cat(2, "EchoTime").astype(bool)
     pred = np.exp(cat(0, "EchoTime")[:, 0] * 0.2 + 0.5)[tmask]
@@ -81,3 +85,15 @@ def test_majority_baseline_scores_trains_commonest_class_on_eval():
     # "<absent>" is train's commonest agent class; eval has 1 of 4 labelled.
     assert baseline["ContrastBolusAgent"] == pytest.approx(1 / 4)
     assert "EchoTime" not in baseline
+
+
+def test_confusion_matrix_pictures_are_written_per_categorical_head(tmp_path):
+    from PIL import Image
+
+    from iap_jax.plots import write_confusion_matrices
+
+    paths = write_confusion_matrices({"Manufacturer": np.array([[5, 1, 0], [0, 3, 2], [0, 0, 4]])},
+                                     ENC, str(tmp_path))
+    assert [p.rsplit("/", 1)[-1] for p in paths] == ["confusion_Manufacturer.png"]
+    with Image.open(paths[0]) as image:
+        assert image.size[0] > 300 and image.size[1] > 300
