@@ -37,7 +37,11 @@ def configure_tensorflow(threads: int = 0) -> None:
     global _tf_configured
     if _tf_configured:
         return
-    tf.config.set_visible_devices([], "GPU")
+    for kind in ("GPU", "TPU"):
+        try:
+            tf.config.set_visible_devices([], kind)
+        except (RuntimeError, ValueError):  # no such device type in this TF build
+            pass
     if threads:
         try:
             tf.config.threading.set_inter_op_parallelism_threads(threads)
