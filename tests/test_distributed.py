@@ -1,5 +1,11 @@
+import json
 import os
 import sys
+
+import jax
+import numpy as np
+
+from iap_jax.checkpoints import restore_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "launch"))
@@ -17,4 +23,13 @@ def test_two_processes_train_and_checkpoint(train_dataset_dir, tmp_path):
     assert codes == [0, 0]
     steps = sorted(int(p) for p in os.listdir(workdir / "checkpoints") if p.isdigit())
     assert steps and steps[-1] == 4  # 64 examples, global batch 16, one epoch
-    assert (workdir / "metrics.jsonl").exists()
+    with open(workdir / "metrics.jsonl") as f:  # written once, by process 0
+        rows = [json.loads(line) for line in f]
+    assert [r["step"] for r in rows if "val/mean_top1" in r] == [4]
+    assert [r["step"] for r in rows if "train/loss" in r] == [4]
+
+    # The checkpoint both processes wrote is one model, restorable here in one process.
+    model = restore_model(str(workdir), step="latest")
+    assert model["step"] == 4
+    for leaf in jax.tree.leaves(model["params"]):
+        assert np.all(np.isfinite(np.asarray(leaf)))
