@@ -46,7 +46,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.checkpoint = ml_collections.ConfigDict(dict(
         every_steps=1000, keep=2, keep_best=1, best_metric="mean_top1", async_save=True))
     config.log_every_steps = 50
-    config.progress_bar = True
+    config.progress_bar = True  # on a terminal; logs get a line per log step
 
     # Multi-process: num_processes > 1, auto=True (the cluster environment tells JAX the
     # rest), or a SLURM / TPU pod environment seen by main.py calls jax.distributed.

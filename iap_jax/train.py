@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Any, Callable
@@ -305,8 +306,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     batches = input_pipeline.train_batches(readers[config.train_split], encoding, local_batch,
                                            seed=config.seed, start_step=start_step)
     preemption = _PreemptionFlag()
+    # A batch job's log gets a line per log step instead of a bar redrawn with carriage returns.
+    use_bar = config.progress_bar and sys.stderr.isatty()
     progress = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
-                    disable=not (is_chief and config.progress_bar))
+                    disable=not (is_chief and use_bar))
     validation: dict = {}
     step = start_step
     window_start, window_steps = time.time(), 0
@@ -323,7 +326,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             scalars = {f"train/{k}": float(v) for k, v in logs.items()}
             scalars["train/images_per_s"] = rate
             progress.set_postfix(loss=f"{logs['loss']:.3f}", img_s=f"{rate:.1f}")
-            if not config.progress_bar and is_chief:
+            if not use_bar and is_chief:
                 eta = (total_steps - step) * config.batch_size / max(rate, 1e-9)
                 logging.info("step %d/%d loss %.4f %.1f img/s ETA %.0fs", step, total_steps,
                              logs["loss"], rate, eta)
