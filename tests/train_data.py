@@ -8,14 +8,14 @@ the contrast agent is sometimes ABSENT (a class of its own).
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 
 import numpy as np
 import tensorflow_datasets as tfds
 
-from iap_jax.features import QUANTILES, STATS_FILE, example_features
+from data_prep.stats import compute_stats, write_stats
+from iap_jax.features import example_features
 from iap_jax.iaps import IAP_NAMES, SPECS, LabelState
 
 MANUFACTURERS = ("GE MEDICAL SYSTEMS", "SIEMENS")
@@ -60,30 +60,6 @@ def _example(rng: np.random.Generator, index: int, image_size: int) -> dict:
             "num_slices": 1, "slice_position": 0.0, "labels": labels}
 
 
-def _split_stats(examples: list[dict]) -> dict:
-    iaps = {}
-    for name in IAP_NAMES:
-        states = {s.name: 0 for s in LabelState}
-        counts: dict[str, int] = {}
-        numbers = []
-        for ex in examples:
-            label = ex["labels"][name]
-            states[LabelState(label["state"]).name] += 1
-            if label["state"] == LabelState.PRESENT:
-                counts[label["value"]] = counts.get(label["value"], 0) + 1
-                if SPECS[name].numeric:
-                    numbers.append(label["number"])
-        entry = {"states": states, "value_counts": counts}
-        if SPECS[name].numeric:
-            x = np.asarray(numbers, np.float64)
-            entry["numeric"] = {"count": len(x)} if not len(x) else {
-                "count": len(x), "min": x.min(), "max": x.max(), "mean": x.mean(), "std": x.std(),
-                "quantiles": {str(q): float(np.quantile(x, q)) for q in QUANTILES},
-                "log_mean": np.log(x).mean(), "log_std": np.log(x).std()}
-        iaps[name] = entry
-    return {"num_examples": len(examples), "iaps": json.loads(json.dumps(iaps, default=float))}
-
-
 def write_dataset(root: str, *, num_train: int = 64, num_validation: int = 32,
                   image_size: int = 32, seed: int = 0) -> str:
     """Writes the dataset under root; returns its directory (for builder_from_directory)."""
@@ -94,8 +70,7 @@ def write_dataset(root: str, *, num_train: int = 64, num_validation: int = 32,
         name="iap_dataset", version="1.0.0", features=example_features(image_size),
         split_datasets={k: list(enumerate(v)) for k, v in splits.items()}, data_dir=root, disable_shuffling=True)
     dataset_dir = str(builder.data_dir)
-    with open(os.path.join(dataset_dir, STATS_FILE), "w") as f:
-        json.dump({split: _split_stats(examples) for split, examples in splits.items()}, f)
+    write_stats(dataset_dir, compute_stats(splits))  # the prep stage's own statistics
     return dataset_dir
 
 
