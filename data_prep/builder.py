@@ -69,7 +69,7 @@ from data_prep.splits import SPLIT_NAMES, parse_split, salted_hash, split_of
 from data_prep.stats import compute_stats, write_json_atomic, write_stats
 from data_prep.workers import worker_pool
 from iap_jax.dicom import DicomError
-from iap_jax.features import DATASET_NAME, STATS_FILE, example_features
+from iap_jax.features import DATASET_NAME, STATS_FILE, example_features, load_iap_stats
 from iap_jax.preprocess import RESIZE_MODES
 
 REPORT_FILE = "prep_report.json"
@@ -148,12 +148,13 @@ def _work_plan(discovery: Discovery, config: IapDatasetConfig, dicom_root: str, 
         series_hash = salted_hash(salt, "series", series.key)
         split = split_of(series.patient_id, salt, fractions)
         num_slices = len(series.slices)
+        phase = phase_of(series)
         for index in select_slices(num_slices, config.slices):
             ref = series.slices[index]
             plan.items[split].append(SliceItem(
                 key=f"{series_hash}_{index:05d}", path=ref.path,
                 relative_path=os.path.relpath(ref.path, dicom_root), frame=ref.frame,
-                patient=patient, series=series_hash, phase=phase_of(series),
+                patient=patient, series=series_hash, phase=phase,
                 slice_index=index, num_slices=num_slices, iaps=ref.iaps))
     return plan
 
@@ -355,7 +356,7 @@ class IapDataset(tfds.core.GeneratorBasedBuilder):
             self.info.metadata.save_metadata(dataset_dir)
             write_stats(dataset_dir, stats)
         if self._progress:
-            print(report_lib.summary_table(report_lib.load_stats(dataset_dir), self._load_report()))
+            print(report_lib.summary_table(load_iap_stats(dataset_dir), self._load_report()))
             print(f"dataset: {dataset_dir}\nreport:  {self._report_path()}")
 
     def _check_existing(self, dicom_root: str, overwrite: bool) -> None:

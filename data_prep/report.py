@@ -11,7 +11,6 @@ import json
 import os
 from typing import Any, Mapping, Sequence
 
-from iap_jax.features import STATS_FILE
 from iap_jax.iaps import IAP_NAMES, SPECS, Kind
 
 
@@ -66,11 +65,6 @@ def load_report(path: str) -> dict[str, Any] | None:
     if not os.path.exists(path):
         return None
     with open(path) as f:
-        return json.load(f)
-
-
-def load_stats(dataset_dir: str) -> dict[str, Any]:
-    with open(os.path.join(dataset_dir, STATS_FILE)) as f:
         return json.load(f)
 
 

@@ -78,9 +78,9 @@ def load_builder(dataset_dir: str):
         raise ValueError(f"{dataset_dir}: not a prepared TFDS dataset ({err})") from err
 
 
-def dataset_fingerprint(dataset_dir: str) -> dict:
-    """What identifies a prepared dataset: split sizes and a hash of its metadata."""
-    builder = load_builder(dataset_dir)
+def dataset_fingerprint(dataset_dir: str, builder: tfds.core.DatasetBuilder) -> dict:
+    """What identifies a prepared dataset (opened as `builder`): split sizes and a hash of
+    its metadata."""
     digest = hashlib.sha256()
     for name in ("dataset_info.json", "features.json", STATS_FILE):
         path = os.path.join(dataset_dir, name)

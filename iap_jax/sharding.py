@@ -17,7 +17,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp")
-BATCH_AXES = ("data", "fsdp")
+BATCH_AXES = MESH_AXES  # the batch is split over every axis
 TACTICS = ("replicate", "fsdp")
 
 

@@ -126,8 +126,7 @@ class _PreemptionFlag:
 _RESUME_FIELDS = ("batch_size", "seed", "train_split", "model", "labels", "loss")
 
 
-def _check_resumable(config: ml_collections.ConfigDict, saved: dict) -> None:
-    current = config_to_json(config)
+def _check_resumable(current: dict, saved: dict) -> None:
     changed = [k for k in _RESUME_FIELDS if k in saved and saved[k] != current.get(k)]
     if changed:
         raise ValueError(f"the checkpoint in this workdir was made with different {changed}; "
@@ -188,11 +187,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     total_steps = steps_per_epoch * config.num_epochs
     image_size = input_config.image_size or int(
         readers[config.train_split].builder.info.features["image"].shape[0])
-    fingerprint = input_pipeline.dataset_fingerprint(config.dataset_dir)
+    fingerprint = input_pipeline.dataset_fingerprint(config.dataset_dir,
+                                                     readers[config.train_split].builder)
+    train_stats = input_pipeline.load_split_stats(config.dataset_dir, config.train_split)
+    config_json = config_to_json(config)
 
     # ---------------------------------------------------------------- label encoding -
     encoding = LabelEncoding.from_stats(
-        input_pipeline.load_split_stats(config.dataset_dir, config.train_split),
+        train_stats,
         iaps=tuple(config.labels.iaps) or IAP_NAMES,
         kinds=dict(config.labels.kinds), transforms=dict(config.labels.transforms),
         min_count=config.labels.min_count, always_other=config.labels.always_other)
@@ -201,8 +203,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         best_metric=config.checkpoint.best_metric, async_save=config.checkpoint.async_save)
     resume_step = checkpointer.latest_step()
     if resume_step is not None:  # the run's own encoding, even if the stats file changed
-        encoding = LabelEncoding.from_json(checkpointer.restore(
-            resume_step, items=("label_encoding",))["label_encoding"])
+        saved = checkpointer.restore(resume_step, items=("label_encoding", "config"))
+        _check_resumable(config_json, saved["config"])
+        encoding = LabelEncoding.from_json(saved["label_encoding"])
     logging.info("heads %s", encoding.head_sizes())
 
     # ---------------------------------------------------------------- model shapes --
@@ -237,7 +240,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             train_target={"opt_state": target.opt_state, "step": target.step, "rng": target.rng})
         if restored["dataset"]["sha256"] != fingerprint["sha256"]:
             logging.warning("resuming on a dataset whose fingerprint differs from the checkpoint's")
-        _check_resumable(config, checkpointer.restore(resume_step, items=("config",))["config"])
         state = TrainState(params=restored["model"]["params"],
                            batch_stats=restored["model"]["batch_stats"], **restored["train"])
         start_step = int(restored["input"]["step"])
@@ -251,7 +253,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     def save(step: int, metrics: dict | None = None) -> None:
         checkpointer.save(step, model={"params": state.params, "batch_stats": state.batch_stats},
                           train={"opt_state": state.opt_state, "step": state.step, "rng": state.rng},
-                          config=config_to_json(config), encoding=encoding, dataset=fingerprint,
+                          config=config_json, encoding=encoding, dataset=fingerprint,
                           input_position={"step": step}, metrics=metrics)
 
     # ---------------------------------------------------------------- AOT compile ---
@@ -277,8 +279,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     def evaluate() -> dict:
         sums = metrics_lib.MetricSums()
-        for batch in input_pipeline.eval_batches(readers[config.eval_split], encoding, local_eval_batch):
-            sums.add(eval_step(state, sharding_lib.global_batch(batch, mesh)))
+        pending = [eval_step(state, sharding_lib.global_batch(batch, mesh)) for batch in
+                   input_pipeline.eval_batches(readers[config.eval_split], encoding, local_eval_batch)]
+        for batch_sums in jax.device_get(pending):  # one transfer, not one sync per batch
+            sums.add(batch_sums)
         confusions.update({h.name: sums.confusion(h.name) for h in encoding.heads if h.categorical})
         return sums.summary(encoding)
 
@@ -335,9 +339,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
         epoch_end = step % steps_per_epoch == 0
         if epoch_end:
-            summary = evaluate()
-            validation = summary
-            flat = flatten(summary)
+            validation = evaluate()
+            flat = flatten(validation)
             write_metrics(step, flat)
             if is_chief:
                 progress.write(f"epoch {step // steps_per_epoch} (step {step}): "
@@ -353,10 +356,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             save(step)
             break
     progress.close()
-    if step == total_steps:
-        save(step)
-        if not validation:  # a finished run started again: report, don't train
-            validation = evaluate()
+    if step == total_steps and not validation:  # a finished run started again: report
+        validation = evaluate()
     checkpointer.close()
 
     # ---------------------------------------------------------------- summary -------
@@ -364,8 +365,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         elapsed = time.time() - run_start
         print(f"\nValidation ({config.eval_split}) at step {step}, {elapsed:.0f}s of training:")
         baseline = metrics_lib.majority_baseline(
-            encoding, input_pipeline.load_split_stats(config.dataset_dir, config.train_split),
-            input_pipeline.load_split_stats(config.dataset_dir, config.eval_split))
+            encoding, train_stats, input_pipeline.load_split_stats(config.dataset_dir, config.eval_split))
         print(_format_summary(validation, baseline))
         plot_dir = os.path.join(workdir, "plots")
         plots.write_confusion_matrices(confusions, encoding, plot_dir)

@@ -13,6 +13,7 @@ from pydicom.uid import ImplicitVRLittleEndian, MRImageStorage
 from data_prep.synthetic import cli, cohort, phantom
 from data_prep.synthetic.contact_sheet import write_contact_sheet
 from data_prep.synthetic.dicom_writer import PatientIdentity, series_uid, study_uid
+from iap_jax.iaps import SPECS
 
 SEED = 11
 REQUIRED_TAGS = (
@@ -36,13 +37,6 @@ def small_cohort(tmp_path_factory):
 def _read_csv(path: Path) -> list[dict]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
-
-
-def _canonical_matrix(values) -> str:
-    values = [int(v) for v in values]
-    freq = next(v for v in values[:2] if v)
-    phase = next(v for v in values[2:] if v)
-    return f"{freq}x{phase}"
 
 
 def test_csv_has_contract_columns_and_one_row_per_series(small_cohort):
@@ -85,7 +79,8 @@ def test_headers_valid_complete_and_match_csv(small_cohort):
             assert ds.ManufacturerModelName == row["ManufacturerModelName"]
             assert "\\".join(ds.ScanOptions if ds.ScanOptions else []) == row["ScanOptions"] or (
                 str(ds.ScanOptions) == row["ScanOptions"])
-            assert _canonical_matrix(ds.AcquisitionMatrix) == row["AcquisitionMatrix"]
+            matrix, _ = SPECS["AcquisitionMatrix"].canonicalise(ds.AcquisitionMatrix)
+            assert matrix == row["AcquisitionMatrix"]
             assert ds.PatientPosition == row["PatientPosition"]
             assert float(ds.MagneticFieldStrength) == float(row["MagneticFieldStrength"])
             assert float(ds.EchoTime) == float(row["EchoTime"])

@@ -38,13 +38,12 @@ from data_prep.synthetic.dicom_writer import (PatientIdentity, SliceGeometry, fo
                                               SeriesEncoder, max_stored_value, pixel_dtype,
                                               series_template)
 from data_prep.synthetic.scanners import CATALOG, SeriesProtocol
+from iap_jax.iaps import IAP_NAMES
 
 SMALL_SCALE = 0.25
 SMALL_SLICES = 20
 CSV_NAME = "cohort.csv"
-IAP_COLUMNS = ("Manufacturer", "ManufacturerModelName", "ScanOptions", "PatientPosition",
-               "MagneticFieldStrength", "ContrastBolusAgent", "AcquisitionMatrix",
-               "SliceThickness", "FlipAngle", "FOV", "EchoTime", "RepetitionTime")
+IAP_COLUMNS = IAP_NAMES
 CSV_COLUMNS = (("patient_id", "series_dir", "series_description", "series_role", "phase",
                 "fat_suppressed", "n_slices", "rows", "columns") + IAP_COLUMNS
                + ("ContrastBolusAgent_state", "scanner", "study_year", "agent_used",

@@ -20,13 +20,13 @@ from pydicom.filewriter import write_dataset
 from pydicom.uid import ImplicitVRLittleEndian, MRImageStorage, generate_uid
 
 from data_prep.synthetic.scanners import SeriesProtocol
+from iap_jax import iaps
 from data_prep.synthetic.tissues import GYROMAGNETIC_MHZ_PER_T
 
 
 def format_number(value: float) -> str:
     """Canonical spelling: no trailing zeros, at most 6 decimals (1.5, 3, 2.8936)."""
-    text = f"{float(value):.6f}".rstrip("0").rstrip(".")
-    return "0" if text in ("", "-0") else text
+    return iaps.format_number(value, 6)
 
 
 def _ds(value: float) -> str:

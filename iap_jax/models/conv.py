@@ -234,7 +234,7 @@ class Conv(nn.Module):
         if resolve_conv_impl(self.impl) == "cpu_fast":
             y = _conv2d(x, kernel, strides, pads)
         else:
-            y = lax.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=_DIMENSION_NUMBERS)
+            y = _xla_conv(x, kernel, strides, pads)
         if bias is not None:
             y = y + bias
         return y
