@@ -197,3 +197,34 @@ def test_cli_writes_cohort_summary_and_contact_sheet(tmp_path, capsys):
 def test_contact_sheet_names_missing_csv(tmp_path):
     with pytest.raises(FileNotFoundError, match="cohort.csv"):
         write_contact_sheet(tmp_path, tmp_path / "x.png")
+
+
+def test_slices_option_spreads_few_slices_over_the_slab(small_cohort, tmp_path):
+    out = tmp_path / "few"
+    rows = cohort.generate_cohort(out, patients=1, seed=SEED, preset="small", slices=3)
+    (full_row,) = [r for r in small_cohort[1] if r["series_role"] == "dce" and r["phase"] == 0][:1]
+    for row in rows:
+        files = sorted((out / row["series_dir"]).glob("*.dcm"))
+        assert row["n_slices"] == len(files) == 3
+    series = next(r for r in rows if r["series_role"] == "dce")
+    z = [float(pydicom.dcmread(f, stop_before_pixels=True).SliceLocation)
+         for f in sorted((out / series["series_dir"]).glob("*.dcm"))]
+    # The same patient's default series (20 slices) spans the same slab: first and last agree.
+    full = sorted(float(pydicom.dcmread(f, stop_before_pixels=True).SliceLocation)
+                  for f in (small_cohort[0] / full_row["series_dir"]).glob("*.dcm"))
+    assert len(full) == cohort.SMALL_SLICES
+    assert sorted(z) == pytest.approx([full[0], sorted(z)[1], full[-1]])
+    assert full[0] < sorted(z)[1] < full[-1]
+
+
+def test_rerun_with_other_settings_is_refused(tmp_path, capsys):
+    out = tmp_path / "cohort"
+    cohort.generate_cohort(out, patients=1, seed=SEED, preset="small", slices=2)
+    with pytest.raises(ValueError, match=r"slices 2 -> 3"):
+        cohort.generate_cohort(out, patients=1, seed=SEED, preset="small", slices=3)
+    assert cli.main(["--out", str(out), "--patients", "1", "--seed", str(SEED + 1),
+                     "--slices", "2"]) == 2
+    assert "seed 11 -> 12" in capsys.readouterr().err
+    # The same settings add patients to the cohort.
+    rows = cohort.generate_cohort(out, patients=2, seed=SEED, preset="small", slices=2)
+    assert len({r["patient_id"] for r in rows}) == 2

@@ -29,6 +29,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--preset", choices=sorted(cohort.PRESETS), default="small")
     parser.add_argument("--phases", choices=("pre", "all"), default="pre",
                         help="pre: T1 non-fat-sat + pre-contrast DCE; all: also post-contrast phases")
+    parser.add_argument("--slices", type=positive_int, default=None,
+                        help="slices per series, spread evenly over the slab (default: 20 for "
+                             "small, every slice for full)")
     parser.add_argument("--workers", type=positive_int, default=1)
     parser.add_argument("--contact-sheet", type=Path, default=None,
                         help="PNG path (default OUT/contact_sheet.png)")
@@ -64,8 +67,13 @@ def summary_table(rows: list[dict], results: list, seconds: float) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
-    rows, results = cohort.run_cohort(args.out, args.patients, args.seed, args.preset,
-                                      args.phases, args.workers, progress=cohort.StderrProgress())
+    try:
+        rows, results = cohort.run_cohort(args.out, args.patients, args.seed, args.preset,
+                                          args.phases, args.workers, progress=cohort.StderrProgress(),
+                                          slices=args.slices)
+    except ValueError as error:
+        print(f"iap-synth: {error}", file=sys.stderr)
+        return 2
     seconds = time.perf_counter() - start
     print(summary_table(rows, results, seconds))
     sheet = write_contact_sheet(args.out, args.contact_sheet or args.out / "contact_sheet.png")

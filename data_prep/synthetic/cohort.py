@@ -19,6 +19,8 @@ small preset writes SMALL_SLICES slices spread evenly over the real slab.
 from __future__ import annotations
 
 import csv
+import dataclasses
+import json
 import math
 import os
 import shutil
@@ -85,6 +87,7 @@ class PatientTask:
     phases: str
     variant_index: int | None = None  # force a protocol version (tests, benchmarks)
     max_slices: int | None = None  # write fewer slices than the preset (tests)
+    slices: int | None = None  # slices per series spread over the slab (default: the preset's)
 
 
 @dataclass
@@ -145,6 +148,8 @@ def _folder_name(text: str) -> str:
 def _slice_indices(n_real: int, preset: Preset) -> np.ndarray:
     if preset.slices is None or preset.slices >= n_real:
         return np.arange(n_real)
+    if preset.slices == 1:
+        return np.array([n_real // 2])
     return np.unique(np.round(np.linspace(0, n_real - 1, preset.slices)).astype(int))
 
 
@@ -244,6 +249,8 @@ def generate_patient(task: PatientTask) -> PatientResult:
     """Simulate and write one patient's series; skips series already complete."""
     start = time.perf_counter()
     preset = PRESETS[task.preset]
+    if task.slices is not None:
+        preset = dataclasses.replace(preset, slices=task.slices)
     streams = patient_seed(task.seed, task.index).spawn(5)
     anatomy_rng, protocol_rng, maps_rng, identity_rng, noise_seq = (
         [np.random.default_rng(s) for s in streams[:4]] + [streams[4]])
@@ -329,18 +336,47 @@ def write_csv(rows: list[dict], path: Path) -> None:
     os.replace(tmp, path)
 
 
+SETTINGS_NAME = "synth_settings.json"
+
+
+def check_settings(out: Path, settings: dict) -> None:
+    """Keeps the settings that decide every patient's files beside the cohort, and refuses
+    to add to (or finish) a cohort that was written with different ones."""
+    path = out / SETTINGS_NAME
+    if path.exists():
+        kept = json.loads(path.read_text())
+        changed = {k: (kept.get(k), v) for k, v in settings.items() if kept.get(k) != v}
+        if changed:
+            described = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())
+            raise ValueError(f"{out} holds a cohort written with other settings ({described}); "
+                             "choose another --out or delete it")
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(settings, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
 def run_cohort(out_dir, patients: int, seed: int, preset: str = "small", phases: str = "pre",
-               workers: int = 1, progress=None) -> tuple[list[dict], list[PatientResult]]:
-    """Generate the cohort; returns the cohort.csv rows and per-patient results."""
+               workers: int = 1, progress=None, slices: int | None = None,
+               ) -> tuple[list[dict], list[PatientResult]]:
+    """Generate the cohort; returns the cohort.csv rows and per-patient results.
+
+    slices: slices per series, spread evenly over each patient's real slab (default: the
+    preset's, 20 for small and every real slice for full). Many patients with few slices
+    each teach a model more than few patients with many: neighbouring slices share anatomy.
+    """
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
     if phases not in ("pre", "all"):
         raise ValueError(f"unknown phases {phases!r}; choose 'pre' or 'all'")
     if patients < 1:
         raise ValueError("patients must be at least 1")
+    if slices is not None and slices < 1:
+        raise ValueError("slices must be at least 1")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tasks = [PatientTask(str(out), i, seed, s, preset, phases)
+    check_settings(out, {"seed": seed, "preset": preset, "slices": slices})
+    tasks = [PatientTask(str(out), i, seed, s, preset, phases, slices=slices)
              for i, s in enumerate(assign_scanners(patients, seed))]
     results: list[PatientResult | None] = [None] * len(tasks)
     start = time.perf_counter()
@@ -369,9 +405,9 @@ def run_cohort(out_dir, patients: int, seed: int, preset: str = "small", phases:
 
 
 def generate_cohort(out_dir, patients: int, seed: int, preset: str = "small", phases: str = "pre",
-                    workers: int = 1) -> list[dict]:
+                    workers: int = 1, slices: int | None = None) -> list[dict]:
     """Write the cohort under out_dir; returns the rows of cohort.csv."""
-    rows, _ = run_cohort(out_dir, patients, seed, preset, phases, workers)
+    rows, _ = run_cohort(out_dir, patients, seed, preset, phases, workers, slices=slices)
     return rows
 
 
