@@ -11,7 +11,10 @@ WORKERS ?= 2
 
 .PHONY: install sysdeps demo synth prep train test bench bench-synth bench-prep bench-train clean
 
-install: $(VENV)/.installed
+# Builds (once per machine, cached) the oneDNN convolution library, or says why it cannot.
+install: $(VENV)/.installed sysdeps
+	@$(BIN)/python -c "from iap_jax.models import onednn; r = onednn.unavailable_reason(); \
+	  print('oneDNN convolutions: ' + ('unavailable, ' + r if r else 'ready'))"
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -19,10 +22,14 @@ $(VENV)/.installed: setup.py
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
-# dcmtk's dcmdump is the independent DICOM reader the tests check our files with.
+# dcmtk's dcmdump is the independent DICOM reader the tests check our files with; oneDNN
+# (libdnnl-dev) gives the CPU its fastest convolutions (iap_jax/models/onednn.py). Without
+# them the dcmdump test is skipped and training uses the pure-JAX CPU convolution.
 sysdeps:
-	@command -v dcmdump >/dev/null || (apt-get update -qq && apt-get install -y -qq dcmtk >/dev/null) \
-	  || echo "could not install dcmtk: the dcmdump test will be skipped"
+	@missing=""; command -v dcmdump >/dev/null || missing="dcmtk"; \
+	  [ -e /usr/include/oneapi/dnnl/dnnl.hpp ] || missing="$$missing libdnnl-dev"; \
+	  if [ -n "$$missing" ]; then (apt-get update -qq && apt-get install -y -qq $$missing >/dev/null) \
+	    || echo "could not install $$missing (see the comment above sysdeps in the Makefile)"; fi
 
 synth: install
 	$(BIN)/iap-synth --out $(RUN)/dicom --patients $(PATIENTS) --seed 0 --preset small --slices $(SLICES) \
@@ -44,7 +51,7 @@ train: prep
 
 demo: train
 
-test: install sysdeps
+test: install
 	$(BIN)/python -m pytest -q -n 2 tests
 
 # The PyTorch baseline is pinned to the CPU build that installs without a GPU stack.

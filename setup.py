@@ -42,6 +42,8 @@ setup(
     description="Predict MR acquisition parameters from pixels with sharded Flax ResNets.",
     python_requires=">=3.11",
     packages=find_packages(include=["iap_jax", "iap_jax.*", "data_prep", "data_prep.*"]),
+    # The oneDNN convolution's source, compiled on first use (iap_jax/models/onednn.py).
+    package_data={"iap_jax": ["native/*.cc"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
     entry_points={

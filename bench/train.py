@@ -1,6 +1,10 @@
 """Train-step throughput of the multi-task ResNet-18: JAX (XLA and CPU-fast convolutions)
 beside a PyTorch ResNet-18 of the same shape, batch, loss and optimizer.
 
+Variants: jax_xla (XLA's own convolutions), jax_cpu_fast (iap_jax/models/conv.py's custom
+gradients), jax_cpu_fast_2dev (the same, data parallel over two host devices), jax_onednn
+(oneDNN convolutions as XLA custom calls; needs libdnnl-dev), torch.
+
 Each (framework, variant, image size) runs in its own subprocess so that compile time and
 peak resident memory belong to that configuration alone. Prints a table and writes JSON.
 
@@ -233,9 +237,11 @@ def _run_torch(size: int, batch: int, steps: int, dtype: str) -> dict:
 VARIANTS = {
     "jax_xla": lambda size, batch, steps, dtype: _run_jax("xla", size, batch, steps, dtype),
     "jax_cpu_fast": lambda size, batch, steps, dtype: _run_jax("cpu_fast", size, batch, steps, dtype),
-    # The trainer's CPU default: the CPU conv, data parallel over 2 host devices.
+    # The trainer's CPU default without oneDNN: the CPU conv, data parallel over 2 host devices.
     "jax_cpu_fast_2dev": lambda size, batch, steps, dtype: _run_jax("cpu_fast", size, batch, steps,
                                                                      dtype, cpu_devices=2),
+    # The trainer's CPU default where oneDNN is installed: one device, oneDNN's threads.
+    "jax_onednn": lambda size, batch, steps, dtype: _run_jax("onednn", size, batch, steps, dtype),
     "torch": _run_torch,
 }
 

@@ -12,6 +12,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from iap_jax import train
+from iap_jax.models import onednn
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config file (get_config).",
@@ -20,18 +21,27 @@ flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def cpu_device_count(config, cpu_count: int | None, xla_flags: str, multi_process: bool) -> int:
+def uses_onednn(config) -> bool:
+    """Whether a single-device CPU run of this config convolves in oneDNN."""
+    return (config.model.conv_impl in ("auto", "onednn") and config.model.dtype == "float32"
+            and onednn.available())
+
+
+def cpu_device_count(config, cpu_count: int | None, xla_flags: str, multi_process: bool,
+                     onednn_convs: bool = False) -> int:
     """How many host devices to split the CPU into (1 = leave JAX's default).
 
-    Data parallel over two CPU devices trained 1.15x (128 px) to 1.25x (224 px) faster than
-    one device using both cores (bench/train.py, variant jax_cpu_fast_2dev); XLA's CPU convolutions gain
-    little from a second thread. "auto" (0) applies it to single-process runs whose batches
-    divide; an XLA_FLAGS device count set by the user always wins."""
+    oneDNN's convolutions use every core from one device, and they run on a single device
+    only, so "auto" (0) keeps one device when they are in use. Without them, data parallel
+    over two CPU devices trained 1.15x (128 px) to 1.25x (224 px) faster than one device
+    using both cores (bench/train.py, variant jax_cpu_fast_2dev): XLA's CPU convolutions
+    gain little from a second thread; "auto" applies that to single-process runs whose
+    batches divide. An XLA_FLAGS device count set by the user always wins."""
     if "xla_force_host_platform_device_count" in xla_flags:
         return 1
     count = config.cpu_devices
     if count == 0:
-        if multi_process:
+        if multi_process or onednn_convs:
             return 1
         count = min(2, cpu_count or 1)
         if config.batch_size % count or config.eval_batch_size % count:
@@ -77,8 +87,11 @@ def main(argv):
     logging.set_verbosity(logging.INFO)
     logging.get_absl_handler().addFilter(_LibraryInfoFilter())
     config = FLAGS.config
+    multi_process = is_multi_process(config)
+    # Asked before any backend starts (the count only matters to the CPU backend).
+    onednn_convs = not multi_process and uses_onednn(config)
     devices = cpu_device_count(config, os.cpu_count(), os.environ.get("XLA_FLAGS", ""),
-                               is_multi_process(config))
+                               multi_process, onednn_convs)
     if devices > 1:  # before any backend starts; only the CPU backend reads it
         jax.config.update("jax_num_cpu_devices", devices)
     initialise_distributed(config)

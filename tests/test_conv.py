@@ -1,4 +1,5 @@
-"""The CPU-fast convolution and max pool against XLA's reference ops: values and gradients."""
+"""The CPU convolutions (pure-JAX custom gradients and oneDNN custom calls) and the max pool
+against XLA's reference ops: values and gradients."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -6,10 +7,13 @@ import numpy as np
 import pytest
 from jax import lax
 
-from iap_jax.models import conv
-from iap_jax.models.conv import Conv, conv2d_cpu, max_pool_3x3_stride2, resolve_conv_impl
+from iap_jax.models import conv, onednn
+from iap_jax.models.conv import Conv, conv2d_cpu, conv2d_onednn, max_pool_3x3_stride2, resolve_conv_impl
 
 TOL = dict(rtol=2e-5, atol=2e-5)
+needs_onednn = pytest.mark.skipif(not onednn.available(), reason=f"oneDNN: {onednn.unavailable_reason()}")
+CONVS = [pytest.param(conv2d_cpu, id="cpu_fast"),
+         pytest.param(conv2d_onednn, id="onednn", marks=needs_onednn)]
 
 
 def _reference_conv(x, kernel, strides, padding):
@@ -43,8 +47,9 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("ours", CONVS)
 @pytest.mark.parametrize("x_shape,k_shape,strides,padding", CASES)
-def test_conv_matches_xla_values_and_gradients(x_shape, k_shape, strides, padding):
+def test_conv_matches_xla_values_and_gradients(x_shape, k_shape, strides, padding, ours):
     kx, kk, kg = jax.random.split(jax.random.PRNGKey(0), 3)
     x = jax.random.normal(kx, x_shape)
     kernel = jax.random.normal(kk, k_shape)
@@ -52,7 +57,7 @@ def test_conv_matches_xla_values_and_gradients(x_shape, k_shape, strides, paddin
     cotangent = jax.random.normal(kg, out_shape)
 
     want, want_grads = _value_and_pullback(lambda a, b: _reference_conv(a, b, strides, padding), cotangent, x, kernel)
-    got, got_grads = _value_and_pullback(lambda a, b: conv2d_cpu(a, b, strides, padding), cotangent, x, kernel)
+    got, got_grads = _value_and_pullback(lambda a, b: ours(a, b, strides, padding), cotangent, x, kernel)
     np.testing.assert_allclose(got, want, **TOL)
     for got_grad, want_grad in zip(got_grads, want_grads):
         np.testing.assert_allclose(got_grad, want_grad, **TOL)
@@ -99,7 +104,8 @@ def test_conv_plan_avoids_slow_xla_cases(in_shape, kernel_shape, strides, want):
     assert conv.conv_plan(in_shape, kernel_shape, strides, padding) == want
 
 
-def test_conv_gradients_under_jit_match_xla():
+@pytest.mark.parametrize("ours", CONVS)
+def test_conv_gradients_under_jit_match_xla(ours):
     x = jax.random.normal(jax.random.PRNGKey(1), (3, 10, 10, 4))
     kernel = jax.random.normal(jax.random.PRNGKey(2), (3, 3, 4, 8))
 
@@ -107,7 +113,7 @@ def test_conv_gradients_under_jit_match_xla():
         return jnp.sum(jnp.tanh(conv(a, b, (2, 2), ((1, 1), (1, 1)))))
 
     want = jax.jit(jax.grad(lambda a, b: loss(_reference_conv, a, b), argnums=(0, 1)))(x, kernel)
-    got = jax.jit(jax.grad(lambda a, b: loss(conv2d_cpu, a, b), argnums=(0, 1)))(x, kernel)
+    got = jax.jit(jax.grad(lambda a, b: loss(ours, a, b), argnums=(0, 1)))(x, kernel)
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, **TOL)
 
@@ -117,7 +123,7 @@ def test_conv_module_shares_parameters_with_flax_conv():
     flax_conv = nn.Conv(5, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     params = flax_conv.init(jax.random.PRNGKey(4), x)
     want = flax_conv.apply(params, x)
-    for impl in ("xla", "cpu_fast"):
+    for impl in ("xla", "cpu_fast") + (("onednn",) if onednn.available() else ()):
         ours = Conv(5, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), impl=impl)
         ours_params = ours.init(jax.random.PRNGKey(4), x)
         assert jax.tree.map(jnp.shape, ours_params) == jax.tree.map(jnp.shape, params)
@@ -144,9 +150,43 @@ def test_conv_rejects_mismatched_channels():
 
 def test_resolve_conv_impl():
     assert resolve_conv_impl("xla") == "xla"
-    assert resolve_conv_impl("auto") == ("cpu_fast" if jax.default_backend() == "cpu" else "xla")
+    assert resolve_conv_impl("cpu_fast", jnp.bfloat16) == "cpu_fast"
+    if jax.default_backend() == "cpu":
+        single = jax.device_count() == 1
+        assert resolve_conv_impl("auto") == ("onednn" if single and onednn.available() else "cpu_fast")
+        assert resolve_conv_impl("auto", jnp.bfloat16) == "cpu_fast"
+    else:
+        assert resolve_conv_impl("auto") == "xla"
     with pytest.raises(ValueError, match="conv_impl"):
         resolve_conv_impl("cudnn")
+    with pytest.raises(ValueError, match="float32"):
+        resolve_conv_impl("onednn", jnp.bfloat16)
+
+
+def test_without_onednn_auto_falls_back_and_explicit_onednn_says_why(monkeypatch):
+    monkeypatch.setattr(onednn, "_load", lambda: "compiling onednn_conv.cc failed: no dnnl.hpp")
+    if jax.default_backend() == "cpu":
+        assert resolve_conv_impl("auto") == "cpu_fast"
+    with pytest.raises(onednn.OnednnUnavailable, match="no dnnl.hpp"):
+        resolve_conv_impl("onednn")
+    with pytest.raises(onednn.OnednnUnavailable, match="no dnnl.hpp"):
+        conv2d_onednn(jnp.zeros((1, 4, 4, 1)), jnp.zeros((3, 3, 1, 2)))
+
+
+def test_onednn_build_names_a_missing_compiler(monkeypatch, tmp_path):
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    with pytest.raises(onednn.OnednnUnavailable, match="no C\\+\\+ compiler"):
+        onednn.build(tmp_path / "lib.so")
+    assert list(tmp_path.iterdir()) == []  # no half-written library left behind
+
+
+@needs_onednn
+def test_onednn_library_is_cached_per_source_and_jaxlib(monkeypatch, tmp_path):
+    path = onednn.library_path()
+    assert path.exists() and path.parent == onednn.cache_dir()
+    monkeypatch.setenv("IAP_JAX_CACHE", str(tmp_path))
+    assert onednn.library_path().parent == tmp_path
+    assert onednn.library_path().name == path.name
 
 
 @pytest.mark.parametrize("shape", [(2, 8, 8, 3), (2, 9, 7, 2)])

@@ -20,3 +20,10 @@ def test_cpu_devices_auto_needs_batches_that_divide_and_explicit_counts_are_kept
     assert cpu_device_count(config, 2, "", multi_process=False) == 1
     config = tiny_config("unused", cpu_devices=4)
     assert cpu_device_count(config, 2, "", multi_process=True) == 4
+
+
+def test_cpu_devices_auto_keeps_one_device_for_onednn_convolutions():
+    config = tiny_config("unused")
+    assert cpu_device_count(config, 2, "", multi_process=False, onednn_convs=True) == 1
+    config = tiny_config("unused", cpu_devices=2)
+    assert cpu_device_count(config, 2, "", multi_process=False, onednn_convs=True) == 2

@@ -5,6 +5,7 @@ import numpy as np
 import optax
 import pytest
 
+from iap_jax.models import onednn
 from iap_jax.models.resnet import make_model
 
 HEADS = {"manufacturer": 3, "flip_angle": 5, "te": 1}
@@ -55,10 +56,12 @@ def _loss(model, variables, x, params):
     return sum(jnp.sum(jnp.sin(v)) for v in outputs.values()), updates
 
 
-def test_xla_and_cpu_fast_convolutions_agree_on_outputs_and_gradients():
+@pytest.mark.parametrize("impl", ["cpu_fast", pytest.param("onednn", marks=pytest.mark.skipif(
+    not onednn.available(), reason=f"oneDNN: {onednn.unavailable_reason()}"))])
+def test_xla_and_cpu_convolutions_agree_on_outputs_and_gradients(impl):
     x = _images(size=40)
     xla_model = make_model("tiny", HEADS, conv_impl="xla")
-    fast_model = make_model("tiny", HEADS, conv_impl="cpu_fast")
+    fast_model = make_model("tiny", HEADS, conv_impl=impl)
     variables = _init(xla_model, x)
     assert jax.tree.structure(_init(fast_model, x)) == jax.tree.structure(variables)
 

@@ -13,6 +13,9 @@ convolution), and a 1x1 kernel is plainly a matrix product. `conv2d_cpu` is a
 
 Patches are only built for 1x1 kernels and tiny maps, one layer at a time.
 
+Faster still, where the machine has oneDNN, is "onednn" (`iap_jax/models/onednn.py`): all
+three products are oneDNN's convolutions, called from XLA as FFI custom calls.
+
 `Conv` is a drop-in for `flax.linen.Conv` (NHWC, kernel HWIO named "kernel", optional
 "bias"), so parameters are interchangeable between the XLA and the CPU-fast paths.
 """
@@ -27,17 +30,32 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax import lax
 
+from iap_jax.models import onednn
+
 Padding = tuple[tuple[int, int], tuple[int, int]]
 
-CONV_IMPLS = ("auto", "xla", "cpu_fast")
+CONV_IMPLS = ("auto", "xla", "cpu_fast", "onednn")
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 
-def resolve_conv_impl(impl: str) -> str:
-    """Maps "auto" to "cpu_fast" on the CPU backend and to "xla" elsewhere."""
+
+def resolve_conv_impl(impl: str, dtype: Any = None) -> str:
+    """Maps "auto" to "xla" off the CPU; on the CPU to "onednn" where oneDNN is available,
+    the computation is float32 and JAX has a single device (a custom call is not split
+    over a mesh), else to "cpu_fast"."""
     if impl not in CONV_IMPLS:
         raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {impl!r}")
+    float32 = dtype is None or jnp.dtype(dtype) == jnp.float32
     if impl == "auto":
-        return "cpu_fast" if jax.default_backend() == "cpu" else "xla"
+        if jax.default_backend() != "cpu":
+            return "xla"
+        single = jax.device_count() == 1
+        return "onednn" if float32 and single and onednn.available() else "cpu_fast"
+    if impl == "onednn":
+        if not float32:
+            raise ValueError(f"conv_impl 'onednn' computes in float32, not {jnp.dtype(dtype)}")
+        reason = onednn.unavailable_reason()
+        if reason is not None:
+            raise onednn.OnednnUnavailable(f"conv_impl 'onednn' is unavailable: {reason}")
     return impl
 
 
@@ -192,22 +210,53 @@ def _conv2d_bwd(strides, padding, residuals, dy):
 _conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
 
 
-def conv2d_cpu(x: jnp.ndarray, kernel: jnp.ndarray, strides=(1, 1), padding: Any = "SAME") -> jnp.ndarray:
-    """NHWC x HWIO convolution with a CPU-fast gradient; same result as `lax.conv_general_dilated`."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _onednn_conv2d(x, kernel, strides, padding):
+    out_hw = _output_hw(x.shape[1:3], kernel.shape[:2], strides, padding)
+    return onednn.forward(x, kernel, strides, padding, out_hw)
+
+
+def _onednn_conv2d_fwd(x, kernel, strides, padding):
+    return _onednn_conv2d(x, kernel, strides, padding), (x, kernel)
+
+
+def _onednn_conv2d_bwd(strides, padding, residuals, dy):
+    # An unused gradient (the image's, at the stem) is dropped by XLA: custom calls are pure.
+    x, kernel = residuals
+    return (onednn.input_grad(dy, kernel, x.shape, strides, padding),
+            onednn.weight_grad(x, dy, kernel.shape, strides, padding))
+
+
+_onednn_conv2d.defvjp(_onednn_conv2d_fwd, _onednn_conv2d_bwd)
+
+
+def _checked(x, kernel, strides, padding):
     if x.ndim != 4 or kernel.ndim != 4:
         raise ValueError(f"expected NHWC input and HWIO kernel, got shapes {x.shape} and {kernel.shape}")
     if x.shape[3] != kernel.shape[2]:
         raise ValueError(f"input has {x.shape[3]} channels but the kernel expects {kernel.shape[2]}")
     strides = tuple(int(s) for s in strides)
-    pads = explicit_padding(x.shape[1:3], kernel.shape[:2], strides, padding)
+    return strides, explicit_padding(x.shape[1:3], kernel.shape[:2], strides, padding)
+
+
+def conv2d_cpu(x: jnp.ndarray, kernel: jnp.ndarray, strides=(1, 1), padding: Any = "SAME") -> jnp.ndarray:
+    """NHWC x HWIO convolution with a CPU-fast gradient; same result as `lax.conv_general_dilated`."""
+    strides, pads = _checked(x, kernel, strides, padding)
     return _conv2d(x, kernel, strides, pads)
+
+
+def conv2d_onednn(x: jnp.ndarray, kernel: jnp.ndarray, strides=(1, 1), padding: Any = "SAME") -> jnp.ndarray:
+    """NHWC x HWIO float32 convolution whose forward pass and gradients run in oneDNN."""
+    strides, pads = _checked(x, kernel, strides, padding)
+    return _onednn_conv2d(x, kernel, strides, pads)
 
 
 class Conv(nn.Module):
     """`flax.linen.Conv` subset (2-D, NHWC, no dilation or groups) with a selectable backend.
 
-    impl: "xla" runs `lax.conv_general_dilated`; "cpu_fast" runs `conv2d_cpu`; "auto"
-    picks "cpu_fast" only on the CPU backend. Parameters are identical in every case.
+    impl: "xla" runs `lax.conv_general_dilated`; "cpu_fast" runs `conv2d_cpu`; "onednn"
+    runs `conv2d_onednn`; "auto" picks per `resolve_conv_impl`. Parameters are identical
+    in every case.
     """
 
     features: int
@@ -231,7 +280,10 @@ class Conv(nn.Module):
         bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         pads = explicit_padding(x.shape[1:3], kernel_hw, strides, self.padding)
-        if resolve_conv_impl(self.impl) == "cpu_fast":
+        impl = resolve_conv_impl(self.impl, x.dtype)
+        if impl == "onednn":
+            y = _onednn_conv2d(x, kernel, strides, pads)
+        elif impl == "cpu_fast":
             y = _conv2d(x, kernel, strides, pads)
         else:
             y = _xla_conv(x, kernel, strides, pads)
@@ -280,6 +332,6 @@ _max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 def max_pool_3x3_stride2(x: jnp.ndarray, impl: str = "auto") -> jnp.ndarray:
     """PyTorch's MaxPool2d(3, stride=2, padding=1) on NHWC input, CPU-fast when impl says so."""
-    if resolve_conv_impl(impl) == "cpu_fast":
+    if resolve_conv_impl(impl, x.dtype) in ("cpu_fast", "onednn"):
         return _max_pool(x)
     return nn.max_pool(x, _POOL_WINDOW, strides=_POOL_STRIDES, padding=_POOL_PADDING)
