@@ -252,10 +252,16 @@ def _rescale(ds: Dataset, frame: int) -> tuple[float, float]:
 
 def read_frame(path: str, frame: int = 0) -> np.ndarray:
     """One frame as float32 intensities [rows, columns]; raises DicomError."""
-    ds = _open(path, defer_size=None)  # the same opener as the header stage
+    ds = _open(path)  # the same opener as the header stage; pixels stay on disk until asked for
     try:
         frames = _int_or_none(ds.get("NumberOfFrames", 1)) or 1
-        stored = pixel_array(ds, index=frame) if frames > 1 else ds.pixel_array
+        if frames == 1:
+            stored = ds.pixel_array
+        else:
+            try:  # from the path, pydicom reads (and decodes) this frame only
+                stored = pixel_array(path, index=frame)
+            except InvalidDicomError:  # no preamble: only the forced dataset can be read
+                stored = pixel_array(ds, index=frame)
     except Exception as err:  # decoders raise many kinds on corrupt streams
         raise DicomError(path, "undecodable", f"{type(err).__name__}: {err}"[:200]) from None
     if stored.ndim != 2:

@@ -27,3 +27,19 @@ def test_cpu_devices_auto_keeps_one_device_for_onednn_convolutions():
     assert cpu_device_count(config, 2, "", multi_process=False, onednn_convs=True) == 1
     config = tiny_config("unused", cpu_devices=2)
     assert cpu_device_count(config, 2, "", multi_process=False, onednn_convs=True) == 2
+
+
+def test_run_log_keeps_library_warnings_but_not_their_routine_chatter():
+    import logging
+
+    from iap_jax.main import _LibraryInfoFilter
+
+    def record(path, level, message):
+        return logging.LogRecord("x", level, path, 1, message, None, None)
+
+    keep = _LibraryInfoFilter().filter
+    assert not keep(record("/site-packages/orbax/checkpoint/manager.py", logging.INFO, "saved step 10"))
+    assert keep(record("/site-packages/orbax/checkpoint/manager.py", logging.WARNING, "disk full"))
+    assert not keep(record("/site-packages/orbax/checkpoint/manager.py", logging.WARNING,
+                           "Requested `tracked_metric`; did not provide metrics."))
+    assert keep(record("/work/iap_jax/train.py", logging.INFO, "step 10/100"))

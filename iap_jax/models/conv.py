@@ -223,8 +223,8 @@ def _onednn_conv2d_fwd(x, kernel, strides, padding):
 def _onednn_conv2d_bwd(strides, padding, residuals, dy):
     # An unused gradient (the image's, at the stem) is dropped by XLA: custom calls are pure.
     x, kernel = residuals
-    return (onednn.input_grad(dy, kernel, x.shape, strides, padding),
-            onednn.weight_grad(x, dy, kernel.shape, strides, padding))
+    dw = onednn.weight_grad(x, dy, kernel.shape, strides, padding)
+    return onednn.input_grad(dy, kernel, x.shape, strides, padding, after=dw), dw
 
 
 _onednn_conv2d.defvjp(_onednn_conv2d_fwd, _onednn_conv2d_bwd)

@@ -118,7 +118,7 @@ def _attributes(strides, padding) -> dict:
     return {k: np.int64(v) for k, v in values.items()}
 
 
-def _call(target: str, shape, a, b, strides, padding):
+def _call(target: str, shape, a, b, strides, padding, *extra):
     reason = _load()
     if reason is not None:
         raise OnednnUnavailable(f"oneDNN convolutions unavailable: {reason}")
@@ -126,7 +126,7 @@ def _call(target: str, shape, a, b, strides, padding):
         raise TypeError(f"oneDNN convolutions take float32, got {a.dtype} and {b.dtype}")
     result = jax.ShapeDtypeStruct(tuple(shape), jnp.float32)
     return jax.ffi.ffi_call(_FFI_PREFIX + TARGETS[target], result, vmap_method="sequential")(
-        a, b, **_attributes(strides, padding))
+        a, b, *extra, **_attributes(strides, padding))
 
 
 def forward(x, kernel, strides, padding, out_hw):
@@ -134,8 +134,10 @@ def forward(x, kernel, strides, padding, out_hw):
     return _call("forward", shape, x, kernel, strides, padding)
 
 
-def input_grad(dy, kernel, x_shape, strides, padding):
-    return _call("input_grad", x_shape, dy, kernel, strides, padding)
+def input_grad(dy, kernel, x_shape, strides, padding, after):
+    """`after` (the layer's weight gradient) is not read; it makes XLA run this call after
+    that one instead of beside it, where the two would compete for the same cores."""
+    return _call("input_grad", x_shape, dy, kernel, strides, padding, after)
 
 
 def weight_grad(x, dy, kernel_shape, strides, padding):

@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from iap_jax.models.conv import Conv, max_pool_3x3_stride2, resolve_conv_impl
+from iap_jax.models.norm import BatchNorm
 
 # PyTorch's BatchNorm2d defaults: running = 0.9 * running + 0.1 * batch.
 BN_MOMENTUM = 0.9
@@ -42,8 +43,10 @@ class _Layers(nn.Module):
             name=name,
         )
 
-    def norm(self, train: bool, name: str | None = None) -> nn.BatchNorm:
-        return nn.BatchNorm(
+    def norm(self, train: bool, name: str | None = None) -> nn.Module:
+        # The same variables either way; the closed-form gradient is the CPU's faster one.
+        cpu = resolve_conv_impl(self.conv_impl, self.dtype) in ("cpu_fast", "onednn")
+        return (BatchNorm if cpu else nn.BatchNorm)(
             use_running_average=not train,
             momentum=BN_MOMENTUM,
             epsilon=BN_EPSILON,

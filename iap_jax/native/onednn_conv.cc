@@ -100,8 +100,54 @@ ffi::Error ConvForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
   });
 }
 
+void RunInputGrad(const Geometry& g, float* dy, float* w, float* dx, dnnl::stream& stream) {
+  auto hint = ForwardPd(g);
+#if DNNL_VERSION_MAJOR >= 3
+  dnnl::convolution_backward_data::primitive_desc pd(
+      Engine(), dnnl::algorithm::convolution_direct, Plain(g.src, tag::nhwc), Any(g.wei),
+      Plain(g.dst, tag::nhwc), g.strides, g.pad_l, g.pad_r, hint);
+#else
+  dnnl::convolution_backward_data::desc desc(
+      dnnl::algorithm::convolution_direct, Plain(g.src, tag::nhwc), Any(g.wei),
+      Plain(g.dst, tag::nhwc), g.strides, g.pad_l, g.pad_r);
+  dnnl::convolution_backward_data::primitive_desc pd(desc, Engine(), hint);
+#endif
+  memory diff_dst(pd.diff_dst_desc(), Engine(), dy);
+  memory diff_src(pd.diff_src_desc(), Engine(), dx);
+  memory wei_user(Plain(g.wei, tag::hwio), Engine(), w);
+  memory wei = Reordered(wei_user, pd.weights_desc(), stream);
+  dnnl::convolution_backward_data(pd).execute(
+      stream, {{DNNL_ARG_DIFF_DST, diff_dst}, {DNNL_ARG_WEIGHTS, wei}, {DNNL_ARG_DIFF_SRC, diff_src}});
+}
+
+void RunWeightGrad(const Geometry& g, float* x, float* dy, float* dw, dnnl::stream& stream) {
+  auto hint = ForwardPd(g);
+#if DNNL_VERSION_MAJOR >= 3
+  dnnl::convolution_backward_weights::primitive_desc pd(
+      Engine(), dnnl::algorithm::convolution_direct, Plain(g.src, tag::nhwc), Any(g.wei),
+      Plain(g.dst, tag::nhwc), g.strides, g.pad_l, g.pad_r, hint);
+#else
+  dnnl::convolution_backward_weights::desc desc(
+      dnnl::algorithm::convolution_direct, Plain(g.src, tag::nhwc), Any(g.wei),
+      Plain(g.dst, tag::nhwc), g.strides, g.pad_l, g.pad_r);
+  dnnl::convolution_backward_weights::primitive_desc pd(desc, Engine(), hint);
+#endif
+  memory src(pd.src_desc(), Engine(), x);
+  memory diff_dst(pd.diff_dst_desc(), Engine(), dy);
+  memory wei_user(Plain(g.wei, tag::hwio), Engine(), dw);
+  memory diff_wei = pd.diff_weights_desc() == wei_user.get_desc()
+                        ? wei_user
+                        : memory(pd.diff_weights_desc(), Engine());
+  dnnl::convolution_backward_weights(pd).execute(
+      stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_DST, diff_dst}, {DNNL_ARG_DIFF_WEIGHTS, diff_wei}});
+  if (diff_wei != wei_user) dnnl::reorder(diff_wei, wei_user).execute(stream, diff_wei, wei_user);
+}
+
+// `after` is not read: it is the layer's weight gradient, passed so that XLA runs the two
+// gradients one after the other (run at once, two oneDNN thread teams on the same cores slow
+// each other down), while an unused input gradient (the image's) is still dropped.
 ffi::Error ConvInputGradImpl(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
-                             ffi::ResultBuffer<ffi::F32> dx, int64_t sh, int64_t sw, int64_t pt,
+                             ffi::AnyBuffer after, ffi::ResultBuffer<ffi::F32> dx, int64_t sh, int64_t sw, int64_t pt,
                              int64_t pb, int64_t pl, int64_t pr) {
   Geometry g;
   if (auto err = MakeGeometry(dx->dimensions(), w.dimensions(), dy.dimensions(), sh, sw, pt, pb,
@@ -110,23 +156,7 @@ ffi::Error ConvInputGradImpl(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
   }
   return Guarded("convolution input gradient", [&] {
     dnnl::stream stream(Engine());
-    auto hint = ForwardPd(g);
-#if DNNL_VERSION_MAJOR >= 3
-    dnnl::convolution_backward_data::primitive_desc pd(
-        Engine(), dnnl::algorithm::convolution_direct, Plain(g.src, tag::nhwc), Any(g.wei),
-        Plain(g.dst, tag::nhwc), g.strides, g.pad_l, g.pad_r, hint);
-#else
-    dnnl::convolution_backward_data::desc desc(
-        dnnl::algorithm::convolution_direct, Plain(g.src, tag::nhwc), Any(g.wei),
-        Plain(g.dst, tag::nhwc), g.strides, g.pad_l, g.pad_r);
-    dnnl::convolution_backward_data::primitive_desc pd(desc, Engine(), hint);
-#endif
-    memory diff_dst(pd.diff_dst_desc(), Engine(), dy.typed_data());
-    memory diff_src(pd.diff_src_desc(), Engine(), dx->typed_data());
-    memory wei_user(Plain(g.wei, tag::hwio), Engine(), w.typed_data());
-    memory wei = Reordered(wei_user, pd.weights_desc(), stream);
-    dnnl::convolution_backward_data(pd).execute(
-        stream, {{DNNL_ARG_DIFF_DST, diff_dst}, {DNNL_ARG_WEIGHTS, wei}, {DNNL_ARG_DIFF_SRC, diff_src}});
+    RunInputGrad(g, dy.typed_data(), w.typed_data(), dx->typed_data(), stream);
     stream.wait();
   });
 }
@@ -141,37 +171,14 @@ ffi::Error ConvWeightGradImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
   }
   return Guarded("convolution weight gradient", [&] {
     dnnl::stream stream(Engine());
-    auto hint = ForwardPd(g);
-#if DNNL_VERSION_MAJOR >= 3
-    dnnl::convolution_backward_weights::primitive_desc pd(
-        Engine(), dnnl::algorithm::convolution_direct, Plain(g.src, tag::nhwc), Any(g.wei),
-        Plain(g.dst, tag::nhwc), g.strides, g.pad_l, g.pad_r, hint);
-#else
-    dnnl::convolution_backward_weights::desc desc(
-        dnnl::algorithm::convolution_direct, Plain(g.src, tag::nhwc), Any(g.wei),
-        Plain(g.dst, tag::nhwc), g.strides, g.pad_l, g.pad_r);
-    dnnl::convolution_backward_weights::primitive_desc pd(desc, Engine(), hint);
-#endif
-    memory src(pd.src_desc(), Engine(), x.typed_data());
-    memory diff_dst(pd.diff_dst_desc(), Engine(), dy.typed_data());
-    memory wei_user(Plain(g.wei, tag::hwio), Engine(), dw->typed_data());
-    memory diff_wei = pd.diff_weights_desc() == wei_user.get_desc()
-                          ? wei_user
-                          : memory(pd.diff_weights_desc(), Engine());
-    dnnl::convolution_backward_weights(pd).execute(
-        stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_DST, diff_dst}, {DNNL_ARG_DIFF_WEIGHTS, diff_wei}});
-    if (diff_wei != wei_user) dnnl::reorder(diff_wei, wei_user).execute(stream, diff_wei, wei_user);
+    RunWeightGrad(g, x.typed_data(), dy.typed_data(), dw->typed_data(), stream);
     stream.wait();
   });
 }
 
 }  // namespace
 
-#define IAP_CONV_BINDING(first, second, result)                                         \
-  ffi::Ffi::Bind()                                                                      \
-      .Arg<ffi::Buffer<ffi::F32>>()                                                     \
-      .Arg<ffi::Buffer<ffi::F32>>()                                                     \
-      .Ret<ffi::Buffer<ffi::F32>>()                                                     \
+#define IAP_CONV_ATTRIBUTES                                                             \
       .Attr<int64_t>("stride_h")                                                        \
       .Attr<int64_t>("stride_w")                                                        \
       .Attr<int64_t>("pad_top")                                                         \
@@ -179,9 +186,22 @@ ffi::Error ConvWeightGradImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
       .Attr<int64_t>("pad_left")                                                        \
       .Attr<int64_t>("pad_right")
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(IapConvForward, ConvForwardImpl, IAP_CONV_BINDING(x, w, y));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(IapConvInputGrad, ConvInputGradImpl, IAP_CONV_BINDING(dy, w, dx));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(IapConvWeightGrad, ConvWeightGradImpl, IAP_CONV_BINDING(x, dy, dw));
+// Forward x, w -> y and weight gradient x, dy -> dw; input gradient dy, w, after -> dx.
+#define IAP_CONV_BINDING                                                                \
+  ffi::Ffi::Bind()                                                                      \
+      .Arg<ffi::Buffer<ffi::F32>>()                                                     \
+      .Arg<ffi::Buffer<ffi::F32>>()                                                     \
+      .Ret<ffi::Buffer<ffi::F32>>() IAP_CONV_ATTRIBUTES
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(IapConvForward, ConvForwardImpl, IAP_CONV_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(IapConvInputGrad, ConvInputGradImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>() IAP_CONV_ATTRIBUTES);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(IapConvWeightGrad, ConvWeightGradImpl, IAP_CONV_BINDING);
+
 
 extern "C" int iap_onednn_version() {
   return DNNL_VERSION_MAJOR * 10000 + DNNL_VERSION_MINOR * 100 + DNNL_VERSION_PATCH;
