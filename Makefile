@@ -22,14 +22,11 @@ $(VENV)/.installed: setup.py
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
-# dcmtk's dcmdump is the independent DICOM reader the tests check our files with; oneDNN
-# (libdnnl-dev) gives the CPU its fastest convolutions (iap_jax/models/onednn.py). Without
-# them the dcmdump test is skipped and training uses the pure-JAX CPU convolution.
+# dcmtk's dcmdump is the independent DICOM reader the tests check our files with; without
+# it that test is skipped.
 sysdeps:
-	@missing=""; command -v dcmdump >/dev/null || missing="dcmtk"; \
-	  [ -e /usr/include/oneapi/dnnl/dnnl.hpp ] || missing="$$missing libdnnl-dev"; \
-	  if [ -n "$$missing" ]; then (apt-get update -qq && apt-get install -y -qq $$missing >/dev/null) \
-	    || echo "could not install $$missing (see the comment above sysdeps in the Makefile)"; fi
+	@command -v dcmdump >/dev/null || (apt-get update -qq && apt-get install -y -qq dcmtk >/dev/null) \
+	  || echo "could not install dcmtk: the dcmdump test will be skipped"
 
 synth: install
 	$(BIN)/iap-synth --out $(RUN)/dicom --patients $(PATIENTS) --seed 0 --preset small --slices $(SLICES) \

@@ -20,6 +20,8 @@ INSTALL_REQUIRES = [
     "pylibjpeg-libjpeg>=2.1,<3",
     "pylibjpeg-rle>=2.0,<3",
     "tqdm>=4.66,<5",
+    # oneDNN (library and headers) for the CPU's fastest convolutions (iap_jax/models/onednn.py).
+    "onednn-devel-cpu-gomp==2023.2.0; platform_system == 'Linux' and platform_machine == 'x86_64'",
 ]
 
 EXTRAS_REQUIRE = {

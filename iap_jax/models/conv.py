@@ -53,6 +53,9 @@ def resolve_conv_impl(impl: str, dtype: Any = None) -> str:
     if impl == "onednn":
         if not float32:
             raise ValueError(f"conv_impl 'onednn' computes in float32, not {jnp.dtype(dtype)}")
+        if jax.device_count() > 1:
+            raise ValueError(f"conv_impl 'onednn' runs on a single device, and JAX has "
+                             f"{jax.device_count()}; use 'auto' or 'cpu_fast'")
         reason = onednn.unavailable_reason()
         if reason is not None:
             raise onednn.OnednnUnavailable(f"conv_impl 'onednn' is unavailable: {reason}")

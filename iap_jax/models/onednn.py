@@ -5,9 +5,10 @@ gradient of a 56 x 56, 64 -> 64 layer: 130 ms against 41 ms in PyTorch, which ca
 `iap_jax/native/onednn_conv.cc` hands the three convolution products (forward, input
 gradient, weight gradient) to oneDNN on NHWC / HWIO float32 buffers, so XLA keeps fusing
 everything around them. The library is compiled on first use against the installed jaxlib's
-FFI headers and the system's oneDNN (Debian/Ubuntu: `apt-get install libdnnl-dev`; another
-install: IAP_JAX_ONEDNN_ROOT=<prefix with include/ and lib/>), then cached under
-IAP_JAX_CACHE (default ~/.cache/iap_jax). Where it cannot be built, `available()` is False,
+FFI headers and oneDNN (the onednn-devel-cpu-gomp wheel that setup.py installs on Linux
+x86-64; another install: IAP_JAX_ONEDNN_ROOT=<prefix with include/ and lib/>; else the
+compiler's default paths, e.g. Debian's libdnnl-dev), then cached under IAP_JAX_CACHE
+(default ~/.cache/iap_jax). Where it cannot be built, `available()` is False,
 `unavailable_reason()` says why, and "auto" falls back to the pure-JAX CPU convolution.
 """
 from __future__ import annotations
@@ -44,8 +45,20 @@ def cache_dir() -> Path:
     return Path(base)
 
 
-def _build_flags() -> list[str]:
+def onednn_root() -> str | None:
+    """The prefix holding include/oneapi/dnnl and lib/libdnnl.so: IAP_JAX_ONEDNN_ROOT, else
+    this environment's (the onednn-devel-cpu-gomp wheel installs there), else None (the
+    compiler's default paths, e.g. Debian's libdnnl-dev)."""
     root = os.environ.get("IAP_JAX_ONEDNN_ROOT")
+    if root:
+        return root
+    if os.path.exists(os.path.join(sys.prefix, "include", "oneapi", "dnnl", "dnnl.hpp")):
+        return sys.prefix
+    return None
+
+
+def _build_flags() -> list[str]:
+    root = onednn_root()
     if not root:
         return []
     return [f"-I{root}/include", f"-L{root}/lib", f"-Wl,-rpath,{root}/lib"]
@@ -79,7 +92,7 @@ def build(path: Path) -> Path:
         os.unlink(tmp)
         lines = [line for line in result.stderr.splitlines() if "error" in line] or \
             result.stderr.splitlines()[-3:]
-        hint = " (install oneDNN: apt-get install libdnnl-dev)" if "dnnl" in result.stderr else ""
+        hint = " (install oneDNN: pip install onednn-devel-cpu-gomp)" if "dnnl" in result.stderr else ""
         raise OnednnUnavailable(f"compiling {SOURCE.name} failed{hint}: " + " | ".join(lines[:3]))
     os.replace(tmp, path)
     return path
