@@ -14,6 +14,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.eval_split = "validation"
     config.seed = 0
 
+    # conv_impl: auto (XLA off the CPU; on the CPU oneDNN for one float32 device, else the
+    # pure-JAX CPU convolution) | xla | cpu_fast | onednn. See iap_jax/models/conv.py.
     config.model = ml_collections.ConfigDict(dict(
         name="resnet18", width=64, dtype="float32", conv_impl="auto"))
 

@@ -36,6 +36,8 @@ from iap_jax import plots
 from iap_jax import sharding as sharding_lib
 from iap_jax.iaps import IAP_NAMES
 from iap_jax.labels import LabelEncoding
+from iap_jax.models import onednn
+from iap_jax.models.conv import resolve_conv_impl
 from iap_jax.models.resnet import make_model
 
 
@@ -51,6 +53,13 @@ class TrainState:
     batch_stats: Any
     opt_state: Any
     rng: jax.Array
+
+
+def describe_convolutions(model_config) -> str:
+    """Which convolution the model runs here, and why not oneDNN where that was possible."""
+    impl = resolve_conv_impl(model_config.conv_impl, model_config.dtype)
+    reason = onednn.unavailable_reason() if impl == "cpu_fast" and model_config.conv_impl == "auto" else None
+    return impl + (f" (oneDNN unavailable: {reason})" if reason else "")
 
 
 def create_model(model_config, head_sizes):
@@ -210,6 +219,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     # ---------------------------------------------------------------- model shapes --
     model = create_model(config.model, encoding.head_sizes())
+    logging.info("convolutions: %s", describe_convolutions(config.model))
     tx = optim.make_optimizer(config.optim, total_steps)
     init_fn = make_init_fn(model, tx, image_size)
     abstract_state = jax.eval_shape(init_fn, jax.random.PRNGKey(config.seed))

@@ -16,7 +16,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
-import logging
 import os
 import subprocess
 import sys
@@ -31,9 +30,6 @@ SOURCE = Path(__file__).resolve().parents[1] / "native" / "onednn_conv.cc"
 TARGETS = {"forward": "IapConvForward", "input_grad": "IapConvInputGrad",
            "weight_grad": "IapConvWeightGrad"}
 _FFI_PREFIX = "iap_onednn_"
-
-log = logging.getLogger(__name__)
-
 
 class OnednnUnavailable(RuntimeError):
     """The oneDNN convolution library could not be built or loaded (the message says why)."""
