@@ -42,4 +42,4 @@ def test_run_log_keeps_library_warnings_but_not_their_routine_chatter():
     assert keep(record("/site-packages/orbax/checkpoint/manager.py", logging.WARNING, "disk full"))
     assert not keep(record("/site-packages/orbax/checkpoint/manager.py", logging.WARNING,
                            "Requested `tracked_metric`; did not provide metrics."))
-    assert keep(record("/work/iap_jax/train.py", logging.INFO, "step 10/100"))
+    assert keep(record("/srv/project/iap_jax/train.py", logging.INFO, "step 10/100"))
