@@ -27,7 +27,9 @@ def read_labels(dataset_dir: str, split: str) -> list[dict[str, str]]:
 
     builder = tfds.builder_from_directory(dataset_dir)
     rows = []
-    for example in tfds.as_numpy(builder.as_dataset(split=split)):
+    # Labels only: the images stay encoded.
+    dataset = builder.as_dataset(split=split, decoders={"image": tfds.decode.SkipDecoding()})
+    for example in tfds.as_numpy(dataset):
         rows.append({name: (label["value"].decode() or f"<{label['state']}>")
                      for name, label in example["labels"].items()})
     return rows

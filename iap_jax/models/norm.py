@@ -33,17 +33,16 @@ def _normalise(x, mean, rstd, scale, bias):
     return ((x.astype(jnp.float32) - mean) * (rstd * scale) + bias).astype(x.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def batch_norm_train(x, scale, bias, epsilon):
-    """(normalised x, batch mean, batch variance) for NHWC x; float32 statistics."""
-    mean, var = _statistics(x)
-    return _normalise(x, mean, lax.rsqrt(var + epsilon), scale, bias), mean, var
-
-
 def _forward(x, scale, bias, epsilon):
     mean, var = _statistics(x)
     rstd = lax.rsqrt(var + epsilon)
     return (_normalise(x, mean, rstd, scale, bias), mean, var), (x, mean, rstd, scale)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def batch_norm_train(x, scale, bias, epsilon):
+    """(normalised x, batch mean, batch variance) for NHWC x; float32 statistics."""
+    return _forward(x, scale, bias, epsilon)[0]
 
 
 def _backward(epsilon, residuals, cotangents):

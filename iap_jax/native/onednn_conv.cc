@@ -60,6 +60,22 @@ dnnl::convolution_forward::primitive_desc ForwardPd(const Geometry& g) {
 #endif
 }
 
+// The input-gradient (backward_data) and weight-gradient (backward_weights) primitives take
+// the same descriptors: (diff_)src, (diff_)weights, diff_dst, and the forward pass as hint.
+template <typename Primitive>
+typename Primitive::primitive_desc BackwardPd(const Geometry& g) {
+  auto hint = ForwardPd(g);
+#if DNNL_VERSION_MAJOR >= 3
+  return typename Primitive::primitive_desc(
+      Engine(), dnnl::algorithm::convolution_direct, Plain(g.src, tag::nhwc), Any(g.wei),
+      Plain(g.dst, tag::nhwc), g.strides, g.pad_l, g.pad_r, hint);
+#else
+  typename Primitive::desc desc(dnnl::algorithm::convolution_direct, Plain(g.src, tag::nhwc),
+                                Any(g.wei), Plain(g.dst, tag::nhwc), g.strides, g.pad_l, g.pad_r);
+  return typename Primitive::primitive_desc(desc, Engine(), hint);
+#endif
+}
+
 // Runs `body` and turns a oneDNN exception into an XLA error naming the call.
 template <typename Body>
 ffi::Error Guarded(const char* what, Body body) {
@@ -101,17 +117,7 @@ ffi::Error ConvForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
 }
 
 void RunInputGrad(const Geometry& g, float* dy, float* w, float* dx, dnnl::stream& stream) {
-  auto hint = ForwardPd(g);
-#if DNNL_VERSION_MAJOR >= 3
-  dnnl::convolution_backward_data::primitive_desc pd(
-      Engine(), dnnl::algorithm::convolution_direct, Plain(g.src, tag::nhwc), Any(g.wei),
-      Plain(g.dst, tag::nhwc), g.strides, g.pad_l, g.pad_r, hint);
-#else
-  dnnl::convolution_backward_data::desc desc(
-      dnnl::algorithm::convolution_direct, Plain(g.src, tag::nhwc), Any(g.wei),
-      Plain(g.dst, tag::nhwc), g.strides, g.pad_l, g.pad_r);
-  dnnl::convolution_backward_data::primitive_desc pd(desc, Engine(), hint);
-#endif
+  auto pd = BackwardPd<dnnl::convolution_backward_data>(g);
   memory diff_dst(pd.diff_dst_desc(), Engine(), dy);
   memory diff_src(pd.diff_src_desc(), Engine(), dx);
   memory wei_user(Plain(g.wei, tag::hwio), Engine(), w);
@@ -121,17 +127,7 @@ void RunInputGrad(const Geometry& g, float* dy, float* w, float* dx, dnnl::strea
 }
 
 void RunWeightGrad(const Geometry& g, float* x, float* dy, float* dw, dnnl::stream& stream) {
-  auto hint = ForwardPd(g);
-#if DNNL_VERSION_MAJOR >= 3
-  dnnl::convolution_backward_weights::primitive_desc pd(
-      Engine(), dnnl::algorithm::convolution_direct, Plain(g.src, tag::nhwc), Any(g.wei),
-      Plain(g.dst, tag::nhwc), g.strides, g.pad_l, g.pad_r, hint);
-#else
-  dnnl::convolution_backward_weights::desc desc(
-      dnnl::algorithm::convolution_direct, Plain(g.src, tag::nhwc), Any(g.wei),
-      Plain(g.dst, tag::nhwc), g.strides, g.pad_l, g.pad_r);
-  dnnl::convolution_backward_weights::primitive_desc pd(desc, Engine(), hint);
-#endif
+  auto pd = BackwardPd<dnnl::convolution_backward_weights>(g);
   memory src(pd.src_desc(), Engine(), x);
   memory diff_dst(pd.diff_dst_desc(), Engine(), dy);
   memory wei_user(Plain(g.wei, tag::hwio), Engine(), dw);
