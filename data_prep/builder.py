@@ -9,10 +9,11 @@ Through TFDS:
 
 Output, under <data_dir>/iap_dataset/<config>/<version>/ (the "dataset dir"):
 TFRecord shards, dataset_info.json and features.json (TFDS), iap_stats.json (per-split
-statistics of the examples written, iap_jax.features) and metadata.json (the same
+statistics of the examples written, iap_jax.features), prep_options.json (the options
+below, which training copies into its checkpoints) and metadata.json (the same
 statistics, skip counts, the archive fingerprint and the decode skips by salted file
 hash). Nothing in it identifies a patient: identifiers are salted hashes and the salt is
-never written there (data_prep.salt: --salt, $IAP_PREP_SALT, or <data_dir>/prep_salt).
+never written there (iap_jax.salt: --salt, $IAP_PREP_SALT, or <data_dir>/prep_salt).
 <data_dir>/prep_report.json lists every skipped file by its path under the DICOM root: a
 local diagnostic (archive paths often contain patient IDs), kept outside the dataset dir
 so the dataset dir can be shared as is.
@@ -42,8 +43,8 @@ a rerun removes temporaries left by a killed run and makes the same shards, beca
 example keys derive from salted hashes and slice indices, and TFDS orders examples by key.
 The report is completed before the rename, and the dataset's metadata keeps the decode
 skips (by salted file hash), so a rerun that finds the report missing or from another
-run rebuilds it. Statistics are written after the shards (iap_stats.json last,
-atomically) and redone by a rerun if missing.
+run rebuilds it. The options (prep_options.json) and statistics are written after the
+shards (iap_stats.json last, atomically) and redone by a rerun if missing.
 """
 from __future__ import annotations
 
@@ -60,17 +61,18 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from data_prep import report as report_lib
-from data_prep.discovery import Discovery, Skip, archive_fingerprint, discover, list_files
 from data_prep.examples import SliceItem, make_example
-from data_prep.progress import Progress
-from data_prep.salt import resolve_salt
-from data_prep.selection import SeriesSelection, parse_slices, phase_of, select_slices
 from data_prep.splits import SPLIT_NAMES, parse_split, salted_hash, split_of
 from data_prep.stats import compute_stats, write_json_atomic, write_stats
-from data_prep.workers import worker_pool
 from iap_jax.dicom import DicomError
-from iap_jax.features import DATASET_NAME, STATS_FILE, example_features, load_iap_stats
+from iap_jax.features import (DATASET_NAME, PREP_OPTIONS_FILE, STATS_FILE, example_features,
+                              load_iap_stats)
 from iap_jax.preprocess import RESIZE_MODES
+from iap_jax.progress import Progress
+from iap_jax.salt import resolve_salt
+from iap_jax.series import (Discovery, SeriesSelection, Skip, archive_fingerprint, discover,
+                            list_files, parse_slices, phase_of, select_slices)
+from iap_jax.workers import worker_pool
 
 REPORT_FILE = "prep_report.json"
 SKIP_TAG = "skips"
@@ -347,6 +349,9 @@ class IapDataset(tfds.core.GeneratorBasedBuilder):
         if dicom_root and not self._report_is_current(report):
             print(f"rebuilding {self._report_path()} for {dataset_dir}")
             self._rebuild_report(dicom_root)
+        options_path = os.path.join(dataset_dir, PREP_OPTIONS_FILE)
+        if not os.path.exists(options_path):
+            write_json_atomic(options_path, self.options())
         stats_path = os.path.join(dataset_dir, STATS_FILE)
         if not os.path.exists(stats_path):
             stats = self.compute_stats()
@@ -358,6 +363,13 @@ class IapDataset(tfds.core.GeneratorBasedBuilder):
         if self._progress:
             print(report_lib.summary_table(load_iap_stats(dataset_dir), self._load_report()))
             print(f"dataset: {dataset_dir}\nreport:  {self._report_path()}")
+
+    def options(self) -> dict[str, Any]:
+        """The options of this dataset's config (features.PREP_OPTIONS_FILE)."""
+        config = self.builder_config
+        return {"series_filter": config.series_filter, "phases": config.phases,
+                "slices": config.slices, "image_size": int(config.image_size),
+                "resize": config.resize, "split": list(parse_split(config.split))}
 
     def _check_existing(self, dicom_root: str, overwrite: bool) -> None:
         """Stops (or, with overwrite, removes the dataset) when the archive has changed."""
@@ -419,7 +431,7 @@ def prepare(dicom_root: str, data_dir: str, *, series_filter: str | None = None,
             workers: int = 1, resize: str = "resize", beam_runner: Any = None,
             overwrite: bool = False, progress: bool = True) -> str:
     """DICOM archive -> TFDS dataset; returns the dataset dir (for tfds.builder_from_directory).
-    salt None: $IAP_PREP_SALT, else the data dir's kept salt (data_prep.salt)."""
+    salt None: $IAP_PREP_SALT, else the data dir's kept salt (iap_jax.salt)."""
     if not os.path.isdir(dicom_root):
         raise FileNotFoundError(f"{dicom_root}: DICOM root is not a directory")
     config = make_config(series_filter=series_filter, phases=phases, image_size=image_size,

@@ -9,9 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from iap_jax.dicom import DicomError, read_frame
+from iap_jax.dicom import DicomError, read_prepared_frame
 from iap_jax.iaps import IAP_NAMES
-from iap_jax.preprocess import preprocess_slice
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,12 +35,9 @@ def label_record(iaps: tuple[tuple[int, str, float], ...]) -> dict[str, dict[str
 def make_example(item: SliceItem, image_size: int, resize_mode: str) -> tuple[str, Any]:
     """(key, example dict) or (key, DicomError) when the pixels cannot be decoded."""
     try:
-        pixels = read_frame(item.path, item.frame)
-        prepared = preprocess_slice(pixels, image_size, resize_mode)
+        prepared = read_prepared_frame(item.path, item.frame, image_size, resize_mode)
     except DicomError as err:
         return item.key, err
-    except ValueError as err:
-        return item.key, DicomError(item.path, "undecodable", str(err))
     example = {
         "image": prepared.image,
         "intensity_scale": np.float32(prepared.scale),

@@ -7,10 +7,10 @@ salt they cannot be linked back to a PatientID or a UID.
 """
 from __future__ import annotations
 
-import hashlib
-import hmac
 import math
 from typing import Sequence
+
+from iap_jax.salt import salted_hash
 
 SPLIT_NAMES = ("train", "validation", "test")
 
@@ -25,12 +25,6 @@ def parse_split(split: str | Sequence[float]) -> tuple[float, float, float]:
     if len(fractions) != 3 or min(fractions) < 0 or not math.isclose(sum(fractions), 1.0, abs_tol=1e-6):
         raise ValueError(f"split {split!r}: expected three non-negative fractions summing to 1")
     return fractions
-
-
-def salted_hash(salt: str, kind: str, value: str, hex_chars: int = 16) -> str:
-    """Keyed hash of one identifier; `kind` keeps patient and series hashes apart."""
-    digest = hmac.new(salt.encode(), f"{kind}\0{value}".encode(), hashlib.sha256).hexdigest()
-    return digest[:hex_chars]
 
 
 def unit_interval(salt: str, patient_id: str) -> float:

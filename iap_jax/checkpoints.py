@@ -4,12 +4,15 @@
   train           {opt_state, step, rng}
   config          the run's config (JSON)
   label_encoding  labels.LabelEncoding.to_json()
+  pixel_spec      preprocess.PixelSpec.to_json(): how to make the model's input
   dataset         the dataset fingerprint (input_pipeline.dataset_fingerprint)
   input           the input position: {"step": next global step to read}
 
 Saves are asynchronous. Kept: the latest `keep` steps and the `keep_best` steps with the
 best validation metric (steps saved without metrics count only as "latest").
 Restores go onto any mesh: the caller passes abstract arrays carrying target shardings.
+A predictor restores the model and the JSON items only (restore_model), so a checkpoint
+whose `train` item was deleted to save space still predicts.
 """
 from __future__ import annotations
 
@@ -21,9 +24,10 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
 from iap_jax.labels import LabelEncoding
+from iap_jax.preprocess import PixelSpec
 
 ARRAY_ITEMS = ("model", "train")
-JSON_ITEMS = ("config", "label_encoding", "dataset", "input")
+JSON_ITEMS = ("config", "label_encoding", "pixel_spec", "dataset", "input")
 
 
 def _handlers() -> dict:
@@ -62,8 +66,8 @@ class Checkpointer:
         return self.manager.best_step()
 
     def save(self, step: int, *, model: Any, train: Any, config: Mapping, encoding: LabelEncoding,
-             dataset: Mapping, input_position: Mapping, metrics: Mapping[str, float] | None = None
-             ) -> bool:
+             pixel_spec: PixelSpec, dataset: Mapping, input_position: Mapping,
+             metrics: Mapping[str, float] | None = None) -> bool:
         """Starts an asynchronous save (no-op if this step is already saved)."""
         if step in self.manager.all_steps():
             return False
@@ -72,6 +76,7 @@ class Checkpointer:
             train=ocp.args.StandardSave(train),
             config=ocp.args.JsonSave(dict(config)),
             label_encoding=ocp.args.JsonSave(encoding.to_json()),
+            pixel_spec=ocp.args.JsonSave(pixel_spec.to_json()),
             dataset=ocp.args.JsonSave(dict(dataset)),
             input=ocp.args.JsonSave(dict(input_position)),
         )
@@ -102,29 +107,49 @@ class Checkpointer:
         self.manager.close()
 
 
-def restore_model(workdir: str, mesh=None, step: int | str = "best") -> dict[str, Any]:
-    """The model alone, for prediction: {"params", "batch_stats", "label_encoding",
-    "config", "step"}, arrays replicated over `mesh` (default: all local devices).
-
-    step: an int, "best" (by the validation metric; the latest if none) or "latest"."""
-    from iap_jax import sharding as sharding_lib
-
-    checkpointer = Checkpointer(workdir, read_only=True)
+def resolve_step(checkpointer: Checkpointer, step: int | str) -> int:
+    """An int, "best" (by the validation metric; the latest if none) or "latest" -> a step
+    that exists."""
     if step in ("best", "latest"):
         chosen = checkpointer.best_step() if step == "best" else None
         chosen = chosen if chosen is not None else checkpointer.latest_step()
         if chosen is None:
             raise FileNotFoundError(f"{checkpointer.directory}: no checkpoint")
-        step = chosen
+        return chosen
+    try:
+        step = int(step)
+    except (TypeError, ValueError):
+        raise ValueError(f"step {step!r}: expected best, latest or a number") from None
+    steps = checkpointer.manager.all_steps()
+    if step not in steps:
+        raise FileNotFoundError(f"{checkpointer.directory}: no checkpoint at step {step} "
+                                f"(has {sorted(steps)})")
+    return step
+
+
+def restore_model(workdir: str, mesh=None, step: int | str = "best") -> dict[str, Any]:
+    """The model alone, for prediction: {"params", "batch_stats", "label_encoding",
+    "pixel_spec", "config", "step", "directory"}, arrays replicated over `mesh` (default:
+    this process's devices). Never reads the optimizer state.
+
+    step: an int, "best" (by the validation metric; the latest if none) or "latest"."""
+    from iap_jax import sharding as sharding_lib
+
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+        raise FileNotFoundError(f"{workdir}: no checkpoints/ here; pass the training --workdir")
+    checkpointer = Checkpointer(workdir, read_only=True)
+    step = resolve_step(checkpointer, step)
     if mesh is None:
         mesh = sharding_lib.make_mesh({"data": -1}, devices=jax.local_devices())
     metadata = checkpointer.item_metadata(step, "model")
     abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), metadata)
     target = sharding_lib.with_shardings(abstract, sharding_lib.tree_shardings(abstract, mesh))
     restored = checkpointer.restore(step, model_target=target,
-                                    items=("model", "config", "label_encoding"))
+                                    items=("model", "config", "label_encoding", "pixel_spec"))
     checkpointer.close()
     return {"params": restored["model"]["params"],
             "batch_stats": restored["model"]["batch_stats"],
             "label_encoding": LabelEncoding.from_json(restored["label_encoding"]),
-            "config": restored["config"], "step": int(step)}
+            "pixel_spec": PixelSpec.from_json(restored["pixel_spec"]),
+            "config": restored["config"], "step": int(step),
+            "directory": os.path.join(checkpointer.directory, str(step))}

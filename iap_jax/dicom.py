@@ -24,6 +24,7 @@ from pydicom.pixels import pixel_array
 from pydicom.pixels.decoders.base import get_decoder
 
 from iap_jax.iaps import IAP_NAMES, MISSING, IapValue, LabelState, extract_iaps, find_element_value
+from iap_jax.preprocess import PreparedSlice, preprocess_slice
 
 # SOP classes that carry no image to learn from (some, like SEG, still have pixel data).
 _NON_IMAGE_SOP_PREFIXES = {
@@ -276,6 +277,16 @@ def read_frame(path: str, frame: int = 0) -> np.ndarray:
     if not np.all(np.isfinite(pixels)):
         raise DicomError(path, "undecodable", "non-finite intensities")
     return pixels
+
+
+def read_prepared_frame(path: str, frame: int, image_size: int, resize_mode: str) -> PreparedSlice:
+    """One frame as the stored model-ready image (preprocess.preprocess_slice): what the prep
+    stage writes and what the predictor makes from the same file; raises DicomError."""
+    pixels = read_frame(path, frame)
+    try:
+        return preprocess_slice(pixels, image_size, resize_mode)
+    except ValueError as err:
+        raise DicomError(path, "undecodable", str(err)) from None
 
 
 def order_frames(headers: Sequence[InstanceHeader]) -> list[tuple[InstanceHeader, FrameHeader]]:

@@ -11,6 +11,10 @@ One example is one slice:
   labels/<IAP>/number  float32, NaN unless PRESENT and numeric
   labels/<IAP>/state   int32 iap_jax.iaps.LabelState
 
+The prep's options (series filter, phases, slice selection, stored size, resize mode,
+split fractions) live beside the shards in PREP_OPTIONS_FILE (JSON): training copies them
+into its checkpoints' pixel spec (iap_jax.preprocess.PixelSpec).
+
 Split statistics live beside the shards in STATS_FILE (JSON), per split:
   {"num_examples", "num_series", "num_patients",
    "images_per_series": {count, min, max, mean}, "series_per_patient": {count, min, max, mean},
@@ -31,6 +35,7 @@ from iap_jax.iaps import IAP_NAMES
 
 DATASET_NAME = "iap_dataset"
 STATS_FILE = "iap_stats.json"
+PREP_OPTIONS_FILE = "prep_options.json"
 QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
 
 
@@ -66,5 +71,14 @@ def load_iap_stats(dataset_dir: str) -> dict:
     path = os.path.join(dataset_dir, STATS_FILE)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no split statistics; was this dataset made by iap-prep?")
+    with open(path) as f:
+        return json.load(f)
+
+
+def load_prep_options(dataset_dir: str) -> dict | None:
+    """The options iap-prep wrote this dataset with (None for a dataset made otherwise)."""
+    path = os.path.join(dataset_dir, PREP_OPTIONS_FILE)
+    if not os.path.exists(path):
+        return None
     with open(path) as f:
         return json.load(f)

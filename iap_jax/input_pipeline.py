@@ -8,9 +8,9 @@ seed (seed, e). Starting at global step s means starting epoch s // steps_per_ep
 skipping the records of its first s % steps_per_epoch batches, so a resumed run sees
 exactly the batches an uninterrupted run would have.
 
-Normalisation (images become float32 [B, S, S, 1]):
-  max         the paper's: x / max(x) * 255 per image
-  percentile  robust: clip to the image's [low, high] percentiles, scale to [0, 255]
+Batches hold the stored images as they are (uint16 [B, S, S]) with their intensity scale and
+offset: the jitted steps turn them into the model's input with preprocess.model_input, the
+one pixel path that evaluation and prediction use too (and training augments there).
 """
 from __future__ import annotations
 
@@ -24,11 +24,11 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from iap_jax.features import STATS_FILE, load_iap_stats
+from iap_jax.features import STATS_FILE, load_iap_stats, load_prep_options
 from iap_jax.iaps import IAP_NAMES
 from iap_jax.labels import LabelEncoding
+from iap_jax.preprocess import NORMALISATIONS, PixelSpec
 
-NORMALISATIONS = ("max", "percentile")
 _tf_configured = False
 
 
@@ -91,41 +91,13 @@ def dataset_fingerprint(dataset_dir: str, builder: tfds.core.DatasetBuilder) -> 
             "splits": {k: int(v.num_examples) for k, v in builder.info.splits.items()}}
 
 
-# --- per-example transforms --------------------------------------------------------
+# --- per-example transform ---------------------------------------------------------
 
-def _normalise(image: tf.Tensor, cfg: InputConfig) -> tf.Tensor:
-    if cfg.normalisation == "max":  # the paper's; signed data is first shifted to start at 0
-        image = image - tf.minimum(tf.reduce_min(image), 0.0)
-        return image / tf.maximum(tf.reduce_max(image), 1e-6) * 255.0
-    flat = tf.sort(tf.reshape(image, [-1]))
-    n = tf.cast(tf.size(flat) - 1, tf.float32)
-    low = tf.gather(flat, tf.cast(tf.round(n * cfg.percentiles[0] / 100.0), tf.int32))
-    high = tf.gather(flat, tf.cast(tf.round(n * cfg.percentiles[1] / 100.0), tf.int32))
-    return (tf.clip_by_value(image, low, high) - low) / tf.maximum(high - low, 1e-6) * 255.0
-
-
-def _augment(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
-    """A shift of up to 1/16 of the image and a mild intensity gain, both seeded
-    (reproducible on resume). No flips: left-right orientation carries patient position."""
-    size = image.shape[0]
-    margin = max(size // 16, 1)
-    padded = tf.pad(image, [[margin, margin], [margin, margin], [0, 0]], mode="REFLECT")
-    image = tf.image.stateless_random_crop(padded, tf.shape(image), seed)
-    gain = tf.random.stateless_uniform([], seed + 1, 0.9, 1.1)
-    return tf.clip_by_value(image * gain, 0.0, 255.0)
-
-
-def _preprocess(example: dict, cfg: InputConfig, seed: tf.Tensor | None) -> dict:
-    image = tf.cast(example["image"], tf.float32)
-    image = image * example["intensity_scale"] + example["intensity_offset"]
-    image = _normalise(image[..., None], cfg)
-    if cfg.image_size and cfg.image_size != image.shape[0]:
-        image = tf.image.resize(image, (cfg.image_size, cfg.image_size), antialias=True)
-    if seed is not None:
-        image = _augment(image, seed)
+def _raw_example(example: dict) -> dict:
     labels = {name: {key: example["labels"][name][key] for key in ("value", "number", "state")}
               for name in IAP_NAMES}
-    return {"image": image, "labels": labels}
+    return {"image": example["image"], "scale": example["intensity_scale"],
+            "offset": example["intensity_offset"], "labels": labels}
 
 
 # --- datasets ----------------------------------------------------------------------
@@ -164,7 +136,8 @@ def _to_numpy_batch(batch: dict, encoding: LabelEncoding, valid: int | None = No
     if valid is not None:
         masks = {k: np.where(np.arange(len(m)) < valid, m, 0.0).astype(np.float32)
                  for k, m in masks.items()}
-    return {"image": batch["image"], "targets": targets, "masks": masks}
+    return {"image": batch["image"], "scale": batch["scale"], "offset": batch["offset"],
+            "targets": targets, "masks": masks}
 
 
 def train_batches(reader: SplitReader, encoding: LabelEncoding, local_batch_size: int, *,
@@ -179,13 +152,8 @@ def train_batches(reader: SplitReader, encoding: LabelEncoding, local_batch_size
     while True:
         ds = reader.records().shuffle(min(cfg.shuffle_buffer, reader.max_process_examples),
                                       seed=seed * 100_003 + epoch, reshuffle_each_iteration=False)
-        ds = ds.take(steps_per_epoch * local_batch_size).enumerate().skip(skip * local_batch_size)
-        if cfg.augment:
-            ds = ds.map(lambda i, ex: _preprocess(
-                ex, cfg, tf.stack([tf.cast(seed * 7919 + epoch, tf.int64), i])),
-                num_parallel_calls=tf.data.AUTOTUNE)
-        else:
-            ds = ds.map(lambda i, ex: _preprocess(ex, cfg, None), num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.take(steps_per_epoch * local_batch_size).skip(skip * local_batch_size)
+        ds = ds.map(_raw_example, num_parallel_calls=tf.data.AUTOTUNE)
         ds = ds.batch(local_batch_size, drop_remainder=True).prefetch(cfg.prefetch)
         for batch in tfds.as_numpy(ds):
             yield _to_numpy_batch(batch, encoding)
@@ -197,8 +165,7 @@ def eval_batches(reader: SplitReader, encoding: LabelEncoding, local_batch_size:
     """One pass over the split in fixed-shape batches; padding rows have zero masks.
     Every process yields the same number of batches."""
     num_batches = -(-reader.max_process_examples // local_batch_size)
-    ds = reader.records().map(lambda ex: _preprocess(ex, reader.cfg, None),
-                              num_parallel_calls=tf.data.AUTOTUNE)
+    ds = reader.records().map(_raw_example, num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.batch(local_batch_size).prefetch(reader.cfg.prefetch)
     produced = 0
     template = None
@@ -226,6 +193,18 @@ def _pad(batch, size: int):
             return x
         return np.concatenate([x, np.repeat(x[:1], size - len(x), axis=0)])
     return jax.tree.map(pad, batch)
+
+
+def pixel_spec(reader: SplitReader) -> PixelSpec:
+    """The pixel path of a run on this dataset: its stored size and prep options, and the
+    run's input settings. A dataset not made by iap-prep counts as made with its defaults."""
+    stored_size = int(reader.builder.info.features["image"].shape[0])
+    options = load_prep_options(os.fspath(reader.builder.data_dir)) or {}
+    cfg = reader.cfg
+    return PixelSpec(stored_size=stored_size, resize=options.get("resize", "resize"),
+                     image_size=cfg.image_size, normalisation=cfg.normalisation,
+                     percentiles=cfg.percentiles, series_filter=options.get("series_filter"),
+                     phases=options.get("phases", "pre"), slices=options.get("slices", "all"))
 
 
 def load_split_stats(dataset_dir: str, split: str = "train") -> dict:

@@ -1,26 +1,88 @@
-"""One slice of intensities -> the model-ready square uint16 image (prep and predictor).
+"""The one pixel path, from a slice of intensities to the model's input.
 
-A pure function of a 2D float array so that the prep stage and the predictor give the
-same image for the same slice. Resizing is separable linear interpolation whose kernel
-widens by the shrink factor (anti-aliasing, the same sampling as
+Two halves, each one pure function used by every stage:
+
+  preprocess_slice  a 2D slice of intensities -> the stored square uint16 image with the
+                    scale and offset that recover its intensities (numpy). The prep stage
+                    writes it into the TFRecords; the predictor makes it from DICOM / PNG
+                    files on the fly, so the same slice gives the same bytes either way.
+  model_input       a batch of stored images + scales + offsets -> the model's float input
+                    (jnp): restore the intensities, normalise by the run's rule, resize if
+                    the run asked for another size. It runs inside the jitted train, eval
+                    and predict steps, so the host only decodes and ships uint16.
+
+`PixelSpec` holds every setting of both halves (and the prep's series and slice selection);
+it is saved in every checkpoint, so a checkpoint alone says how to make its input.
+
+Normalisation (per image):
+  max         the paper's: x / max(x) * 255 (signed data first shifted to start at 0)
+  percentile  robust: clip to the image's [low, high] percentiles, scale to [0, 255]
+
+Resizing (both halves) is separable linear interpolation whose kernel widens by the shrink
+factor (anti-aliasing, the same sampling as
 `jax.image.resize(..., "linear", antialias=True)`), done as two small matrix products.
 
-Modes: "resize" stretches the slice to image_size x image_size (the paper's direct
+Stored-image modes: "resize" stretches the slice to image_size x image_size (the paper's direct
 resize); "pad" keeps the aspect ratio, fitting the longer side and padding the shorter
 with the slice's minimum (its background).
 
-The result is quantised to the full uint16 range; intensities come back as
+The stored image is quantised to the full uint16 range; intensities come back as
 image * scale + offset with an error of at most scale / 2.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+from typing import Any, Mapping
 
 import numpy as np
 
 RESIZE_MODES = ("resize", "pad")
+NORMALISATIONS = ("max", "percentile")
 UINT16_MAX = 65535
+
+
+@dataclasses.dataclass(frozen=True)
+class PixelSpec:
+    """How a source slice becomes the model's input: the prep's choices (which series and
+    slices, the stored size and resize mode) and the run's (input size, normalisation)."""
+
+    stored_size: int
+    resize: str = "resize"
+    image_size: int = 0  # the model's input size; 0: the stored size
+    normalisation: str = "max"
+    percentiles: tuple[float, float] = (1.0, 99.0)
+    series_filter: str | None = None
+    phases: str = "pre"
+    slices: str = "all"
+
+    def __post_init__(self):
+        if self.resize not in RESIZE_MODES:
+            raise ValueError(f"resize mode {self.resize!r} is not one of {RESIZE_MODES}")
+        if self.normalisation not in NORMALISATIONS:
+            raise ValueError(f"unknown normalisation {self.normalisation!r}; "
+                             f"expected one of {NORMALISATIONS}")
+        if int(self.stored_size) < 1 or int(self.image_size) < 0:
+            raise ValueError(f"bad image sizes: stored {self.stored_size}, input {self.image_size}")
+        object.__setattr__(self, "percentiles", tuple(float(p) for p in self.percentiles))
+
+    @property
+    def input_size(self) -> int:
+        return int(self.image_size) or int(self.stored_size)
+
+    def to_json(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "percentiles": list(self.percentiles)}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any] | str) -> "PixelSpec":
+        if isinstance(data, str):
+            data = json.loads(data)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - fields
+        if unknown:
+            raise ValueError(f"unknown pixel spec fields {sorted(unknown)}")
+        return cls(**data)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,3 +152,36 @@ def preprocess_slice(pixels: np.ndarray, image_size: int, mode: str = "resize") 
 
 def restore_intensities(image: np.ndarray, scale: float, offset: float) -> np.ndarray:
     return np.asarray(image, np.float32) * np.float32(scale) + np.float32(offset)
+
+
+# --- stored image -> model input (jnp, inside the jitted steps) ---------------------
+
+def _normalise(x, spec: PixelSpec):
+    """[B, H, W] intensities -> [0, 255] per image."""
+    import jax.numpy as jnp
+
+    if spec.normalisation == "max":
+        x = x - jnp.minimum(jnp.min(x, axis=(1, 2), keepdims=True), 0.0)
+        return x / jnp.maximum(jnp.max(x, axis=(1, 2), keepdims=True), 1e-6) * 255.0
+    flat = jnp.sort(x.reshape(x.shape[0], -1), axis=-1)
+    last = flat.shape[1] - 1
+    low, high = (flat[:, int(np.round(last * p / 100.0))][:, None, None] for p in spec.percentiles)
+    return (jnp.clip(x, low, high) - low) / jnp.maximum(high - low, 1e-6) * 255.0
+
+
+def model_input(images, scales, offsets, spec: PixelSpec):
+    """Stored uint16 images [B, S, S] with their scales and offsets [B] -> the model's
+    float32 input [B, s, s, 1] (s = spec.input_size). Pure jnp: jit it, or call it inside a
+    jitted step."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.asarray(images).astype(jnp.float32)
+    if x.ndim != 3 or x.shape[1] != x.shape[2]:
+        raise ValueError(f"expected stored images [batch, S, S], got shape {x.shape}")
+    x = x * jnp.asarray(scales, jnp.float32)[:, None, None] + jnp.asarray(offsets, jnp.float32)[:, None, None]
+    x = _normalise(x, spec)
+    if spec.input_size != x.shape[1]:
+        x = jax.image.resize(x, (x.shape[0], spec.input_size, spec.input_size), "linear",
+                             antialias=True)
+    return x[..., None]

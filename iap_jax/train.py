@@ -34,11 +34,11 @@ from iap_jax import metrics as metrics_lib
 from iap_jax import optim
 from iap_jax import plots
 from iap_jax import sharding as sharding_lib
+from iap_jax.augment import augment
 from iap_jax.iaps import IAP_NAMES
 from iap_jax.labels import LabelEncoding
-from iap_jax.models import onednn
-from iap_jax.models.conv import resolve_conv_impl
-from iap_jax.models.resnet import make_model
+from iap_jax.models.factory import build_model, describe_convolutions
+from iap_jax.preprocess import PixelSpec, model_input
 
 
 # TensorBoard's scalar-plugin tag, written without the tensorboard package installed.
@@ -55,18 +55,6 @@ class TrainState:
     rng: jax.Array
 
 
-def describe_convolutions(model_config) -> str:
-    """Which convolution the model runs here, and why not oneDNN where that was possible."""
-    impl = resolve_conv_impl(model_config.conv_impl, model_config.dtype)
-    reason = onednn.unavailable_reason() if impl == "cpu_fast" and model_config.conv_impl == "auto" else None
-    return impl + (f" (oneDNN unavailable: {reason})" if reason else "")
-
-
-def create_model(model_config, head_sizes):
-    return make_model(model_config.name, head_sizes, width=model_config.width,
-                      dtype=jnp.dtype(model_config.dtype), conv_impl=model_config.conv_impl)
-
-
 def make_init_fn(model, tx, image_size: int) -> Callable[[jax.Array], TrainState]:
     def init(rng):
         init_rng, state_rng = jax.random.split(rng)
@@ -78,11 +66,16 @@ def make_init_fn(model, tx, image_size: int) -> Callable[[jax.Array], TrainState
     return init
 
 
-def make_train_step(model, tx, loss_fn):
+def make_train_step(model, tx, loss_fn, spec: PixelSpec, augmented: bool):
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        next_rng, augment_rng = jax.random.split(state.rng)
+        images = model_input(batch["image"], batch["scale"], batch["offset"], spec)
+        if augmented:
+            images = augment(images, augment_rng)
+
         def objective(params):
             outputs, updates = model.apply(
-                {"params": params, "batch_stats": state.batch_stats}, batch["image"],
+                {"params": params, "batch_stats": state.batch_stats}, images,
                 train=True, mutable=["batch_stats"])
             total, per_head = loss_fn(outputs, batch["targets"], batch["masks"])
             return total, (per_head, updates["batch_stats"])
@@ -91,18 +84,18 @@ def make_train_step(model, tx, loss_fn):
             state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                                  batch_stats=batch_stats, opt_state=opt_state,
-                                  rng=jax.random.split(state.rng)[0])
+                                  batch_stats=batch_stats, opt_state=opt_state, rng=next_rng)
         logs = {"loss": loss, "grad_norm": optax.tree_utils.tree_norm(grads)}
         logs.update({f"loss/{name}": value for name, value in per_head.items()})
         return new_state, logs
     return train_step
 
 
-def make_eval_step(model, encoding: LabelEncoding):
+def make_eval_step(model, encoding: LabelEncoding, spec: PixelSpec):
     def eval_step(state: TrainState, batch: dict) -> dict:
+        images = model_input(batch["image"], batch["scale"], batch["offset"], spec)
         outputs = model.apply({"params": state.params, "batch_stats": state.batch_stats},
-                              batch["image"], train=False)
+                              images, train=False)
         return metrics_lib.metric_sums(outputs, batch["targets"], batch["masks"], encoding)
     return eval_step
 
@@ -169,6 +162,9 @@ def _format_summary(summary: dict, baseline: dict) -> str:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains (or resumes) in workdir; returns {"step", "validation", "state"}."""
+    if not config.dataset_dir:
+        raise ValueError("no dataset: pass --config.dataset_dir=<the dataset dir iap-prep printed>")
+    input_pipeline.load_builder(config.dataset_dir)  # a clear error before anything is written
     os.makedirs(workdir, exist_ok=True)
     is_chief = jax.process_index() == 0
 
@@ -194,8 +190,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         raise ValueError(f"{config.dataset_dir}: split {config.train_split!r} is smaller than "
                          f"one batch of {config.batch_size}")
     total_steps = steps_per_epoch * config.num_epochs
-    image_size = input_config.image_size or int(
-        readers[config.train_split].builder.info.features["image"].shape[0])
+    spec = input_pipeline.pixel_spec(readers[config.train_split])
     fingerprint = input_pipeline.dataset_fingerprint(config.dataset_dir,
                                                      readers[config.train_split].builder)
     train_stats = input_pipeline.load_split_stats(config.dataset_dir, config.train_split)
@@ -218,10 +213,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     logging.info("heads %s", encoding.head_sizes())
 
     # ---------------------------------------------------------------- model shapes --
-    model = create_model(config.model, encoding.head_sizes())
-    logging.info("convolutions: %s", describe_convolutions(config.model))
+    model = build_model(config.model, encoding.head_sizes())
+    logging.info("convolutions: %s", describe_convolutions(config.model.conv_impl, config.model.dtype))
     tx = optim.make_optimizer(config.optim, total_steps)
-    init_fn = make_init_fn(model, tx, image_size)
+    init_fn = make_init_fn(model, tx, spec.input_size)
     abstract_state = jax.eval_shape(init_fn, jax.random.PRNGKey(config.seed))
     num_params = sum(x.size for x in jax.tree.leaves(abstract_state.params))
     logging.info("model %s: %.2fM parameters", config.model.name, num_params / 1e6)
@@ -235,10 +230,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # ---------------------------------------------------------------- jitted steps --
     loss_fn = losses.make_loss_fn(encoding, mode=config.loss.mode, weights=dict(config.loss.weights),
                                   huber_delta=config.loss.huber_delta)
-    train_step = jax.jit(make_train_step(model, tx, loss_fn),
+    train_step = jax.jit(make_train_step(model, tx, loss_fn, spec, input_config.augment),
                          in_shardings=(state_shardings, batch_sharding),
                          out_shardings=(state_shardings, replicated), donate_argnums=0)
-    eval_step = jax.jit(make_eval_step(model, encoding),
+    eval_step = jax.jit(make_eval_step(model, encoding, spec),
                         in_shardings=(state_shardings, batch_sharding), out_shardings=replicated)
 
     # ---------------------------------------------------------------- checkpoint / resume
@@ -263,13 +258,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     def save(step: int, metrics: dict | None = None) -> None:
         checkpointer.save(step, model={"params": state.params, "batch_stats": state.batch_stats},
                           train={"opt_state": state.opt_state, "step": state.step, "rng": state.rng},
-                          config=config_json, encoding=encoding, dataset=fingerprint,
-                          input_position={"step": step}, metrics=metrics)
+                          config=config_json, encoding=encoding, pixel_spec=spec,
+                          dataset=fingerprint, input_position={"step": step}, metrics=metrics)
 
     # ---------------------------------------------------------------- AOT compile ---
+    stored = (config.batch_size, spec.stored_size, spec.stored_size)
     abstract_batch = {
-        "image": jax.ShapeDtypeStruct((config.batch_size, image_size, image_size, 1), jnp.float32,
-                                      sharding=batch_sharding),
+        "image": jax.ShapeDtypeStruct(stored, jnp.uint16, sharding=batch_sharding),
+        "scale": jax.ShapeDtypeStruct(stored[:1], jnp.float32, sharding=batch_sharding),
+        "offset": jax.ShapeDtypeStruct(stored[:1], jnp.float32, sharding=batch_sharding),
         "targets": {h.name: jax.ShapeDtypeStruct((config.batch_size,),
                                                  jnp.int32 if h.categorical else jnp.float32,
                                                  sharding=batch_sharding) for h in encoding.heads},

@@ -3,7 +3,6 @@ against XLA's reference ops: values and gradients."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from jax import lax
@@ -173,9 +172,8 @@ def test_without_onednn_auto_falls_back_and_explicit_onednn_says_why(monkeypatch
     with pytest.raises(onednn.OnednnUnavailable, match="no dnnl.hpp"):
         conv2d_onednn(jnp.zeros((1, 4, 4, 1)), jnp.zeros((3, 3, 1, 2)))
     if jax.default_backend() == "cpu":  # and the training log says why
-        from iap_jax.train import describe_convolutions
-        model_config = ml_collections.ConfigDict(dict(conv_impl="auto", dtype="float32"))
-        assert describe_convolutions(model_config) == (
+        from iap_jax.models.factory import describe_convolutions
+        assert describe_convolutions("auto", "float32") == (
             "cpu_fast (oneDNN unavailable: compiling onednn_conv.cc failed: no dnnl.hpp)")
 
 

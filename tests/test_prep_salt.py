@@ -7,7 +7,7 @@ import tensorflow_datasets as tfds
 
 import prep_series
 from data_prep.builder import prepare
-from data_prep.salt import SALT_ENV, SALT_FILE, resolve_salt
+from iap_jax.salt import SALT_ENV, SALT_FILE, resolve_salt
 from data_prep.splits import salted_hash
 
 NUM_PATIENTS = 6

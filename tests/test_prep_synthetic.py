@@ -8,7 +8,7 @@ import tensorflow_datasets as tfds
 
 from data_prep.synthetic import cohort as cohort_module
 from data_prep.builder import REPORT_FILE, prepare
-from data_prep.salt import SALT_FILE
+from iap_jax.salt import SALT_FILE
 from data_prep.splits import salted_hash
 from iap_jax.iaps import IAP_NAMES, SPECS, LabelState
 

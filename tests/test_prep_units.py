@@ -9,9 +9,8 @@ import tensorflow_datasets as tfds
 import prep_series
 from data_prep import report as report_lib
 from data_prep.builder import REPORT_FILE, prepare
-from data_prep.discovery import Discovery, Series, Skip
-from data_prep.salt import SALT_FILE
-from data_prep.selection import SeriesSelection, phase_of, select_slices
+from iap_jax.salt import SALT_FILE
+from iap_jax.series import Discovery, Series, SeriesSelection, Skip, phase_of, select_slices
 from data_prep.splits import parse_split, salted_hash, split_of
 
 

@@ -3,7 +3,9 @@ import jax
 import numpy as np
 import pytest
 
-from iap_jax.preprocess import preprocess_slice, resize, restore_intensities, to_square
+from iap_jax.augment import augment
+from iap_jax.preprocess import (PixelSpec, model_input, preprocess_slice, resize,
+                                restore_intensities, to_square)
 
 
 def test_resize_matches_jax_antialiased_linear():
@@ -47,3 +49,63 @@ def test_constant_slice_and_bad_input():
         to_square(np.zeros((4, 4)), 8, "crop")
     with pytest.raises(ValueError, match="non-finite"):
         preprocess_slice(np.array([[np.nan, 1.0]]), 8)
+
+
+def _model_input(images, spec, scale=1.0, offset=0.0):
+    images = np.asarray(images, np.uint16)
+    n = len(images)
+    return np.asarray(model_input(images, np.full(n, scale, np.float32),
+                                  np.full(n, offset, np.float32), spec))
+
+
+def test_max_normalisation_is_the_papers_and_copes_with_signed_data():
+    spec = PixelSpec(stored_size=2)
+    out = _model_input([[[0, 50], [100, 200]]], spec)
+    assert out.shape == (1, 2, 2, 1) and out.dtype == np.float32
+    np.testing.assert_allclose(out.ravel(), [0.0, 63.75, 127.5, 255.0])
+    # Stored 0..100 with offset -100: intensities -100..0, shifted to start at 0.
+    out = _model_input([[[0, 50], [80, 100]]], spec, offset=-100.0)
+    np.testing.assert_allclose(out.ravel(), [0.0, 127.5, 204.0, 255.0])
+
+
+def test_percentile_normalisation_clips_the_tails_per_image():
+    spec = PixelSpec(stored_size=10, normalisation="percentile", percentiles=(10.0, 90.0))
+    ramp = np.arange(100, dtype=np.uint16).reshape(10, 10)
+    out = _model_input([ramp, ramp * 7], spec, scale=0.5, offset=3.0)
+    # Sorted index round(99 * 0.1) = 10 and round(99 * 0.9) = 89 bound the [0, 255] range.
+    for image in out[..., 0]:
+        assert image.min() == 0.0 and image.max() == 255.0
+        assert np.count_nonzero(image == 0.0) == 11 and np.count_nonzero(image == 255.0) == 11
+    np.testing.assert_allclose(out[0], out[1], atol=1e-4)  # the same image up to a gain
+
+
+def test_model_input_resizes_after_normalising_like_the_stored_path():
+    rng = np.random.default_rng(2)
+    stored = rng.integers(0, 65536, (3, 64, 64)).astype(np.uint16)
+    spec = PixelSpec(stored_size=64, image_size=32)
+    out = _model_input(stored, spec)
+    assert out.shape == (3, 32, 32, 1)
+    normalised = _model_input(stored, PixelSpec(stored_size=64))[..., 0]
+    for image, small in zip(normalised, out[..., 0]):
+        np.testing.assert_allclose(small, resize(image, (32, 32)), atol=1e-3)
+
+
+def test_pixel_spec_json_round_trip_and_validation():
+    spec = PixelSpec(stored_size=64, resize="pad", image_size=32, normalisation="percentile",
+                     percentiles=(2, 98), series_filter="dyn", phases="all", slices="central:0.5")
+    assert PixelSpec.from_json(spec.to_json()) == spec
+    assert spec.input_size == 32 and PixelSpec(stored_size=64).input_size == 64
+    with pytest.raises(ValueError, match="normalisation"):
+        PixelSpec(stored_size=8, normalisation="zscore")
+    with pytest.raises(ValueError, match="unknown pixel spec fields"):
+        PixelSpec.from_json({"stored_size": 8, "colour": 1})
+
+
+def test_augmentation_shifts_without_mirroring_and_stays_in_range():
+    ramp = np.tile(np.arange(32, dtype=np.float32) * 8, (4, 32, 1))[..., None]  # left to right
+    out = np.asarray(augment(ramp, jax.random.PRNGKey(0)))
+    assert out.shape == ramp.shape and 0.0 <= out.min() and out.max() <= 255.0
+    assert np.all(out[:, 16, 28, 0] > out[:, 16, 3, 0])  # a mirrored image would fall
+    assert not np.array_equal(out[0], out[1])  # each image gets its own shift and gain
+    again = np.asarray(augment(ramp, jax.random.PRNGKey(0)))
+    np.testing.assert_array_equal(out, again)  # seeded: a resumed run augments the same

@@ -37,6 +37,7 @@ MULTI_DEVICE_STEP = textwrap.dedent("""
     from iap_jax.labels import HeadEncoding, LabelEncoding
     from iap_jax.train import make_init_fn, make_train_step
     from iap_jax.models.resnet import make_model
+    from iap_jax.preprocess import PixelSpec
     import ml_collections
     assert len(jax.devices()) == 4
     enc = LabelEncoding((HeadEncoding("Manufacturer", "categorical", classes=("A", "B", "C")),
@@ -46,9 +47,12 @@ MULTI_DEVICE_STEP = textwrap.dedent("""
         name="adamw", learning_rate=1e-3, weight_decay=1e-4, warmup_steps=0, clip_norm=1.0,
         b1=0.9, b2=0.999)), 10)
     init = make_init_fn(model, tx, 32)
-    step_fn = make_train_step(model, tx, losses.make_loss_fn(enc))
+    step_fn = make_train_step(model, tx, losses.make_loss_fn(enc),
+                              PixelSpec(stored_size=32, normalisation="percentile"), True)
     rng = np.random.default_rng(0)
-    batch = {"image": rng.uniform(0, 255, (8, 32, 32, 1)).astype(np.float32),
+    batch = {"image": rng.integers(0, 65536, (8, 32, 32)).astype(np.uint16),
+             "scale": rng.uniform(0.01, 0.1, 8).astype(np.float32),
+             "offset": rng.uniform(-10, 10, 8).astype(np.float32),
              "targets": {"Manufacturer": rng.integers(0, 3, 8).astype(np.int32),
                          "EchoTime": rng.normal(size=8).astype(np.float32)},
              "masks": {"Manufacturer": np.ones(8, np.float32),

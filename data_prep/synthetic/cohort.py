@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.progress import LOG_EVERY_S, is_terminal
+from iap_jax.progress import LOG_EVERY_S, is_terminal
 from data_prep.synthetic import acquisition, phantom, scanners, tissues
 from data_prep.synthetic.dicom_writer import (PatientIdentity, SliceGeometry, format_number,
                                               SeriesEncoder, max_stored_value, pixel_dtype,

@@ -8,11 +8,19 @@ file private, and keep it to add patients later.
 """
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 import secrets
 
 SALT_FILE = "prep_salt"
 SALT_ENV = "IAP_PREP_SALT"
+
+
+def salted_hash(salt: str, kind: str, value: str, hex_chars: int = 16) -> str:
+    """Keyed hash of one identifier; `kind` keeps patient and series hashes apart."""
+    digest = hmac.new(salt.encode(), f"{kind}\0{value}".encode(), hashlib.sha256).hexdigest()
+    return digest[:hex_chars]
 
 
 def salt_path(data_dir: str) -> str:

@@ -16,7 +16,7 @@ def is_terminal(stream) -> bool:
 
 
 class Progress:
-    def __init__(self, label: str, total: int, unit: str = "items", stream=None,
+    def __init__(self, label: str, total: int | None, unit: str = "items", stream=None,
                  every_s: float | None = None):
         self.label, self.total, self.unit = label, total, unit
         self.stream = stream or sys.stderr
@@ -40,9 +40,10 @@ class Progress:
 
     def _print(self, end: str) -> None:
         rate = self.rate
-        remaining = (self.total - self.done) / rate if rate > 0 else float("nan")
+        known = self.total is not None
+        remaining = (self.total - self.done) / rate if rate > 0 and known else float("nan")
         eta = f"ETA {remaining:5.0f}s" if remaining == remaining else "ETA     ?"
-        self.stream.write(f"{self.label}: {self.done}/{self.total} {self.unit} "
+        self.stream.write(f"{self.label}: {self.done}/{self.total if known else '?'} {self.unit} "
                           f"{rate:8.1f} {self.unit}/s {eta}{end}")
         self.stream.flush()
 

@@ -1,0 +1,209 @@
+"""The predictor's tables: per slice and per series, as Parquet (pyarrow).
+
+slices.parquet, one row per slice:
+  series_key, slice_index, patient, phase, source   (what iap-prep writes for the same
+                     slice with the same salt; source: the file or shard, relative to the input)
+  categorical IAP:   <IAP> (top-1 class), <IAP>_prob, <IAP>_topk, <IAP>_topk_prob,
+                     <IAP>_logits (the head's raw outputs, in vocabulary order)
+  continuous IAP:    <IAP> (real units, e.g. ms)
+  with headers:      <IAP>_header (the header's canonical value; "<absent>" / "<empty>" for
+                     an IAP whose missing value is a class; null where missing or invalid)
+series.parquet, one row per series (series_key, patient, phase, num_slices, then per IAP):
+  categorical:       <IAP> (argmax of the mean of slice probabilities), <IAP>_prob (that
+                     mean), <IAP>_agreement (share of slices whose top-1 is the series answer)
+  continuous:        <IAP> (median of the slices)
+  with headers:      <IAP>_header (the commonest slice header value)
+The schema metadata records the checkpoint, its step and the label encoding (vocabularies).
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from iap_jax.iaps import IAP_NAMES, SPECS, LabelState
+from iap_jax.labels import ABSENT, EMPTY, LabelEncoding
+
+KEY_COLUMNS = ("series_key", "slice_index", "patient", "phase", "source")
+
+
+def _key_fields() -> list[pa.Field]:
+    return [pa.field("series_key", pa.string()), pa.field("slice_index", pa.int32()),
+            pa.field("patient", pa.string()), pa.field("phase", pa.int32()),
+            pa.field("source", pa.string())]
+
+
+def slice_schema(encoding: LabelEncoding, has_headers: bool,
+                 metadata: Mapping[str, Any] | None = None) -> pa.Schema:
+    fields = _key_fields()
+    for head in encoding.heads:
+        if head.categorical:
+            fields += [pa.field(head.name, pa.string()), pa.field(f"{head.name}_prob", pa.float32()),
+                       pa.field(f"{head.name}_topk", pa.list_(pa.string())),
+                       pa.field(f"{head.name}_topk_prob", pa.list_(pa.float32())),
+                       pa.field(f"{head.name}_logits", pa.list_(pa.float32()))]
+            header_type = pa.string()
+        else:
+            fields.append(pa.field(head.name, pa.float64()))
+            header_type = pa.float64()
+        if has_headers:
+            fields.append(pa.field(f"{head.name}_header", header_type))
+    return pa.schema(fields, metadata=_encode_metadata(metadata))
+
+
+def _encode_metadata(metadata: Mapping[str, Any] | None) -> dict[bytes, bytes] | None:
+    if not metadata:
+        return None
+    return {k.encode(): json.dumps(v, sort_keys=True).encode() for k, v in metadata.items()}
+
+
+def read_metadata(path: str) -> dict[str, Any]:
+    """The JSON schema metadata of a predictions file."""
+    raw = pq.read_schema(path).metadata or {}
+    return {k.decode(): json.loads(v) for k, v in raw.items() if not k.startswith(b"ARROW")}
+
+
+def header_value(name: str, state: int, value: str, number: float):
+    """A header's value as the prediction column spells it (None where there is none)."""
+    head_is_categorical = SPECS[name].kind.value == "categorical"
+    state = LabelState(int(state))
+    if state == LabelState.PRESENT:
+        return value if head_is_categorical else float(number)
+    if SPECS[name].missing_is_class and state in (LabelState.ABSENT, LabelState.EMPTY):
+        return ABSENT if state == LabelState.ABSENT else EMPTY
+    return None
+
+
+def slice_table(slices: Sequence, logits: Mapping[str, np.ndarray], encoding: LabelEncoding,
+                schema: pa.Schema, top_k: int) -> pa.Table:
+    """Rows for predicted slices (sources.StoredSlice) from the model's outputs (rows in the
+    same order)."""
+    columns: dict[str, Any] = {
+        "series_key": [s.series_key for s in slices],
+        "slice_index": [int(s.slice_index) for s in slices],
+        "patient": [s.patient for s in slices],
+        "phase": [s.phase for s in slices],
+        "source": [s.source for s in slices],
+    }
+    decoded = encoding.decode({k: np.asarray(v)[:len(slices)] for k, v in logits.items()}, top_k)
+    has_headers = f"{encoding.heads[0].name}_header" in schema.names
+    for head in encoding.heads:
+        d = decoded[head.name]
+        if head.categorical:
+            columns[head.name] = list(d["value"])
+            columns[f"{head.name}_prob"] = d["top_probs"][:, 0].astype(np.float32)
+            columns[f"{head.name}_topk"] = [list(row) for row in d["top_classes"]]
+            columns[f"{head.name}_topk_prob"] = [row.astype(np.float32) for row in d["top_probs"]]
+            columns[f"{head.name}_logits"] = list(np.asarray(logits[head.name], np.float32)[:len(slices)])
+        else:
+            columns[head.name] = np.asarray(d["value"], np.float64)
+        if has_headers:
+            index = IAP_NAMES.index(head.name)
+            columns[f"{head.name}_header"] = [
+                header_value(head.name, *s.headers[index]) if s.headers is not None else None
+                for s in slices]
+    return pa.table({f.name: pa.array(columns[f.name], type=f.type) for f in schema}, schema=schema)
+
+
+def write_parquet_atomic(table: pa.Table, path: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def merge_parts(parts: Sequence[str], path: str, schema: pa.Schema) -> int:
+    """Concatenates part files (in the given order) into one file, atomically; returns rows."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    rows = 0
+    with pq.ParquetWriter(tmp, schema) as writer:
+        for part in parts:
+            table = pq.read_table(part, schema=schema)
+            rows += table.num_rows
+            if table.num_rows:
+                writer.write_table(table)
+    os.replace(tmp, path)
+    return rows
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def _commonest(values: Sequence) -> Any:
+    counts: dict[Any, int] = {}
+    for v in values:
+        if v is not None:
+            counts[v] = counts.get(v, 0) + 1
+    if not counts:
+        return None
+    return max(sorted(counts, key=str), key=counts.get)
+
+
+def series_table(slices_path: str, encoding: LabelEncoding,
+                 metadata: Mapping[str, Any] | None = None) -> pa.Table:
+    """Per-series answers from a slices file (see the module docstring)."""
+    table = pq.read_table(slices_path)
+    has_headers = f"{encoding.heads[0].name}_header" in table.column_names
+    keys = np.asarray(table.column("series_key").to_pylist(), dtype=object)
+    order = np.argsort(keys, kind="stable")
+    unique, first, inverse = np.unique(keys[order].astype(str), return_index=True, return_inverse=True)
+    groups = np.split(order, first[1:]) if len(order) else []
+    columns: dict[str, list] = {"series_key": list(unique)}
+    patients = table.column("patient").to_pylist()
+    phases = table.column("phase").to_pylist()
+    columns["patient"] = [patients[g[0]] for g in groups]
+    columns["phase"] = [phases[g[0]] for g in groups]
+    columns["num_slices"] = [len(g) for g in groups]
+    fields = _key_fields()[:1] + [pa.field("patient", pa.string()), pa.field("phase", pa.int32()),
+                                  pa.field("num_slices", pa.int32())]
+    for head in encoding.heads:
+        if head.categorical:
+            logits = table.column(f"{head.name}_logits").to_pylist()
+            top1 = table.column(head.name).to_pylist()
+            probs = _softmax(np.asarray(logits, np.float64).reshape(len(logits), head.size))
+            answers, confidences, agreements = [], [], []
+            for g in groups:
+                mean = probs[g].mean(axis=0)
+                answer = head.classes[int(np.argmax(mean))]
+                answers.append(answer)
+                confidences.append(float(mean.max()))
+                agreements.append(float(np.mean([top1[i] == answer for i in g])))
+            columns[head.name], columns[f"{head.name}_prob"] = answers, confidences
+            columns[f"{head.name}_agreement"] = agreements
+            fields += [pa.field(head.name, pa.string()), pa.field(f"{head.name}_prob", pa.float32()),
+                       pa.field(f"{head.name}_agreement", pa.float32())]
+        else:
+            values = np.asarray(table.column(head.name).to_numpy(), np.float64)
+            columns[head.name] = [float(np.median(values[g])) for g in groups]
+            fields.append(pa.field(head.name, pa.float64()))
+        if has_headers:
+            headers = table.column(f"{head.name}_header").to_pylist()
+            columns[f"{head.name}_header"] = [_commonest([headers[i] for i in g]) for g in groups]
+            fields.append(pa.field(f"{head.name}_header",
+                                   pa.string() if head.categorical else pa.float64()))
+    schema = pa.schema(fields, metadata=_encode_metadata(metadata))
+    return pa.table({f.name: pa.array(columns[f.name], type=f.type) for f in schema}, schema=schema)
+
+
+def write_csv(table: pa.Table, path: str) -> None:
+    """CSV beside the Parquet: list columns joined by '|', logits left out."""
+    import pyarrow.compute as pc
+    import pyarrow.csv as pcsv
+
+    columns = {}
+    for name in table.column_names:
+        if name.endswith("_logits"):
+            continue
+        column = table.column(name)
+        if pa.types.is_list(column.type):
+            column = pc.binary_join(pc.cast(column, pa.list_(pa.string())), "|")
+        columns[name] = column
+    tmp = f"{path}.tmp-{os.getpid()}"
+    pcsv.write_csv(pa.table(columns), tmp)
+    os.replace(tmp, path)

@@ -1,0 +1,406 @@
+"""What the predictor reads: an input SPEC -> units of work, each yielding stored slices.
+
+SPEC forms (`open_source`):
+  a TFDS dataset dir made by iap-prep, with a split      every shard of that split
+  a glob of TFRecord shards (or one shard file)           in the prep's record layout (features.py)
+  a DICOM folder                                          discovered and selected by iap_jax.series,
+                                                          decoded by iap_jax.dicom, as iap-prep does
+  a folder or glob of PNG / NumPy (.npy) images           a folder of files is a series, a 3D .npy
+                                                          [slices, rows, columns] is one
+
+Every slice reaches the model as what the prep stage stores (preprocess.preprocess_slice: a
+square uint16 image with its scale and offset), so a slice predicted from its DICOM file and
+from its TFRecord is the same input. A unit is the resumable piece of work: one TFRecord
+shard, or a chunk of whole series or image files. What cannot be read is recorded as a
+skip (input, reason, detail, slices) and the rest goes on.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import math
+import os
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from iap_jax.dicom import DicomError, read_prepared_frame
+from iap_jax.iaps import IAP_NAMES
+from iap_jax.preprocess import PixelSpec, preprocess_slice
+from iap_jax.salt import salted_hash
+
+IMAGE_SUFFIXES = (".png", ".npy")
+# A unit of DICOM or image input holds whole series of at least this many slices.
+UNIT_SLICES = 512
+
+
+@dataclasses.dataclass
+class StoredSlice:
+    image: np.ndarray  # uint16 [S, S], as iap-prep stores it
+    scale: float
+    offset: float
+    series_key: str
+    slice_index: int
+    source: str  # the file or shard, relative to the input root
+    patient: str | None = None  # salted hash
+    phase: int | None = None
+    headers: Sequence[Sequence] | None = None  # (state, canonical value, number) per IAP_NAMES
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+    id: str
+    entries: tuple  # JSON-able; what a unit holds depends on the source kind
+
+
+@dataclasses.dataclass
+class Skip:
+    input: str  # relative to the input root
+    reason: str
+    detail: str = ""
+    slices: int = 1
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class Source:
+    """One input SPEC. `plan()` lists the units; `read(unit, skips)` yields its slices and
+    appends what it could not read to skips."""
+
+    kind = ""
+    has_headers = False
+
+    def __init__(self, root: str, spec: PixelSpec):
+        self.root = root
+        self.spec = spec
+        self.plan_skips: list[Skip] = []  # found while planning (DICOM headers)
+        self.notes: dict[str, Any] = {}
+
+    def plan(self) -> list[Unit]:
+        raise NotImplementedError
+
+    def read(self, unit: Unit, skips: list[Skip]) -> Iterator[StoredSlice]:
+        raise NotImplementedError
+
+    def expected_slices(self, units: Sequence[Unit]) -> int | None:
+        return None
+
+    def close(self) -> None:
+        pass
+
+    def _relative(self, path: str) -> str:
+        return os.path.relpath(path, self.root)
+
+
+# --- TFRecord shards ----------------------------------------------------------------
+
+class TfrecordSource(Source):
+    kind = "tfrecord"
+    has_headers = True
+
+    def __init__(self, root: str, files: Sequence[str], spec: PixelSpec,
+                 counts: dict[str, int] | None = None, threads: int = 0):
+        super().__init__(root, spec)
+        self.files = sorted(files)
+        self.counts = counts or {}
+        self.threads = threads
+        self._parse = None
+
+    def plan(self) -> list[Unit]:
+        return [Unit(f"shard-{i:05d}", (self._relative(path),)) for i, path in enumerate(self.files)]
+
+    def expected_slices(self, units):
+        counts = [self.counts.get(u.entries[0]) for u in units]
+        return None if any(c is None for c in counts) else sum(counts)
+
+    def _parser(self) -> Callable:
+        import tensorflow as tf
+        import tensorflow_datasets as tfds
+
+        from iap_jax.features import example_features
+
+        # The image is serialized as zlib bytes whatever its size, so one parser reads any
+        # size; the size is checked per record instead of failing the whole shard.
+        features = example_features(self.spec.stored_size)
+        size = self.spec.stored_size
+
+        def parse(serialized):
+            ex = features.deserialize_example(serialized,
+                                              decoders={"image": tfds.decode.SkipDecoding()})
+            raw = tf.io.decode_raw(tf.io.decode_compressed(ex["image"], "ZLIB"), tf.uint16)
+            pixels = tf.size(raw)
+            image = tf.cond(pixels == size * size, lambda: tf.reshape(raw, [size, size]),
+                            lambda: tf.zeros([size, size], tf.uint16))
+            labels = {name: {k: ex["labels"][name][k] for k in ("state", "value", "number")}
+                      for name in IAP_NAMES}
+            return {"image": image, "pixels": pixels, "scale": ex["intensity_scale"],
+                    "offset": ex["intensity_offset"], "series": ex["series"],
+                    "patient": ex["patient"], "phase": ex["phase"],
+                    "slice_index": ex["slice_index"], "labels": labels}
+        return parse
+
+    def read(self, unit: Unit, skips: list[Skip]) -> Iterator[StoredSlice]:
+        import tensorflow as tf
+
+        relative = unit.entries[0]
+        path = os.path.join(self.root, relative)
+        if self._parse is None:
+            self._parse = self._parser()
+        ds = tf.data.TFRecordDataset(path).map(self._parse, num_parallel_calls=tf.data.AUTOTUNE)
+        options = tf.data.Options()
+        options.deterministic = True
+        if self.threads:
+            options.threading.private_threadpool_size = self.threads
+        ds = ds.with_options(options).prefetch(tf.data.AUTOTUNE)
+        size = self.spec.stored_size
+        wrong: dict[int, int] = {}
+        read = 0
+        iterator = ds.as_numpy_iterator()
+        while True:
+            try:
+                ex = next(iterator)
+            except StopIteration:
+                break
+            except (tf.errors.DataLossError, tf.errors.InvalidArgumentError,
+                    tf.errors.NotFoundError, tf.errors.PermissionDeniedError) as err:
+                message = " ".join(str(getattr(err, "message", err)).split())[:200]
+                skips.append(Skip(relative, "corrupt_tfrecord",
+                                  f"stopped after {read} records: {message}", slices=0))
+                break
+            read += 1
+            if int(ex["pixels"]) != size * size:
+                wrong[int(ex["pixels"])] = wrong.get(int(ex["pixels"]), 0) + 1
+                continue
+            headers = [(int(ex["labels"][n]["state"]), ex["labels"][n]["value"].decode(),
+                        float(ex["labels"][n]["number"])) for n in IAP_NAMES]
+            yield StoredSlice(ex["image"], float(ex["scale"]), float(ex["offset"]),
+                              ex["series"].decode(), int(ex["slice_index"]), relative,
+                              patient=ex["patient"].decode(), phase=int(ex["phase"]),
+                              headers=headers)
+        for pixels, n in sorted(wrong.items()):
+            side = math.isqrt(pixels)
+            shape = f"{side}x{side}" if side * side == pixels else f"{pixels}-pixel"
+            skips.append(Skip(relative, "wrong_image_shape",
+                              f"{shape} images; the checkpoint was trained on {size}x{size}",
+                              slices=n))
+
+
+def tfds_source(dataset_dir: str, split: str | None, spec: PixelSpec, threads: int = 0
+                ) -> TfrecordSource:
+    from iap_jax.input_pipeline import load_builder
+
+    builder = load_builder(dataset_dir)
+    splits = builder.info.splits
+    if not split:
+        raise ValueError(f"{dataset_dir} is a TFDS dataset: pass --split (one of {sorted(splits)})")
+    if split not in splits:
+        raise ValueError(f"{dataset_dir}: no split {split!r} (has {sorted(splits)})")
+    info = splits[split]
+    files = [os.fspath(p) for p in info.filepaths]
+    counts = {os.path.relpath(f, dataset_dir): int(n) for f, n in zip(files, info.shard_lengths)}
+    return TfrecordSource(dataset_dir, files, spec, counts, threads)
+
+
+# --- DICOM folders ------------------------------------------------------------------
+
+def _decode_dicom(entry: tuple[str, int, int, str]) -> Any:
+    """Worker: (path, frame, size, resize) -> PreparedSlice or DicomError."""
+    path, frame, size, resize = entry
+    try:
+        return read_prepared_frame(path, frame, size, resize)
+    except DicomError as err:
+        return err
+
+
+class DicomSource(Source):
+    """A DICOM folder, selected as the checkpoint's training data was (spec's series filter,
+    phases and slices), keyed by the same salted hashes as iap-prep."""
+
+    kind = "dicom"
+    has_headers = True
+
+    def __init__(self, root: str, spec: PixelSpec, salt: str, workers: int = 1,
+                 progress: bool = True):
+        super().__init__(root, spec)
+        self.salt = salt
+        self.workers = max(1, int(workers))
+        self.progress = progress
+        self._pool = None
+
+    def plan(self) -> list[Unit]:
+        from iap_jax.series import SeriesSelection, discover, phase_of, select_slices
+
+        found = discover(self.root, self.workers, progress=self.progress)
+        selection = SeriesSelection(self.spec.series_filter, self.spec.phases)
+        self.plan_skips = [Skip(s.path, s.reason, s.detail) for s in found.skips]
+        rejected: dict[str, int] = {}
+        units, entries = [], []
+        for series in found.series:
+            reason = selection.rejection(series)
+            if reason:
+                rejected[reason] = rejected.get(reason, 0) + 1
+                continue
+            series_key = salted_hash(self.salt, "series", series.key)
+            patient = salted_hash(self.salt, "patient", series.patient_id)
+            phase = phase_of(series)
+            for index in select_slices(len(series.slices), self.spec.slices):
+                ref = series.slices[index]
+                entries.append((self._relative(ref.path), ref.frame, series_key, patient, index,
+                                phase, [list(v) for v in ref.iaps]))
+            if len(entries) >= UNIT_SLICES:
+                units.append(Unit(f"dicom-{len(units):05d}", tuple(entries)))
+                entries = []
+        if entries:
+            units.append(Unit(f"dicom-{len(units):05d}", tuple(entries)))
+        self.notes = {"files_found": found.num_files, "series_found": len(found.series),
+                      "series_not_selected": dict(sorted(rejected.items())),
+                      "archive_fingerprint": found.fingerprint}
+        return units
+
+    def expected_slices(self, units):
+        return sum(len(u.entries) for u in units)
+
+    def read(self, unit: Unit, skips: list[Skip]) -> Iterator[StoredSlice]:
+        size, resize = self.spec.stored_size, self.spec.resize
+        jobs = [(os.path.join(self.root, e[0]), e[1], size, resize) for e in unit.entries]
+        if self.workers > 1:
+            if self._pool is None:
+                from iap_jax.workers import worker_pool
+                self._pool = worker_pool(self.workers)
+            results = self._pool.imap(_decode_dicom, jobs, chunksize=4)
+        else:
+            results = map(_decode_dicom, jobs)
+        for entry, result in zip(unit.entries, results):
+            relative, _, series_key, patient, index, phase, iaps = entry
+            if isinstance(result, DicomError):
+                skips.append(Skip(relative, result.reason, result.detail))
+                continue
+            yield StoredSlice(result.image, result.scale, result.offset, series_key, index,
+                              relative, patient=patient, phase=phase, headers=iaps)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool = None
+
+
+# --- PNG / NumPy images ---------------------------------------------------------------
+
+def _load_image(path: str) -> np.ndarray:
+    """A PNG (8 or 16 bit grayscale) or .npy array as float32; raises ValueError."""
+    if path.endswith(".npy"):
+        array = np.load(path, allow_pickle=False)
+        if array.dtype.kind not in "uif":
+            raise ValueError(f"array of dtype {array.dtype}, not numbers")
+        return array.astype(np.float32)
+    from PIL import Image
+
+    with Image.open(path) as image:
+        if image.mode not in ("L", "I", "I;16", "I;16B", "I;16L", "F"):
+            raise ValueError(f"PNG mode {image.mode}, not grayscale")
+        return np.asarray(image).astype(np.float32)
+
+
+class ImageSource(Source):
+    """PNG / .npy files: the files of one folder are the slices of one series (sorted by
+    name), a 3D .npy is a series of its own; series keys are relative paths."""
+
+    kind = "images"
+
+    def __init__(self, root: str, files: Sequence[str], spec: PixelSpec):
+        super().__init__(root, spec)
+        self.files = sorted(files)
+
+    def plan(self) -> list[Unit]:
+        index_in_folder: dict[str, int] = {}
+        entries = []
+        for path in self.files:
+            relative = self._relative(path)
+            folder = os.path.dirname(relative) or "."
+            index = index_in_folder.get(folder, 0)
+            index_in_folder[folder] = index + 1
+            entries.append((relative, folder, index))
+        return [Unit(f"images-{i // UNIT_SLICES:05d}", tuple(entries[i:i + UNIT_SLICES]))
+                for i in range(0, len(entries), UNIT_SLICES)]
+
+    def read(self, unit: Unit, skips: list[Skip]) -> Iterator[StoredSlice]:
+        size, resize = self.spec.stored_size, self.spec.resize
+        for relative, folder, index in unit.entries:
+            try:
+                array = _load_image(os.path.join(self.root, relative))
+                if array.ndim == 2:
+                    planes = [(folder, index, array)]
+                elif array.ndim == 3 and relative.endswith(".npy"):
+                    planes = [(relative, k, plane) for k, plane in enumerate(array)]
+                else:
+                    raise ValueError(f"array of shape {array.shape}, expected [rows, columns]"
+                                     + (" or [slices, rows, columns]" if relative.endswith(".npy") else ""))
+                prepared = [(key, k, preprocess_slice(plane, size, resize)) for key, k, plane in planes]
+            except (OSError, ValueError, EOFError) as err:
+                reason = "wrong_image_shape" if "shape" in str(err) else "unreadable"
+                skips.append(Skip(relative, reason, f"{type(err).__name__}: {err}"[:200]))
+                continue
+            for key, k, p in prepared:
+                yield StoredSlice(p.image, p.scale, p.offset, key, k, relative)
+
+    def expected_slices(self, units):
+        return None
+
+
+# --- SPEC -> source -------------------------------------------------------------------
+
+def _is_image(path: str) -> bool:
+    return path.lower().endswith(IMAGE_SUFFIXES)
+
+
+def _glob_root(pattern: str) -> str:
+    parts = pattern.split(os.sep)
+    fixed = []
+    for part in parts:
+        if glob.has_magic(part):
+            break
+        fixed.append(part)
+    root = os.sep.join(fixed) or "."
+    return root if os.path.isdir(root) else os.path.dirname(root) or "."
+
+
+def _files_under(folder: str) -> list[str]:
+    found = []
+    for parent, dirs, files in os.walk(folder):
+        dirs.sort()
+        found.extend(os.path.join(parent, name) for name in files)
+    return sorted(found)
+
+
+def open_source(spec_text: str, pixel_spec: PixelSpec, *, split: str | None = None,
+                salt: Callable[[], str] | None = None, workers: int = 1, threads: int = 0,
+                progress: bool = True) -> Source:
+    """The source a SPEC names. `salt` is asked for only by DICOM input."""
+    path = spec_text.rstrip(os.sep) or os.sep
+    if os.path.isdir(path):
+        if os.path.exists(os.path.join(path, "dataset_info.json")):
+            return tfds_source(path, split, pixel_spec, threads)
+        files = [f for f in _files_under(path) if not os.path.basename(f).startswith(".")]
+        if files and all(_is_image(f) for f in files):
+            return ImageSource(path, files, pixel_spec)
+        if salt is None:
+            raise ValueError(f"{path}: a DICOM folder needs a salt for its series keys")
+        return DicomSource(path, pixel_spec, salt(), workers, progress)
+    if os.path.isfile(path):
+        root = os.path.dirname(path) or "."
+        if _is_image(path):
+            return ImageSource(root, [path], pixel_spec)
+        return TfrecordSource(root, [path], pixel_spec, threads=threads)
+    if glob.has_magic(path):
+        files = sorted(f for f in glob.glob(path, recursive=True) if os.path.isfile(f))
+        if not files:
+            raise FileNotFoundError(f"{spec_text}: no file matches")
+        root = _glob_root(path)
+        if all(_is_image(f) for f in files):
+            return ImageSource(root, files, pixel_spec)
+        if any(_is_image(f) for f in files):
+            raise ValueError(f"{spec_text}: matches both images and other files; "
+                             f"give one kind of input")
+        return TfrecordSource(root, files, pixel_spec, threads=threads)
+    raise FileNotFoundError(f"{spec_text}: no such file, folder or glob")
