@@ -20,6 +20,9 @@ INSTALL_REQUIRES = [
     "pylibjpeg-libjpeg>=2.1,<3",
     "pylibjpeg-rle>=2.0,<3",
     "tqdm>=4.66,<5",
+    # Predictions are Parquet tables; PNG input is read with Pillow.
+    "pyarrow>=14,<26",
+    "pillow>=10,<13",
     # oneDNN (library and headers) for the CPU's fastest convolutions (iap_jax/models/onednn.py).
     "onednn-devel-cpu-gomp==2023.2.0; platform_system == 'Linux' and platform_machine == 'x86_64'",
 ]
@@ -53,6 +56,7 @@ setup(
             "iap-synth=data_prep.synthetic.cli:main",
             "iap-prep=data_prep.cli:main",
             "iap-train=iap_jax.main:run",
+            "iap-predict=iap_jax.predict:run",
         ]
     },
 )

@@ -18,6 +18,7 @@ The schema metadata records the checkpoint, its step and the label encoding (voc
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any, Mapping, Sequence
 
@@ -26,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from iap_jax.iaps import IAP_NAMES, SPECS, LabelState
-from iap_jax.labels import ABSENT, EMPTY, LabelEncoding
+from iap_jax.labels import ABSENT, EMPTY, OTHER, LabelEncoding
 
 KEY_COLUMNS = ("series_key", "slice_index", "patient", "phase", "source")
 
@@ -71,8 +72,8 @@ def header_value(name: str, state: int, value: str, number: float):
     """A header's value as the prediction column spells it (None where there is none)."""
     head_is_categorical = SPECS[name].kind.value == "categorical"
     state = LabelState(int(state))
-    if state == LabelState.PRESENT:
-        return value if head_is_categorical else float(number)
+    if state == LabelState.PRESENT:  # the canonical spelling, whatever precision carried it
+        return value if head_is_categorical else float(value or number)
     if SPECS[name].missing_is_class and state in (LabelState.ABSENT, LabelState.EMPTY):
         return ABSENT if state == LabelState.ABSENT else EMPTY
     return None
@@ -152,7 +153,7 @@ def series_table(slices_path: str, encoding: LabelEncoding,
     has_headers = f"{encoding.heads[0].name}_header" in table.column_names
     keys = np.asarray(table.column("series_key").to_pylist(), dtype=object)
     order = np.argsort(keys, kind="stable")
-    unique, first, inverse = np.unique(keys[order].astype(str), return_index=True, return_inverse=True)
+    unique, first = np.unique(keys[order].astype(str), return_index=True)
     groups = np.split(order, first[1:]) if len(order) else []
     columns: dict[str, list] = {"series_key": list(unique)}
     patients = table.column("patient").to_pylist()
@@ -189,6 +190,75 @@ def series_table(slices_path: str, encoding: LabelEncoding,
                                    pa.string() if head.categorical else pa.float64()))
     schema = pa.schema(fields, metadata=_encode_metadata(metadata))
     return pa.table({f.name: pa.array(columns[f.name], type=f.type) for f in schema}, schema=schema)
+
+
+def target_class(head, header) -> str | None:
+    """The class a header value is scored against (as training scores it): the value when
+    the vocabulary has it, else "<other>" where there is one; None where unlabelled."""
+    if header is None:
+        return None
+    if header in head.classes:
+        return header
+    return OTHER if OTHER in head.classes else None
+
+
+def accuracy(slices_path: str, series_path: str | None = None) -> dict[str, dict[str, float]]:
+    """Per IAP against the headers the input carried: categorical {count, top1, top2,
+    series_count, series_top1}; continuous {count, mae, series_count, series_mae, unit}."""
+    encoding = LabelEncoding.from_json(read_metadata(slices_path)["label_encoding"])
+    table = pq.read_table(slices_path)
+    series = pq.read_table(series_path) if series_path else None
+    result = {}
+    for head in encoding.heads:
+        if f"{head.name}_header" not in table.column_names:
+            return {}
+        headers = table.column(f"{head.name}_header").to_pylist()
+        if head.categorical:
+            truth = [target_class(head, h) for h in headers]
+            top1 = table.column(head.name).to_pylist()
+            topk = table.column(f"{head.name}_topk").to_pylist()
+            rows = [i for i, t in enumerate(truth) if t is not None]
+            m = {"count": len(rows),
+                 "top1": float(np.mean([top1[i] == truth[i] for i in rows])) if rows else math.nan,
+                 "top2": float(np.mean([truth[i] in topk[i][:2] for i in rows])) if rows else math.nan}
+            if series is not None:
+                s_truth = [target_class(head, h) for h in series.column(f"{head.name}_header").to_pylist()]
+                s_top1 = series.column(head.name).to_pylist()
+                s_rows = [i for i, t in enumerate(s_truth) if t is not None]
+                m["series_count"] = len(s_rows)
+                m["series_top1"] = (float(np.mean([s_top1[i] == s_truth[i] for i in s_rows]))
+                                    if s_rows else math.nan)
+        else:
+            def mae(values, truth):
+                values, truth = np.asarray(values, np.float64), np.asarray(truth, np.float64)
+                ok = np.isfinite(truth) & ((truth > 0) | (head.transform != "log"))
+                return int(ok.sum()), float(np.mean(np.abs(values[ok] - truth[ok]))) if ok.any() else math.nan
+            truth = [math.nan if h is None else h for h in headers]
+            count, error = mae(table.column(head.name).to_numpy(), truth)
+            m = {"count": count, "mae": error, "unit": head.unit}
+            if series is not None:
+                s_truth = [math.nan if h is None else h for h in series.column(f"{head.name}_header").to_pylist()]
+                m["series_count"], m["series_mae"] = mae(series.column(head.name).to_numpy(), s_truth)
+        result[head.name] = m
+    return result
+
+
+def summary_table(slices_path: str, series_path: str | None = None) -> str:
+    """A short per-IAP table against the input's headers ("" when it carried none)."""
+    scores = accuracy(slices_path, series_path)
+    if not scores:
+        return ""
+    lines = [f"{'IAP':<24} {'slices':>7} {'top-1':>7} {'top-2':>7} {'series':>7} {'top-1':>7} "
+             f"{'MAE':>10} {'series MAE':>11}"]
+    for name, m in scores.items():
+        if "top1" in m:
+            lines.append(f"{name:<24} {m['count']:>7} {m['top1']:>7.3f} {m['top2']:>7.3f} "
+                         f"{m.get('series_count', ''):>7} {m.get('series_top1', math.nan):>7.3f}")
+        else:
+            series_mae = f"{m.get('series_mae', math.nan):.3g} {m['unit']}"
+            lines.append(f"{name:<24} {m['count']:>7} {'':>7} {'':>7} {m.get('series_count', ''):>7} "
+                         f"{'':>7} {m['mae']:>7.3g} {m['unit']:<2} {series_mae:>11}")
+    return "\n".join(lines)
 
 
 def write_csv(table: pa.Table, path: str) -> None:

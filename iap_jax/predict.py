@@ -1,0 +1,479 @@
+"""iap-predict: a trained checkpoint -> predictions over TFRecord archives, DICOM or PNG folders.
+
+  iap-predict --workdir TRAIN_WORKDIR [--step best|latest|N] --input SPEC [--split NAME]
+              --out OUT_DIR [--batch-size N] [--top-k K] [--salt S] [--csv]
+
+The model comes from the checkpoint alone (parameters, batch statistics, label encoding,
+pixel spec and config; never the optimizer state), restored onto this process's devices
+and rebuilt with a convolution and dtype fit for this machine. One jitted forward of a
+fixed global batch shape (the last batch padded and masked) runs over batches sharded on
+the local devices while a reader thread decodes the next ones. Several processes
+(jax.distributed) each predict their own share of the input's units and write their own
+part files; process 0 writes the merged tables and the report.
+
+Output (OUT_DIR): slices.parquet, series.parquet (iap_jax.predictions), predict_report.json
+(inputs, counts, every skipped input with its reason, checkpoint, devices, speed), and
+parts/ (one Parquet file per unit of input, the plan and the run's signature: what a
+killed run resumes from; delete it once the tables are written if space matters).
+Exit status: 0; 1 when nothing could be predicted (or, with --strict, when anything was
+skipped); 2 on bad arguments or an unusable checkpoint or input.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import queue
+import sys
+import threading
+import time
+from typing import Any, Iterator
+
+PARTS = "parts"
+REPORT_FILE = "predict_report.json"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="iap-predict", description=__doc__.split("\n\n")[0],
+        epilog="SPEC: a TFDS dataset dir (with --split), a glob of TFRecord shards, a DICOM "
+               "folder, or a folder or glob of PNG / .npy images.")
+    parser.add_argument("--workdir", required=True, help="the training run's --workdir")
+    parser.add_argument("--step", default="best",
+                        help="best (by validation; the latest if none), latest, or a step number")
+    parser.add_argument("--input", required=True, metavar="SPEC", help="what to predict")
+    parser.add_argument("--split", default=None, help="split of a TFDS dataset dir (e.g. test)")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--batch-size", type=int, default=256,
+                        help="global batch (rounded up to a multiple of the devices)")
+    parser.add_argument("--top-k", type=int, default=2, help="classes kept per categorical IAP")
+    parser.add_argument("--salt", default=None,
+                        help="DICOM input: salt of the series/patient keys, as given to iap-prep "
+                             "(default: $IAP_PREP_SALT, else the training data dir's prep_salt, "
+                             "else one generated and kept in OUT_DIR/prep_salt)")
+    parser.add_argument("--series-filter", default=None,
+                        help="DICOM input: regex on SeriesDescription (default: as the "
+                             "checkpoint's training data was selected)")
+    parser.add_argument("--phases", choices=("pre", "all"), default=None,
+                        help="DICOM input: phases to predict (default: as in training)")
+    parser.add_argument("--slices", default=None,
+                        help="DICOM input: all | central:F | stride:K (default: as in training)")
+    parser.add_argument("--workers", type=int, default=max(1, min(4, (os.cpu_count() or 1))),
+                        help="DICOM decoding processes")
+    parser.add_argument("--conv-impl", default=None,
+                        choices=("auto", "xla", "cpu_fast", "onednn"),
+                        help="convolution (default: auto, the fastest here)")
+    parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
+                        help="compute dtype (default: the trained one; float32 on a CPU)")
+    parser.add_argument("--csv", action="store_true", help="also write slices.csv and series.csv")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="discard part files of a different earlier run in OUT_DIR")
+    parser.add_argument("--strict", action="store_true", help="exit 1 if anything was skipped")
+    parser.add_argument("--coordinator", default="",
+                        help="multi-process: host:port of process 0 (jax.distributed)")
+    parser.add_argument("--num-processes", type=int, default=1)
+    parser.add_argument("--process-id", type=int, default=-1)
+    parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    return parser
+
+
+# --- helpers ----------------------------------------------------------------------------
+
+def _write_json_atomic(path: str, data: Any) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _read_json(path: str) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+def _sha256(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def _barrier(name: str) -> None:
+    import jax
+    from jax.experimental import multihost_utils
+
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def _training_salt(config: dict) -> str | None:
+    """The salt kept beside the checkpoint's training data (iap-prep's data dir), if any."""
+    from iap_jax.salt import SALT_FILE
+
+    dataset_dir = config.get("dataset_dir") or ""
+    data_dir = os.path.dirname(os.path.dirname(os.path.dirname(os.path.normpath(dataset_dir))))
+    path = os.path.join(data_dir, SALT_FILE) if dataset_dir else ""
+    if path and os.path.exists(path):
+        with open(path) as f:
+            return f.read().strip() or None
+    return None
+
+
+def resolve_salt(args, config: dict, out_dir: str) -> tuple[str, str]:
+    """(salt, where it came from) for DICOM input's series and patient keys."""
+    from iap_jax import salt as salt_lib
+
+    if args.salt:
+        return args.salt, "--salt"
+    if os.environ.get(salt_lib.SALT_ENV):
+        return os.environ[salt_lib.SALT_ENV], f"${salt_lib.SALT_ENV}"
+    kept = _training_salt(config)
+    if kept:
+        return kept, "the training data dir's prep_salt"
+    salt = salt_lib.resolve_salt(out_dir, None, announce=lambda message: None)
+    return salt, ("generated and kept in OUT_DIR/prep_salt: keys will not match a prep run "
+                  "made with another salt")
+
+
+# --- the model --------------------------------------------------------------------------
+
+class Predictor:
+    """A checkpoint's model as one compiled forward over a fixed global batch."""
+
+    def __init__(self, workdir: str, step: str | int = "best", batch_size: int = 256,
+                 conv_impl: str | None = None, dtype: str | None = None):
+        import jax
+        import jax.numpy as jnp
+
+        from iap_jax import sharding as sharding_lib
+        from iap_jax.checkpoints import restore_model
+        from iap_jax.models.factory import build_model, describe_convolutions, inference_settings
+        from iap_jax.preprocess import model_input
+
+        self.mesh = sharding_lib.make_mesh({"data": -1}, devices=jax.local_devices())
+        restored = restore_model(workdir, self.mesh, step)
+        self.step = restored["step"]
+        self.directory = restored["directory"]
+        self.encoding = restored["label_encoding"]
+        self.spec = restored["pixel_spec"]
+        self.config = restored["config"]
+        self.conv_impl, self.dtype = inference_settings(self.config["model"], conv_impl, dtype)
+        self.convolutions = describe_convolutions(self.conv_impl, self.dtype)
+        model = build_model(self.config["model"], self.encoding.head_sizes(),
+                            conv_impl=self.conv_impl, dtype=self.dtype)
+        devices = self.mesh.size
+        self.batch_size = -(-max(int(batch_size), 1) // devices) * devices
+        variables = {"params": restored["params"], "batch_stats": restored["batch_stats"]}
+        spec = self.spec
+
+        def forward(variables, images, scales, offsets):
+            return model.apply(variables, model_input(images, scales, offsets, spec), train=False)
+
+        batch = sharding_lib.batch_sharding(self.mesh)
+        shape = (self.batch_size, spec.stored_size, spec.stored_size)
+        abstract = (jax.ShapeDtypeStruct(shape, jnp.uint16, sharding=batch),
+                    jax.ShapeDtypeStruct(shape[:1], jnp.float32, sharding=batch),
+                    jax.ShapeDtypeStruct(shape[:1], jnp.float32, sharding=batch))
+        replicated = sharding_lib.replicated(self.mesh)
+        start = time.time()
+        # Compiled once, ahead of time: a call of any other shape is an error, never a
+        # silent recompilation.
+        self._forward = jax.jit(forward, out_shardings=replicated).lower(
+            variables, *abstract).compile()
+        self.compile_s = time.time() - start
+        self._variables = variables
+        self._batch_sharding = batch
+
+    def __call__(self, images, scales, offsets) -> dict:
+        """Host arrays of the full batch shape -> device outputs (asynchronous)."""
+        import jax
+
+        arrays = [jax.device_put(x, self._batch_sharding) for x in (images, scales, offsets)]
+        return self._forward(self._variables, *arrays)
+
+    def encoding_sha256(self) -> str:
+        return _sha256(self.encoding.to_json())
+
+
+# --- batches --------------------------------------------------------------------------
+
+def _batches(source, units, skips_by_unit: dict, batch_size: int, stored_size: int
+             ) -> Iterator[tuple]:
+    """("batch", unit id, slices, images, scales, offsets) padded to batch_size, and
+    ("end", unit id) after each unit's last batch."""
+    import numpy as np
+
+    for unit in units:
+        skips = skips_by_unit.setdefault(unit.id, [])
+        pending = []
+        for record in source.read(unit, skips):
+            pending.append(record)
+            if len(pending) == batch_size:
+                yield ("batch", unit.id, pending, *_stack(pending, batch_size, stored_size, np))
+                pending = []
+        if pending:
+            yield ("batch", unit.id, pending, *_stack(pending, batch_size, stored_size, np))
+        yield ("end", unit.id)
+
+
+def _stack(slices, batch_size: int, size: int, np):
+    images = np.zeros((batch_size, size, size), np.uint16)
+    scales = np.ones(batch_size, np.float32)
+    offsets = np.zeros(batch_size, np.float32)
+    for i, s in enumerate(slices):
+        images[i], scales[i], offsets[i] = s.image, s.scale, s.offset
+    return images, scales, offsets
+
+
+class _Reader(threading.Thread):
+    """Decodes batches ahead of the device in a thread of its own."""
+
+    def __init__(self, iterator, depth: int = 4):
+        super().__init__(daemon=True)
+        self.iterator = iterator
+        self.items: queue.Queue = queue.Queue(maxsize=depth)
+
+    def run(self):
+        try:
+            for item in self.iterator:
+                self.items.put(item)
+            self.items.put(("done",))
+        except BaseException as err:  # handed to the main thread
+            self.items.put(("error", err))
+
+
+# --- the run ----------------------------------------------------------------------------
+
+def _run_signature(args, predictor: Predictor, source, spec, units, salt: str | None) -> dict:
+    return {"checkpoint": predictor.directory, "step": predictor.step,
+            "label_encoding_sha256": predictor.encoding_sha256(), "pixel_spec": spec.to_json(),
+            "input": os.path.abspath(args.input), "split": args.split, "kind": source.kind,
+            "top_k": args.top_k,
+            "salt_sha256": hashlib.sha256(salt.encode()).hexdigest() if salt else None,
+            "plan_sha256": _sha256([[u.id, list(u.entries)] for u in units])}
+
+
+def _check_signature(parts_dir: str, signature: dict, overwrite: bool) -> None:
+    path = os.path.join(parts_dir, "run.json")
+    if os.path.exists(path):
+        old = _read_json(path)
+        if old == signature:
+            return
+        changed = sorted(k for k in set(old) | set(signature) if old.get(k) != signature.get(k))
+        if not overwrite:
+            raise ValueError(f"{parts_dir} holds parts of another run (different {changed}); "
+                             f"pass --overwrite to discard them, or use another --out")
+        for name in os.listdir(parts_dir):
+            os.remove(os.path.join(parts_dir, name))
+    _write_json_atomic(path, signature)
+
+
+def predict(args) -> dict:
+    """Runs the prediction of `args` (see build_parser); returns the report."""
+    import jax
+
+    from iap_jax import predictions, sources
+    from iap_jax.preprocess import PixelSpec
+    from iap_jax.progress import Progress
+
+    started = time.time()
+    out_dir = args.out
+    parts_dir = os.path.join(out_dir, PARTS)
+    chief = jax.process_index() == 0
+    if args.top_k < 1:
+        raise ValueError(f"--top-k {args.top_k}: must be at least 1")
+    os.makedirs(parts_dir, exist_ok=True)
+
+    predictor = Predictor(args.workdir, args.step, args.batch_size, args.conv_impl, args.dtype)
+    overrides = {k: v for k, v in (("series_filter", args.series_filter), ("phases", args.phases),
+                                   ("slices", args.slices)) if v is not None}
+    spec = PixelSpec.from_json({**predictor.spec.to_json(), **overrides})
+    salt_info: dict[str, str] = {}
+
+    def salt() -> str:
+        value, where = resolve_salt(args, predictor.config, out_dir)
+        salt_info.update(value=value, source=where)
+        return value
+
+    from iap_jax.input_pipeline import configure_tensorflow
+    configure_tensorflow()
+    source = sources.open_source(args.input, spec, split=args.split, salt=salt,
+                                 workers=args.workers, progress=not args.quiet and chief)
+
+    # ------------------------------------------------------------ plan (process 0) ---
+    plan_path = os.path.join(parts_dir, "plan.json")
+    if chief:
+        units = source.plan()
+        signature = _run_signature(args, predictor, source, spec, units, salt_info.get("value"))
+        _check_signature(parts_dir, signature, args.overwrite)
+        _write_json_atomic(plan_path, {"units": [[u.id, list(u.entries)] for u in units]})
+    _barrier("iap_predict_plan")
+    if not chief:
+        units = [sources.Unit(uid, tuple(tuple(e) if isinstance(e, list) else e for e in entries))
+                 for uid, entries in _read_json(plan_path)["units"]]
+
+    def part_path(unit_id: str) -> str:
+        return os.path.join(parts_dir, f"{unit_id}.parquet")
+
+    mine = [u for i, u in enumerate(units) if i % jax.process_count() == jax.process_index()]
+    todo = [u for u in mine if not os.path.exists(part_path(u.id))]
+    metadata = {"checkpoint": predictor.directory, "step": predictor.step,
+                "label_encoding": predictor.encoding.to_json(), "pixel_spec": spec.to_json()}
+    schema = predictions.slice_schema(predictor.encoding, source.has_headers, metadata)
+
+    # ------------------------------------------------------------ predict ------------
+    label = "predict" if jax.process_count() == 1 else f"predict[{jax.process_index()}]"
+    meter = None if args.quiet else Progress(label, source.expected_slices(todo), unit="images")
+    skips_by_unit: dict[str, list] = {}
+    reader = _Reader(_batches(source, todo, skips_by_unit, predictor.batch_size, spec.stored_size))
+    reader.start()
+    tables: dict[str, list] = {}
+    in_flight = None
+    wait_s, predicted, compute_start = 0.0, 0, time.time()
+
+    def finish(flight) -> None:
+        unit_id, slices, outputs = flight
+        logits = jax.device_get(outputs)
+        tables.setdefault(unit_id, []).append(predictions.slice_table(
+            slices, logits, predictor.encoding, schema, args.top_k))
+
+    while True:
+        wait_start = time.time()
+        item = reader.items.get()
+        wait_s += time.time() - wait_start
+        if item[0] == "error":
+            raise item[1]
+        if item[0] == "done":
+            break
+        if item[0] == "batch":
+            _, unit_id, slices, images, scales, offsets = item
+            outputs = predictor(images, scales, offsets)  # runs while the last is decoded
+            if in_flight is not None:
+                finish(in_flight)
+            in_flight = (unit_id, slices, outputs)
+            predicted += len(slices)
+            if meter:
+                meter.advance(len(slices))
+            continue
+        unit_id = item[1]  # "end": the unit's rows and skips are complete
+        if in_flight is not None:
+            finish(in_flight)
+            in_flight = None
+        table = (predictions.pa.concat_tables(tables.pop(unit_id)) if unit_id in tables
+                 else schema.empty_table())
+        _write_json_atomic(part_path(unit_id) + ".skips.json",
+                           [s.to_json() for s in skips_by_unit.pop(unit_id, [])])
+        predictions.write_parquet_atomic(table, part_path(unit_id))  # marks the unit done
+    source.close()
+    compute_s = time.time() - compute_start
+    if meter:
+        meter.close()
+    _write_json_atomic(os.path.join(parts_dir, f"process-{jax.process_index()}.json"), {
+        "images": predicted, "seconds": compute_s, "input_wait_s": wait_s,
+        "units": len(todo), "units_resumed": len(mine) - len(todo),
+        "devices": [str(d) for d in jax.local_devices()]})
+    _barrier("iap_predict_done")
+    if not chief:
+        return {}
+
+    # ------------------------------------------------------------ tables and report (process 0)
+    slices_path = os.path.join(out_dir, "slices.parquet")
+    series_path = os.path.join(out_dir, "series.parquet")
+    rows = predictions.merge_parts([part_path(u.id) for u in units], slices_path, schema)
+    series = predictions.series_table(slices_path, predictor.encoding, metadata)
+    predictions.write_parquet_atomic(series, series_path)
+    if args.csv:
+        predictions.write_csv(predictions.pq.read_table(slices_path), os.path.join(out_dir, "slices.csv"))
+        predictions.write_csv(series, os.path.join(out_dir, "series.csv"))
+    skipped = [s.to_json() for s in source.plan_skips]
+    for unit in units:
+        skipped += _read_json(part_path(unit.id) + ".skips.json")
+    processes = [_read_json(os.path.join(parts_dir, f"process-{i}.json"))
+                 for i in range(jax.process_count())]
+    images = sum(p["images"] for p in processes)
+    seconds = max((p["seconds"] for p in processes), default=0.0)
+    report = {
+        "checkpoint": {"workdir": os.path.abspath(args.workdir), "path": predictor.directory,
+                       "step": predictor.step,
+                       "label_encoding_sha256": predictor.encoding_sha256(),
+                       "pixel_spec": spec.to_json()},
+        "input": {"spec": args.input, "kind": source.kind, "split": args.split,
+                  "salt": salt_info.get("source"), **source.notes},
+        "counts": {"units": len(units), "slices": rows, "series": series.num_rows,
+                   "skipped_inputs": len(skipped),
+                   "skipped_slices": sum(int(s.get("slices", 1)) for s in skipped)},
+        "skipped_by_reason": _count_reasons(skipped),
+        "skipped": skipped,
+        "run": {"processes": jax.process_count(), "devices": sum(len(p["devices"]) for p in processes),
+                "device_kind": jax.local_devices()[0].device_kind, "backend": jax.default_backend(),
+                "convolutions": predictor.convolutions, "dtype": predictor.dtype,
+                "batch_size": predictor.batch_size, "compile_s": round(predictor.compile_s, 2),
+                "images_this_run": images, "seconds": round(seconds, 2),
+                "images_per_s": round(images / seconds, 1) if seconds > 0 else None,
+                "input_wait_share": round(sum(p["input_wait_s"] for p in processes) /
+                                          max(sum(p["seconds"] for p in processes), 1e-9), 3),
+                "units_resumed": sum(p["units_resumed"] for p in processes),
+                "wall_s": round(time.time() - started, 1)},
+        "outputs": {"slices": "slices.parquet", "series": "series.parquet",
+                    **({"csv": ["slices.csv", "series.csv"]} if args.csv else {})},
+    }
+    _write_json_atomic(os.path.join(out_dir, REPORT_FILE), report)
+    return report
+
+
+def _count_reasons(skipped) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for s in skipped:
+        counts[s["reason"]] = counts.get(s["reason"], 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def initialise_distributed(args) -> None:
+    """jax.distributed for a multi-process prediction (explicit, or a SLURM / TPU pod job)."""
+    import ml_collections
+
+    from iap_jax.main import initialise_distributed as initialise
+
+    initialise(ml_collections.ConfigDict({"distributed": dict(
+        coordinator=args.coordinator, num_processes=args.num_processes,
+        process_id=args.process_id, cpu_collectives="gloo", auto=False)}))
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        initialise_distributed(args)
+        report = predict(args)
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as err:
+        print(f"iap-predict: error: {err}", file=sys.stderr)
+        return 2
+    if not report:  # not process 0
+        return 0
+    from iap_jax import predictions
+
+    counts = report["counts"]
+    run = report["run"]
+    print(f"predicted {counts['slices']} slices in {counts['series']} series "
+          f"({run['images_this_run']} this run at {run['images_per_s']} images/s on "
+          f"{run['devices']} {run['backend']} device(s), {run['convolutions']}; input wait "
+          f"{run['input_wait_share']:.0%}); skipped {counts['skipped_inputs']} input(s)"
+          + (f": {report['skipped_by_reason']}" if counts["skipped_inputs"] else ""))
+    table = predictions.summary_table(os.path.join(args.out, "slices.parquet"),
+                                      os.path.join(args.out, "series.parquet"))
+    if table:
+        print(table)
+    print(f"predictions: {os.path.join(args.out, 'slices.parquet')}, "
+          f"{os.path.join(args.out, 'series.parquet')}\nreport:      "
+          f"{os.path.join(args.out, REPORT_FILE)}")
+    if counts["slices"] == 0:
+        return 1
+    return 1 if args.strict and counts["skipped_inputs"] else 0
+
+
+def run() -> None:
+    """Console script entry (iap-predict)."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()
