@@ -1,0 +1,151 @@
+"""The predictor's inputs: one pixel path from DICOM and from TFRecords, and every bad input
+named and skipped while the rest is predicted."""
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pyarrow.parquet as pq
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from iap_jax import input_pipeline, sources
+from iap_jax.checkpoints import restore_model
+from iap_jax.features import example_features
+from iap_jax.labels import LabelEncoding
+from iap_jax.predict import main as predict_main
+from iap_jax.preprocess import model_input
+from predict_data import SALT, run_predict
+
+
+def test_one_slice_gives_the_same_model_input_from_dicom_and_from_its_tfrecord(trained_run):
+    spec = restore_model(trained_run.workdir)["pixel_spec"]
+    # DICOM -> iap-prep -> TFRecord -> the training input pipeline.
+    reader = input_pipeline.SplitReader(trained_run.dataset_dir, "test", input_pipeline.InputConfig())
+    encoding = LabelEncoding.from_stats(input_pipeline.load_split_stats(trained_run.dataset_dir))
+    records = list(tfds.as_numpy(reader.records()))
+    n = len(records)
+    batch = next(input_pipeline.eval_batches(reader, encoding, n))
+    # DICOM -> the predictor's reader, for the same slices.
+    source = sources.open_source(trained_run.dicom_root, spec, salt=lambda: SALT, progress=False)
+    by_key = {}
+    for unit in source.plan():
+        for s in source.read(unit, []):
+            by_key[(s.series_key, s.slice_index)] = s
+    from_dicom = [by_key[(r["series"].decode(), int(r["slice_index"]))] for r in records]
+    images = np.stack([s.image for s in from_dicom])
+    scales = np.array([s.scale for s in from_dicom], np.float32)
+    offsets = np.array([s.offset for s in from_dicom], np.float32)
+    np.testing.assert_array_equal(images, batch["image"])
+    np.testing.assert_array_equal(scales, batch["scale"])
+    np.testing.assert_array_equal(offsets, batch["offset"])
+    to_input = jax.jit(lambda i, s, o: model_input(i, s, o, spec))
+    np.testing.assert_array_equal(np.asarray(to_input(images, scales, offsets)),
+                                  np.asarray(to_input(batch["image"], batch["scale"], batch["offset"])))
+    assert spec.normalisation == "percentile" and spec.input_size == 32
+
+
+def _serialized(image_size, series="s", index=0):
+    features = example_features(image_size)
+    labels = {name: {"value": "", "number": np.nan, "state": 0} for name in features["labels"].keys()}
+    return features.serialize_example({
+        "image": np.arange(image_size * image_size, dtype=np.uint16).reshape(image_size, image_size),
+        "intensity_scale": 1.0, "intensity_offset": 0.0, "patient": "p", "series": series,
+        "phase": 0, "slice_index": index, "num_slices": 1, "slice_position": 0.0, "labels": labels})
+
+
+def test_bad_tfrecords_are_named_and_the_rest_predicted(trained_run, tmp_path):
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    shards = sorted(p for p in os.listdir(trained_run.dataset_dir) if ".tfrecord" in p)
+    for name in shards:
+        shutil.copy(os.path.join(trained_run.dataset_dir, name), archive / name)
+    test_shard = next(n for n in shards if "-test." in n)
+    good = run_predict(trained_run, str(tmp_path / "good"), "--input", str(archive / "*.tfrecord*"))
+    # A shard cut off in the middle of a record, a file that is no TFRecord at all, and a
+    # shard of 48 px images (another prep size) beside one good 32 px record.
+    data = (archive / test_shard).read_bytes()
+    (archive / test_shard).write_bytes(data[:len(data) // 2])
+    (archive / "notes.tfrecord").write_bytes(b"this is not a record file")
+    with tf.io.TFRecordWriter(str(archive / "other-size.tfrecord")) as writer:
+        writer.write(_serialized(48, "big", 0))
+        writer.write(_serialized(48, "big", 1))
+        writer.write(_serialized(32, "small", 0))
+    out = tmp_path / "bad"
+    report = run_predict(trained_run, str(out), "--input", str(archive / "*.tfrecord*"))
+    reasons = {(s["input"], s["reason"]): s for s in report["skipped"]}
+    assert (test_shard, "corrupt_tfrecord") in reasons
+    assert "stopped after" in reasons[(test_shard, "corrupt_tfrecord")]["detail"]
+    assert ("notes.tfrecord", "corrupt_tfrecord") in reasons
+    wrong = reasons[("other-size.tfrecord", "wrong_image_shape")]
+    assert wrong["slices"] == 2 and "48x48" in wrong["detail"] and "32x32" in wrong["detail"]
+    rows = pq.read_table(out / "slices.parquet")
+    sources_seen = set(rows.column("source").to_pylist())
+    assert {n for n in shards if n != test_shard} <= sources_seen and "other-size.tfrecord" in sources_seen
+    # Everything before the cut is still predicted; nothing else is lost.
+    kept = rows.num_rows - 1 - (good["counts"]["slices"] - sum(
+        1 for s in pq.read_table(tmp_path / "good" / "slices.parquet").column("source").to_pylist()
+        if s == test_shard))
+    assert 0 <= kept < sum(1 for s in pq.read_table(tmp_path / "good" / "slices.parquet")
+                          .column("source").to_pylist() if s == test_shard)
+
+
+def test_bad_dicom_files_are_named_and_the_rest_predicted(trained_run, tmp_path):
+    root = tmp_path / "dicom"
+    shutil.copytree(trained_run.dicom_root, root)
+    good = run_predict(trained_run, str(tmp_path / "good"), "--input", trained_run.dicom_root)
+    used = sorted(set(pq.read_table(tmp_path / "good" / "slices.parquet").column("source").to_pylist()))
+    # A file cut off inside its pixel data, and a file whose pixel data cannot be decoded.
+    cut, broken = (os.path.join(root, used[i]) for i in (0, 5))
+    data = open(cut, "rb").read()
+    open(cut, "wb").write(data[:len(data) - 200])
+    import pydicom
+    from pydicom.uid import JPEG2000Lossless
+    ds = pydicom.dcmread(broken)
+    ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
+    ds.PixelData = pydicom.encaps.encapsulate([b"\x00\x01garbage" * 8])
+    ds.save_as(broken, enforce_file_format=True)
+    report = run_predict(trained_run, str(tmp_path / "bad"), "--input", str(root))
+    reasons = {s["input"]: s["reason"] for s in report["skipped"]}
+    assert reasons[os.path.relpath(cut, root)] == "truncated"
+    assert reasons[os.path.relpath(broken, root)] == "undecodable"
+    assert report["counts"]["slices"] == good["counts"]["slices"] - 2
+
+
+def test_png_and_numpy_images_and_their_bad_cousins(trained_run, tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "images" / "series_a"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 4000, (40, 48)).astype(np.uint16)).save(folder / f"{i:03d}.png")
+    Image.fromarray(rng.integers(0, 255, (20, 20, 3)).astype(np.uint8)).save(folder / "colour.png")
+    np.save(tmp_path / "images" / "volume.npy", rng.normal(size=(4, 30, 30)).astype(np.float32))
+    np.save(tmp_path / "images" / "line.npy", np.zeros(10))
+    out = tmp_path / "out"
+    report = run_predict(trained_run, str(out), "--input", str(tmp_path / "images"))
+    reasons = {s["input"]: s for s in report["skipped"]}
+    assert reasons["series_a/colour.png"]["reason"] == "unreadable"
+    assert "not grayscale" in reasons["series_a/colour.png"]["detail"]
+    assert reasons["line.npy"]["reason"] == "wrong_image_shape"
+    rows = pq.read_table(out / "slices.parquet").to_pylist()
+    keys = sorted((r["series_key"], r["slice_index"]) for r in rows)
+    assert keys == [("series_a", 0), ("series_a", 1), ("series_a", 2)] + [("volume.npy", k) for k in range(4)]
+    assert "Manufacturer_header" not in rows[0]  # images carry no headers
+    # A glob of the same files gives the same predictions.
+    again = run_predict(trained_run, str(tmp_path / "glob"), "--input", str(folder / "0*.png"))
+    assert again["counts"]["slices"] == 3
+
+
+def test_nothing_predictable_exits_non_zero(trained_run, tmp_path, capsys):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    np.save(folder / "line.npy", np.zeros(10))
+    code = predict_main(["--workdir", trained_run.workdir, "--input", str(folder), "--out",
+                         str(tmp_path / "out"), "--quiet"])
+    assert code == 1
+    report = json.load(open(tmp_path / "out" / "predict_report.json"))
+    assert report["counts"]["slices"] == 0 and report["skipped"][0]["input"] == "line.npy"
+    assert "wrong_image_shape" in capsys.readouterr().out
