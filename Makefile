@@ -9,7 +9,7 @@ PATIENTS ?= 1000
 SLICES ?= 5
 WORKERS ?= 2
 
-.PHONY: install sysdeps demo synth prep train test bench bench-synth bench-prep bench-train clean
+.PHONY: install sysdeps demo synth prep train predict test bench bench-synth bench-prep bench-train bench-predict clean
 
 # Builds (once per machine, cached) the oneDNN convolution library, or says why it cannot.
 install: $(VENV)/.installed sysdeps
@@ -46,7 +46,11 @@ train: prep
 	$(BIN)/iap-train --config=configs/synthetic_cpu.py --workdir=$(RUN)/train \
 	  --config.dataset_dir=$(DATASET)
 
-demo: train
+# The test split predicted from the best checkpoint, with the per-IAP table against its headers.
+predict: train
+	$(BIN)/iap-predict --workdir $(RUN)/train --input $(DATASET) --split test --out $(RUN)/predict
+
+demo: predict
 
 test: install
 	$(BIN)/python -m pytest -q -n 2 tests
@@ -65,7 +69,10 @@ bench-prep: install
 bench-train: install $(VENV)/.torch
 	$(BIN)/python bench/train.py
 
-bench: bench-synth bench-prep bench-train
+bench-predict: install $(VENV)/.torch
+	$(BIN)/python bench/predict.py
+
+bench: bench-synth bench-prep bench-train bench-predict
 
 clean:
 	rm -rf $(RUN)

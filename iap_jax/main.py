@@ -1,4 +1,11 @@
-"""Command line: python -m iap_jax.main --config=configs/X.py --workdir=W [--config.key=value ...]
+"""iap-train: train (or resume) a multi-task ResNet on a dataset made by iap-prep.
+
+  iap-train --config=configs/X.py[:switches] --workdir=W --config.dataset_dir=D [--config.key=value ...]
+  python -m iap_jax.main (the same flags)
+
+Every field of the config file can be overridden with --config.<key>=<value>, e.g.
+--config.num_epochs=30 --config.model.name=resnet50; the configs are in configs/ (default.py
+lists every field). A rerun with the same --workdir resumes from its latest checkpoint.
 
 Multi-process runs call jax.distributed.initialize() first: with an explicit coordinator
 from config.distributed (local multi-process, launch/local_multiprocess.py), or with
@@ -6,6 +13,7 @@ cluster auto-detection under SLURM or on a TPU VM pod (launch/).
 """
 import logging as std_logging
 import os
+import sys
 
 import jax
 from absl import app, flags, logging
@@ -98,12 +106,23 @@ def main(argv):
                                multi_process, onednn_convs)
     if devices > 1:  # before any backend starts; only the CPU backend reads it
         jax.config.update("jax_num_cpu_devices", devices)
+    try:  # a one-line error, before anything is written
+        train.check_dataset(config)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"iap-train: error: {err}", file=sys.stderr)
+        sys.exit(2)
     initialise_distributed(config)
     train.train_and_evaluate(config, FLAGS.workdir)
 
 
 def run():
     """Console script entry (iap-train)."""
+    if any(arg in ("-h", "--help") for arg in sys.argv[1:]):
+        # absl's --help lists the flags of the script's own module, which here is the
+        # console-script stub: print this module's usage and flags instead.
+        print(__doc__)
+        print(FLAGS.module_help(__name__))
+        sys.exit(0)
     app.run(main)
 
 

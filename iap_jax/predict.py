@@ -137,20 +137,19 @@ def resolve_salt(args, config: dict, out_dir: str) -> tuple[str, str]:
 # --- the model --------------------------------------------------------------------------
 
 class Predictor:
-    """A checkpoint's model as one compiled forward over a fixed global batch."""
+    """A model as one compiled forward over a fixed global batch on this process's devices."""
 
-    def __init__(self, workdir: str, step: str | int = "best", batch_size: int = 256,
-                 conv_impl: str | None = None, dtype: str | None = None):
+    def __init__(self, restored: dict, mesh, batch_size: int = 256, conv_impl: str | None = None,
+                 dtype: str | None = None):
+        """restored: checkpoints.restore_model's dict (arrays placed on `mesh`)."""
         import jax
         import jax.numpy as jnp
 
         from iap_jax import sharding as sharding_lib
-        from iap_jax.checkpoints import restore_model
         from iap_jax.models.factory import build_model, describe_convolutions, inference_settings
         from iap_jax.preprocess import model_input
 
-        self.mesh = sharding_lib.make_mesh({"data": -1}, devices=jax.local_devices())
-        restored = restore_model(workdir, self.mesh, step)
+        self.mesh = mesh
         self.step = restored["step"]
         self.directory = restored["directory"]
         self.encoding = restored["label_encoding"]
@@ -182,6 +181,18 @@ class Predictor:
         self.compile_s = time.time() - start
         self._variables = variables
         self._batch_sharding = batch
+
+    @classmethod
+    def from_checkpoint(cls, workdir: str, step: str | int = "best", batch_size: int = 256,
+                        conv_impl: str | None = None, dtype: str | None = None) -> "Predictor":
+        """The checkpoint's model alone (never its optimizer state) on this process's devices."""
+        import jax
+
+        from iap_jax import sharding as sharding_lib
+        from iap_jax.checkpoints import restore_model
+
+        mesh = sharding_lib.make_mesh({"data": -1}, devices=jax.local_devices())
+        return cls(restore_model(workdir, mesh, step), mesh, batch_size, conv_impl, dtype)
 
     def __call__(self, images, scales, offsets) -> dict:
         """Host arrays of the full batch shape -> device outputs (asynchronous)."""
@@ -283,7 +294,8 @@ def predict(args) -> dict:
         raise ValueError(f"--top-k {args.top_k}: must be at least 1")
     os.makedirs(parts_dir, exist_ok=True)
 
-    predictor = Predictor(args.workdir, args.step, args.batch_size, args.conv_impl, args.dtype)
+    predictor = Predictor.from_checkpoint(args.workdir, args.step, args.batch_size,
+                                          args.conv_impl, args.dtype)
     overrides = {k: v for k, v in (("series_filter", args.series_filter), ("phases", args.phases),
                                    ("slices", args.slices)) if v is not None}
     spec = PixelSpec.from_json({**predictor.spec.to_json(), **overrides})

@@ -160,11 +160,16 @@ def _format_summary(summary: dict, baseline: dict) -> str:
     return "\n".join(lines)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Trains (or resumes) in workdir; returns {"step", "validation", "state"}."""
+def check_dataset(config: ml_collections.ConfigDict) -> None:
+    """Raises a one-line error when config.dataset_dir is missing or not a prepared dataset."""
     if not config.dataset_dir:
         raise ValueError("no dataset: pass --config.dataset_dir=<the dataset dir iap-prep printed>")
-    input_pipeline.load_builder(config.dataset_dir)  # a clear error before anything is written
+    input_pipeline.load_builder(config.dataset_dir)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains (or resumes) in workdir; returns {"step", "validation", "state"}."""
+    check_dataset(config)  # before anything is written
     os.makedirs(workdir, exist_ok=True)
     is_chief = jax.process_index() == 0
 

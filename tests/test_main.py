@@ -43,3 +43,24 @@ def test_run_log_keeps_library_warnings_but_not_their_routine_chatter():
     assert not keep(record("/site-packages/orbax/checkpoint/manager.py", logging.WARNING,
                            "Requested `tracked_metric`; did not provide metrics."))
     assert keep(record("/srv/project/iap_jax/train.py", logging.INFO, "step 10/100"))
+
+
+def test_help_prints_the_usage_and_a_missing_dataset_is_one_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=repo)
+    script = "import sys; from iap_jax.main import run; sys.argv[0] = 'iap-train'; run()"
+    shown = subprocess.run([sys.executable, "-c", script, "--help"], env=env, cwd=repo,
+                           capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0 and "--config.dataset_dir" in shown.stdout
+    assert "--workdir" in shown.stdout
+    workdir = tmp_path / "run"
+    failed = subprocess.run([sys.executable, "-c", script, f"--config={repo}/configs/synthetic_cpu.py",
+                             f"--workdir={workdir}", f"--config.dataset_dir={tmp_path / 'nope'}"],
+                            env=env, cwd=repo, capture_output=True, text=True, timeout=120)
+    assert failed.returncode == 2
+    assert failed.stderr.strip().splitlines()[-1] == f"iap-train: error: {tmp_path / 'nope'}: no such dataset directory"
+    assert not workdir.exists()
