@@ -63,7 +63,8 @@ from etils import epath
 from data_prep import report as report_lib
 from data_prep.examples import SliceItem, make_example
 from data_prep.splits import SPLIT_NAMES, parse_split, salted_hash, split_of
-from data_prep.stats import compute_stats, write_json_atomic, write_stats
+from data_prep.stats import compute_stats, write_stats
+from iap_jax.atomic import write_json_atomic
 from iap_jax.dicom import DicomError
 from iap_jax.features import (DATASET_NAME, PREP_OPTIONS_FILE, STATS_FILE, example_features,
                               load_iap_stats)

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import collections
-import json
 import math
 import os
 from typing import Any, Iterable, Mapping
 
 import numpy as np
 
+from iap_jax.atomic import write_json_atomic
 from iap_jax.features import QUANTILES, STATS_FILE
 from iap_jax.iaps import IAP_NAMES, SPECS, LabelState
 
@@ -90,15 +90,6 @@ def compute_stats(examples_by_split: Mapping[str, Iterable[Mapping[str, Any]]]) 
             accumulator.add(example)
         stats[split] = accumulator.result()
     return stats
-
-
-def write_json_atomic(path: str, data: Any) -> None:
-    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
-    temporary = f"{path}.tmp.{os.getpid()}"
-    with open(temporary, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=False)
-        f.write("\n")
-    os.replace(temporary, path)
 
 
 def write_stats(dataset_dir: str, stats: Mapping[str, Any]) -> str:

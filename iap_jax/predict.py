@@ -30,6 +30,8 @@ import threading
 import time
 from typing import Any, Iterator
 
+from iap_jax.atomic import write_json_atomic
+
 PARTS = "parts"
 REPORT_FILE = "predict_report.json"
 
@@ -79,14 +81,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # --- helpers ----------------------------------------------------------------------------
-
-def _write_json_atomic(path: str, data: Any) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
-
 
 def _read_json(path: str) -> Any:
     with open(path) as f:
@@ -275,7 +269,7 @@ def _check_signature(parts_dir: str, signature: dict, overwrite: bool) -> None:
                              f"pass --overwrite to discard them, or use another --out")
         for name in os.listdir(parts_dir):
             os.remove(os.path.join(parts_dir, name))
-    _write_json_atomic(path, signature)
+    write_json_atomic(path, signature)
 
 
 def predict(args) -> dict:
@@ -317,7 +311,7 @@ def predict(args) -> dict:
         units = source.plan()
         signature = _run_signature(args, predictor, source, spec, units, salt_info.get("value"))
         _check_signature(parts_dir, signature, args.overwrite)
-        _write_json_atomic(plan_path, {"units": [[u.id, list(u.entries)] for u in units]})
+        write_json_atomic(plan_path, {"units": [[u.id, list(u.entries)] for u in units]})
     _barrier("iap_predict_plan")
     if not chief:
         units = [sources.Unit(uid, tuple(tuple(e) if isinstance(e, list) else e for e in entries))
@@ -372,14 +366,14 @@ def predict(args) -> dict:
             in_flight = None
         table = (predictions.pa.concat_tables(tables.pop(unit_id)) if unit_id in tables
                  else schema.empty_table())
-        _write_json_atomic(part_path(unit_id) + ".skips.json",
+        write_json_atomic(part_path(unit_id) + ".skips.json",
                            [s.to_json() for s in skips_by_unit.pop(unit_id, [])])
         predictions.write_parquet_atomic(table, part_path(unit_id))  # marks the unit done
     source.close()
     compute_s = time.time() - compute_start
     if meter:
         meter.close()
-    _write_json_atomic(os.path.join(parts_dir, f"process-{jax.process_index()}.json"), {
+    write_json_atomic(os.path.join(parts_dir, f"process-{jax.process_index()}.json"), {
         "images": predicted, "seconds": compute_s, "input_wait_s": wait_s,
         "units": len(todo), "units_resumed": len(mine) - len(todo),
         "devices": [str(d) for d in jax.local_devices()]})
@@ -428,7 +422,7 @@ def predict(args) -> dict:
         "outputs": {"slices": "slices.parquet", "series": "series.parquet",
                     **({"csv": ["slices.csv", "series.csv"]} if args.csv else {})},
     }
-    _write_json_atomic(os.path.join(out_dir, REPORT_FILE), report)
+    write_json_atomic(os.path.join(out_dir, REPORT_FILE), report)
     return report
 
 

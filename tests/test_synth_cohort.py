@@ -228,3 +228,12 @@ def test_rerun_with_other_settings_is_refused(tmp_path, capsys):
     # The same settings add patients to the cohort.
     rows = cohort.generate_cohort(out, patients=2, seed=SEED, preset="small", slices=2)
     assert len({r["patient_id"] for r in rows}) == 2
+
+
+def test_rerun_into_the_same_folder_touches_no_file(tmp_path):
+    out = tmp_path / "cohort"
+    cohort.generate_cohort(out, 2, seed=4, preset="small", slices=2)
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    cohort.generate_cohort(out, 2, seed=4, preset="small", slices=2)
+    after = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    assert after == before  # so iap-prep's archive fingerprint is unchanged

@@ -327,12 +327,17 @@ def generate_patient(task: PatientTask) -> PatientResult:
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
+    """Writes cohort.csv, leaving an identical existing file untouched: its modification
+    time is part of the archive fingerprint iap-prep checks on a rerun."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
         writer.writeheader()
         for row in rows:
             writer.writerow({k: row[k] for k in CSV_COLUMNS})
+    if path.exists() and path.read_bytes() == tmp.read_bytes():
+        tmp.unlink()
+        return
     os.replace(tmp, path)
 
 
