@@ -328,7 +328,8 @@ def predict(args) -> dict:
 
     # ------------------------------------------------------------ predict ------------
     label = "predict" if jax.process_count() == 1 else f"predict[{jax.process_index()}]"
-    meter = None if args.quiet else Progress(label, source.expected_slices(todo), unit="images")
+    meter = None if args.quiet or not todo else Progress(label, source.expected_slices(todo),
+                                                         unit="images")
     skips_by_unit: dict[str, list] = {}
     reader = _Reader(_batches(source, todo, skips_by_unit, predictor.batch_size, spec.stored_size))
     reader.start()
@@ -459,10 +460,14 @@ def main(argv=None) -> int:
 
     counts = report["counts"]
     run = report["run"]
-    print(f"predicted {counts['slices']} slices in {counts['series']} series "
-          f"({run['images_this_run']} this run at {run['images_per_s']} images/s on "
-          f"{run['devices']} {run['backend']} device(s), {run['convolutions']}; input wait "
-          f"{run['input_wait_share']:.0%}); skipped {counts['skipped_inputs']} input(s)"
+    if run["images_this_run"]:
+        speed = (f"{run['images_this_run']} this run at {run['images_per_s']} images/s on "
+                 f"{run['devices']} {run['backend']} device(s), {run['convolutions']}; input wait "
+                 f"{run['input_wait_share']:.0%}")
+    else:
+        speed = f"all {counts['units']} units predicted by an earlier run into this --out"
+    print(f"predicted {counts['slices']} slices in {counts['series']} series ({speed}); skipped "
+          f"{counts['skipped_inputs']} input(s)"
           + (f": {report['skipped_by_reason']}" if counts["skipped_inputs"] else ""))
     table = predictions.summary_table(os.path.join(args.out, "slices.parquet"),
                                       os.path.join(args.out, "series.parquet"))

@@ -32,6 +32,8 @@ from iap_jax.salt import salted_hash
 IMAGE_SUFFIXES = (".png", ".npy")
 # A unit of DICOM or image input holds whole series of at least this many slices.
 UNIT_SLICES = 512
+# TFRecords are decoded in batches of this many records.
+READ_BATCH = 64
 
 
 @dataclasses.dataclass
@@ -140,23 +142,31 @@ class TfrecordSource(Source):
                     "slice_index": ex["slice_index"], "labels": labels}
         return parse
 
-    def read(self, unit: Unit, skips: list[Skip]) -> Iterator[StoredSlice]:
+    def _dataset(self, path: str, skip: int, batch: int):
         import tensorflow as tf
 
-        relative = unit.entries[0]
-        path = os.path.join(self.root, relative)
         if self._parse is None:
             self._parse = self._parser()
-        ds = tf.data.TFRecordDataset(path).map(self._parse, num_parallel_calls=tf.data.AUTOTUNE)
+        ds = tf.data.TFRecordDataset(path).skip(skip)
+        ds = ds.map(self._parse, num_parallel_calls=tf.data.AUTOTUNE).batch(batch)
         options = tf.data.Options()
         options.deterministic = True
         if self.threads:
             options.threading.private_threadpool_size = self.threads
-        ds = ds.with_options(options).prefetch(tf.data.AUTOTUNE)
+        return ds.with_options(options).prefetch(2).as_numpy_iterator()
+
+    def read(self, unit: Unit, skips: list[Skip]) -> Iterator[StoredSlice]:
+        """Records in batches of READ_BATCH (a Python object per record is the cost here);
+        after a corrupt batch the shard is read again record by record from that batch's
+        start, so every record before the damage is still predicted."""
+        import tensorflow as tf
+
+        relative = unit.entries[0]
+        path = os.path.join(self.root, relative)
         size = self.spec.stored_size
         wrong: dict[int, int] = {}
-        read = 0
-        iterator = ds.as_numpy_iterator()
+        read, batch = 0, READ_BATCH
+        iterator = self._dataset(path, 0, batch)
         while True:
             try:
                 ex = next(iterator)
@@ -164,20 +174,26 @@ class TfrecordSource(Source):
                 break
             except (tf.errors.DataLossError, tf.errors.InvalidArgumentError,
                     tf.errors.NotFoundError, tf.errors.PermissionDeniedError) as err:
+                if batch > 1:
+                    batch, iterator = 1, self._dataset(path, read, 1)
+                    continue
                 message = " ".join(str(getattr(err, "message", err)).split())[:200]
                 skips.append(Skip(relative, "corrupt_tfrecord",
                                   f"stopped after {read} records: {message}", slices=0))
                 break
-            read += 1
-            if int(ex["pixels"]) != size * size:
-                wrong[int(ex["pixels"])] = wrong.get(int(ex["pixels"]), 0) + 1
-                continue
-            headers = [(int(ex["labels"][n]["state"]), ex["labels"][n]["value"].decode(),
-                        float(ex["labels"][n]["number"])) for n in IAP_NAMES]
-            yield StoredSlice(ex["image"], float(ex["scale"]), float(ex["offset"]),
-                              ex["series"].decode(), int(ex["slice_index"]), relative,
-                              patient=ex["patient"].decode(), phase=int(ex["phase"]),
-                              headers=headers)
+            read += len(ex["pixels"])
+            labels = {n: (ex["labels"][n]["state"].tolist(), ex["labels"][n]["value"].tolist(),
+                          ex["labels"][n]["number"].tolist()) for n in IAP_NAMES}
+            for i, pixels in enumerate(ex["pixels"].tolist()):
+                if pixels != size * size:
+                    wrong[pixels] = wrong.get(pixels, 0) + 1
+                    continue
+                headers = [(labels[n][0][i], labels[n][1][i].decode(), labels[n][2][i])
+                           for n in IAP_NAMES]
+                yield StoredSlice(ex["image"][i], float(ex["scale"][i]), float(ex["offset"][i]),
+                                  ex["series"][i].decode(), int(ex["slice_index"][i]), relative,
+                                  patient=ex["patient"][i].decode(), phase=int(ex["phase"][i]),
+                                  headers=headers)
         for pixels, n in sorted(wrong.items()):
             side = math.isqrt(pixels)
             shape = f"{side}x{side}" if side * side == pixels else f"{pixels}-pixel"
