@@ -9,7 +9,7 @@ PATIENTS ?= 1000
 SLICES ?= 5
 WORKERS ?= 2
 
-.PHONY: install sysdeps demo synth prep train predict test bench bench-synth bench-prep bench-train bench-predict clean
+.PHONY: install sysdeps demo synth prep train predict-validation calibrate predict evaluate sort test bench bench-synth bench-prep bench-train bench-predict clean
 
 # Builds (once per machine, cached) the oneDNN convolution library, or says why it cannot.
 install: $(VENV)/.installed sysdeps
@@ -46,11 +46,25 @@ train: prep
 	$(BIN)/iap-train --config=configs/synthetic_cpu.py --workdir=$(RUN)/train \
 	  --config.dataset_dir=$(DATASET)
 
-# The test split predicted from the best checkpoint, with the per-IAP table against its headers.
-predict: train
+# Calibration (temperatures and header-QA thresholds) is fitted on the validation split's
+# raw predictions; the test split is then predicted from the best checkpoint with it.
+predict-validation: train
+	$(BIN)/iap-predict --workdir $(RUN)/train --input $(DATASET) --split validation \
+	  --out $(RUN)/predict_validation --no-calibration --quiet
+
+calibrate: predict-validation
+	$(BIN)/iap-eval --predictions $(RUN)/predict_validation --fit-calibration
+
+predict: calibrate
 	$(BIN)/iap-predict --workdir $(RUN)/train --input $(DATASET) --split test --out $(RUN)/predict
 
-demo: predict
+evaluate: predict
+	$(BIN)/iap-eval --predictions $(RUN)/predict --out $(RUN)/report
+
+sort: evaluate
+	$(BIN)/iap-sort --predictions $(RUN)/predict --out $(RUN)/sort/manifest.csv
+
+demo: sort
 
 test: install
 	$(BIN)/python -m pytest -q -n 2 tests

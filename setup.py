@@ -23,6 +23,8 @@ INSTALL_REQUIRES = [
     # Predictions are Parquet tables; PNG input is read with Pillow.
     "pyarrow>=14,<26",
     "pillow>=10,<13",
+    # Evaluation: metrics (confusion, recall, R2) and the calibration curve the ECE is checked against.
+    "scikit-learn>=1.3,<2",
     # oneDNN (library and headers) for the CPU's fastest convolutions (iap_jax/models/onednn.py).
     "onednn-devel-cpu-gomp==2023.2.0; platform_system == 'Linux' and platform_machine == 'x86_64'",
 ]
@@ -57,6 +59,8 @@ setup(
             "iap-prep=data_prep.cli:main",
             "iap-train=iap_jax.main:run",
             "iap-predict=iap_jax.predict:run",
+            "iap-eval=iap_jax.evaluate:run",
+            "iap-sort=iap_jax.sort:run",
         ]
     },
 )

@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from train import HEAD_SIZES, _torch_available, _torch_resnet18  # noqa: E402  (bench/train.py)
 
 DEFAULT_OUT = os.path.join("bench", "results", "predict.json")
+E2E_IMAGES = int(os.environ.get("IAP_BENCH_E2E_IMAGES", "1024"))
 
 
 def _restored(size: int, dtype: str, mesh):
@@ -110,7 +111,7 @@ def _run_torch(size: int, batch: int, batches: int, dtype: str, compiled: bool =
 
 
 def _run_e2e(size: int, batch: int, batches: int, dtype: str) -> dict:
-    """iap-predict over one TFRecord shard of batch x batches synthetic slices."""
+    """iap-predict over one TFRecord shard of E2E_IMAGES synthetic slices."""
     import jax
     import numpy as np
     import tensorflow as tf
@@ -126,14 +127,15 @@ def _run_e2e(size: int, batch: int, batches: int, dtype: str) -> dict:
     restored = _restored(size, dtype, mesh)
     checkpointer = Checkpointer(os.path.join(root, "train"), async_save=False)
     checkpointer.save(1, model={"params": restored["params"], "batch_stats": restored["batch_stats"]},
-                      train={}, config=restored["config"], encoding=restored["label_encoding"],
+                      train={"step": np.zeros((), np.int32)}, config=restored["config"],
+                      encoding=restored["label_encoding"],
                       pixel_spec=restored["pixel_spec"], dataset={}, input_position={"step": 1})
-    checkpointer.close()
+    checkpointer.manager.wait_until_finished()  # (close() would stop Orbax's shared executor)
     features = example_features(size)
     labels = {n: {"value": "", "number": np.nan, "state": 0} for n in IAP_NAMES}
     images, scales, _ = _images(batch, size)
     with tf.io.TFRecordWriter(os.path.join(root, "shard.tfrecord")) as writer:
-        for i in range(batch * batches):
+        for i in range(E2E_IMAGES):
             writer.write(features.serialize_example({
                 "image": images[i % batch], "intensity_scale": scales[i % batch],
                 "intensity_offset": 0.0, "patient": "p", "series": f"s{i // 16}", "phase": 0,

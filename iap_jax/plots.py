@@ -9,13 +9,10 @@ from iap_jax.labels import LabelEncoding
 
 
 def write_confusion_matrices(confusions: dict[str, np.ndarray], encoding: LabelEncoding,
-                             out_dir: str) -> list[str]:
+                             out_dir: str, what: str = "labelled slices") -> list[str]:
     """One PNG per categorical head: rows are true classes, columns predictions, colour the
     share of each true class, numbers the counts. Returns the paths written."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     os.makedirs(out_dir, exist_ok=True)
     paths = []
     for head in encoding.heads:
@@ -31,7 +28,7 @@ def write_confusion_matrices(confusions: dict[str, np.ndarray], encoding: LabelE
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
         accuracy = np.trace(counts) / max(counts.sum(), 1.0)
-        ax.set_title(f"{head.name}: top-1 {accuracy:.3f} on {int(counts.sum())} labelled slices")
+        ax.set_title(f"{head.name}: top-1 {accuracy:.3f} on {int(counts.sum())} {what}")
         for (row, col), value in np.ndenumerate(counts):
             if value:
                 ax.text(col, row, f"{int(value)}", ha="center", va="center", fontsize=6,
@@ -43,3 +40,59 @@ def write_confusion_matrices(confusions: dict[str, np.ndarray], encoding: LabelE
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def write_scatter(true: np.ndarray, predicted: np.ndarray, name: str, unit: str, path: str,
+                  title: str = "") -> str:
+    """Predicted against true values of a continuous IAP, with the identity line."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4.6, 4.4))
+    ax.scatter(true, predicted, s=6, alpha=0.4, color="tab:blue", edgecolors="none")
+    finite = np.concatenate([true, predicted])
+    finite = finite[np.isfinite(finite)]
+    if finite.size:
+        low, high = float(finite.min()), float(finite.max())
+        pad = 0.05 * (high - low or 1.0)
+        ax.plot([low - pad, high + pad], [low - pad, high + pad], color="0.4", lw=1, ls="--")
+        ax.set_xlim(low - pad, high + pad)
+        ax.set_ylim(low - pad, high + pad)
+    ax.set_xlabel(f"header {name} ({unit})")
+    ax.set_ylabel(f"predicted {name} ({unit})")
+    ax.set_title(title or name, fontsize=9)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_reliability(curves: dict[str, tuple], name: str, path: str) -> str:
+    """Reliability diagram: accuracy per confidence bin against the diagonal, one line per
+    curve label (e.g. before / after calibration); curves: label -> (confidence, accuracy,
+    counts, ece)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4.6, 4.4))
+    ax.plot([0, 1], [0, 1], color="0.5", lw=1, ls="--", label="perfect")
+    for (label, (confidence, accuracy, counts, ece)), colour in zip(curves.items(),
+                                                                      ("tab:red", "tab:blue")):
+        filled = counts > 0
+        ax.plot(confidence[filled], accuracy[filled], marker="o", ms=3, color=colour,
+                label=f"{label} (ECE {ece:.3f})")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence (top-1 probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"{name}: reliability", fontsize=9)
+    ax.legend(loc="upper left", fontsize=7)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

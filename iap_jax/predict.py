@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
                         help="compute dtype (default: the trained one; float32 on a CPU)")
     parser.add_argument("--csv", action="store_true", help="also write slices.csv and series.csv")
+    parser.add_argument("--no-calibration", action="store_true",
+                        help="ignore the workdir's calibration.json (iap-eval --fit-calibration)")
     parser.add_argument("--overwrite", action="store_true",
                         help="discard part files of a different earlier run in OUT_DIR")
     parser.add_argument("--strict", action="store_true", help="exit 1 if anything was skipped")
@@ -277,6 +279,7 @@ def predict(args) -> dict:
     import jax
 
     from iap_jax import predictions, sources
+    from iap_jax.calibration import load_calibration
     from iap_jax.preprocess import PixelSpec
     from iap_jax.progress import Progress
 
@@ -293,6 +296,8 @@ def predict(args) -> dict:
     overrides = {k: v for k, v in (("series_filter", args.series_filter), ("phases", args.phases),
                                    ("slices", args.slices)) if v is not None}
     spec = PixelSpec.from_json({**predictor.spec.to_json(), **overrides})
+    calibration = None if args.no_calibration else load_calibration(args.workdir, predictor.step)
+    temperatures = calibration["temperatures"] if calibration else {}
     salt_info: dict[str, str] = {}
 
     def salt() -> str:
@@ -310,6 +315,7 @@ def predict(args) -> dict:
     if chief:
         units = source.plan()
         signature = _run_signature(args, predictor, source, spec, units, salt_info.get("value"))
+        signature["temperatures"] = temperatures
         _check_signature(parts_dir, signature, args.overwrite)
         write_json_atomic(plan_path, {"units": [[u.id, list(u.entries)] for u in units]})
     _barrier("iap_predict_plan")
@@ -323,7 +329,8 @@ def predict(args) -> dict:
     mine = [u for i, u in enumerate(units) if i % jax.process_count() == jax.process_index()]
     todo = [u for u in mine if not os.path.exists(part_path(u.id))]
     metadata = {"checkpoint": predictor.directory, "step": predictor.step,
-                "label_encoding": predictor.encoding.to_json(), "pixel_spec": spec.to_json()}
+                "label_encoding": predictor.encoding.to_json(), "pixel_spec": spec.to_json(),
+                "calibration": calibration}
     schema = predictions.slice_schema(predictor.encoding, source.has_headers, metadata)
 
     # ------------------------------------------------------------ predict ------------
@@ -341,7 +348,7 @@ def predict(args) -> dict:
         unit_id, slices, outputs = flight
         logits = jax.device_get(outputs)
         tables.setdefault(unit_id, []).append(predictions.slice_table(
-            slices, logits, predictor.encoding, schema, args.top_k))
+            slices, logits, predictor.encoding, schema, args.top_k, temperatures))
 
     while True:
         wait_start = time.time()
@@ -386,7 +393,8 @@ def predict(args) -> dict:
     slices_path = os.path.join(out_dir, "slices.parquet")
     series_path = os.path.join(out_dir, "series.parquet")
     rows = predictions.merge_parts([part_path(u.id) for u in units], slices_path, schema)
-    series = predictions.series_table(slices_path, predictor.encoding, metadata)
+    qa = (calibration or {}).get("qa", {}).get("thresholds")
+    series = predictions.series_table(slices_path, predictor.encoding, metadata, temperatures, qa)
     predictions.write_parquet_atomic(series, series_path)
     if args.csv:
         predictions.write_csv(predictions.pq.read_table(slices_path), os.path.join(out_dir, "slices.csv"))
@@ -402,7 +410,7 @@ def predict(args) -> dict:
         "checkpoint": {"workdir": os.path.abspath(args.workdir), "path": predictor.directory,
                        "step": predictor.step,
                        "label_encoding_sha256": predictor.encoding_sha256(),
-                       "pixel_spec": spec.to_json()},
+                       "pixel_spec": spec.to_json(), "calibration": calibration},
         "input": {"spec": args.input, "kind": source.kind, "split": args.split,
                   "salt": salt_info.get("source"), **source.notes},
         "counts": {"units": len(units), "slices": rows, "series": series.num_rows,

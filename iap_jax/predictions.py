@@ -3,7 +3,8 @@
 slices.parquet, one row per slice:
   series_key, slice_index, patient, phase, source   (what iap-prep writes for the same
                      slice with the same salt; source: the file or shard, relative to the input)
-  categorical IAP:   <IAP> (top-1 class), <IAP>_prob, <IAP>_topk, <IAP>_topk_prob,
+  categorical IAP:   <IAP> (top-1 class), <IAP>_prob, <IAP>_topk, <IAP>_topk_prob (through
+                     the calibration's temperature when the workdir has one for the step),
                      <IAP>_logits (the head's raw outputs, in vocabulary order)
   continuous IAP:    <IAP> (real units, e.g. ms)
   with headers:      <IAP>_header (the header's canonical value; "<absent>" / "<empty>" for
@@ -12,8 +13,12 @@ series.parquet, one row per series (series_key, patient, phase, num_slices, then
   categorical:       <IAP> (argmax of the mean of slice probabilities), <IAP>_prob (that
                      mean), <IAP>_agreement (share of slices whose top-1 is the series answer)
   continuous:        <IAP> (median of the slices)
-  with headers:      <IAP>_header (the commonest slice header value)
-The schema metadata records the checkpoint, its step and the label encoding (vocabularies).
+  with headers:      <IAP>_header (the commonest slice header value), and with a calibration
+                     that chose QA thresholds: qa_flags (the IAPs whose header contradicts a
+                     confident prediction; "missing_header:<IAP>" where a confident prediction
+                     fills a missing header)
+The schema metadata records the checkpoint, its step, the label encoding (vocabularies), the
+pixel spec and the calibration applied (null for none).
 """
 from __future__ import annotations
 
@@ -80,9 +85,11 @@ def header_value(name: str, state: int, value: str, number: float):
 
 
 def slice_table(slices: Sequence, logits: Mapping[str, np.ndarray], encoding: LabelEncoding,
-                schema: pa.Schema, top_k: int) -> pa.Table:
+                schema: pa.Schema, top_k: int, temperatures: Mapping[str, float] | None = None
+                ) -> pa.Table:
     """Rows for predicted slices (sources.StoredSlice) from the model's outputs (rows in the
-    same order)."""
+    same order); probabilities through the calibration's temperatures where given."""
+    temperatures = temperatures or {}
     columns: dict[str, Any] = {
         "series_key": [s.series_key for s in slices],
         "slice_index": [int(s.slice_index) for s in slices],
@@ -90,7 +97,8 @@ def slice_table(slices: Sequence, logits: Mapping[str, np.ndarray], encoding: La
         "phase": [s.phase for s in slices],
         "source": [s.source for s in slices],
     }
-    decoded = encoding.decode({k: np.asarray(v)[:len(slices)] for k, v in logits.items()}, top_k)
+    decoded = encoding.decode({k: np.asarray(v, np.float64)[:len(slices)] / temperatures.get(k, 1.0)
+                               for k, v in logits.items()}, top_k)
     has_headers = f"{encoding.heads[0].name}_header" in schema.names
     for head in encoding.heads:
         d = decoded[head.name]
@@ -130,12 +138,6 @@ def merge_parts(parts: Sequence[str], path: str, schema: pa.Schema) -> int:
     return rows
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
-
-
 def _commonest(values: Sequence) -> Any:
     counts: dict[Any, int] = {}
     for v in values:
@@ -146,15 +148,43 @@ def _commonest(values: Sequence) -> Any:
     return max(sorted(counts, key=str), key=counts.get)
 
 
-def series_table(slices_path: str, encoding: LabelEncoding,
-                 metadata: Mapping[str, Any] | None = None) -> pa.Table:
-    """Per-series answers from a slices file (see the module docstring)."""
-    table = pq.read_table(slices_path)
-    has_headers = f"{encoding.heads[0].name}_header" in table.column_names
+def series_groups(table: pa.Table) -> tuple[list[str], list[np.ndarray]]:
+    """The series keys of a slices table (sorted) and the row indices of each."""
     keys = np.asarray(table.column("series_key").to_pylist(), dtype=object)
     order = np.argsort(keys, kind="stable")
     unique, first = np.unique(keys[order].astype(str), return_index=True)
-    groups = np.split(order, first[1:]) if len(order) else []
+    return list(unique), (np.split(order, first[1:]) if len(order) else [])
+
+
+def slice_probabilities(table: pa.Table, head, temperature: float = 1.0) -> np.ndarray:
+    """[slices, classes] probabilities of a categorical head from its stored logits."""
+    from iap_jax.calibration import softmax
+
+    logits = table.column(f"{head.name}_logits").to_pylist()
+    return softmax(np.asarray(logits, np.float64).reshape(len(logits), head.size), temperature)
+
+
+def qa_flags(head, answer: str, probability: float, header, threshold: float) -> list[str]:
+    """Header QA of one series and IAP: the IAP when its header contradicts a prediction at
+    least `threshold` sure, "missing_header:<IAP>" when the header is missing and such a
+    prediction fills it."""
+    if probability < threshold:
+        return []
+    target = target_class(head, header)
+    if header is None:
+        return [f"missing_header:{head.name}"]
+    return [head.name] if target is not None and target != answer else []
+
+
+def series_table(slices_path: str, encoding: LabelEncoding,
+                 metadata: Mapping[str, Any] | None = None,
+                 temperatures: Mapping[str, float] | None = None,
+                 qa_thresholds: Mapping[str, float] | None = None) -> pa.Table:
+    """Per-series answers from a slices file (see the module docstring)."""
+    temperatures = temperatures or {}
+    table = pq.read_table(slices_path)
+    has_headers = f"{encoding.heads[0].name}_header" in table.column_names
+    unique, groups = series_groups(table)
     columns: dict[str, list] = {"series_key": list(unique)}
     patients = table.column("patient").to_pylist()
     phases = table.column("phase").to_pylist()
@@ -163,11 +193,11 @@ def series_table(slices_path: str, encoding: LabelEncoding,
     columns["num_slices"] = [len(g) for g in groups]
     fields = _key_fields()[:1] + [pa.field("patient", pa.string()), pa.field("phase", pa.int32()),
                                   pa.field("num_slices", pa.int32())]
+    flags: list[list[str]] = [[] for _ in groups]
     for head in encoding.heads:
         if head.categorical:
-            logits = table.column(f"{head.name}_logits").to_pylist()
             top1 = table.column(head.name).to_pylist()
-            probs = _softmax(np.asarray(logits, np.float64).reshape(len(logits), head.size))
+            probs = slice_probabilities(table, head, temperatures.get(head.name, 1.0))
             answers, confidences, agreements = [], [], []
             for g in groups:
                 mean = probs[g].mean(axis=0)
@@ -188,6 +218,14 @@ def series_table(slices_path: str, encoding: LabelEncoding,
             columns[f"{head.name}_header"] = [_commonest([headers[i] for i in g]) for g in groups]
             fields.append(pa.field(f"{head.name}_header",
                                    pa.string() if head.categorical else pa.float64()))
+            if head.categorical and qa_thresholds and head.name in qa_thresholds:
+                for i, (answer, prob, header) in enumerate(zip(
+                        columns[head.name], columns[f"{head.name}_prob"],
+                        columns[f"{head.name}_header"])):
+                    flags[i] += qa_flags(head, answer, prob, header, qa_thresholds[head.name])
+    if has_headers and qa_thresholds:
+        columns["qa_flags"] = flags
+        fields.append(pa.field("qa_flags", pa.list_(pa.string())))
     schema = pa.schema(fields, metadata=_encode_metadata(metadata))
     return pa.table({f.name: pa.array(columns[f.name], type=f.type) for f in schema}, schema=schema)
 

@@ -156,17 +156,44 @@ def restore_intensities(image: np.ndarray, scale: float, offset: float) -> np.nd
 
 # --- stored image -> model input (jnp, inside the jitted steps) ---------------------
 
-def _normalise(x, spec: PixelSpec):
-    """[B, H, W] intensities -> [0, 255] per image."""
+def _normalise(x, stored, scales, offsets, spec: PixelSpec):
+    """[B, H, W] intensities x = stored * scales + offsets -> [0, 255] per image."""
     import jax.numpy as jnp
 
     if spec.normalisation == "max":
         x = x - jnp.minimum(jnp.min(x, axis=(1, 2), keepdims=True), 0.0)
         return x / jnp.maximum(jnp.max(x, axis=(1, 2), keepdims=True), 1e-6) * 255.0
-    flat = jnp.sort(x.reshape(x.shape[0], -1), axis=-1)
+    # The restore is monotonic, so the percentiles of the intensities are restored order
+    # statistics of the stored integers (from the other end for a negative scale), which a
+    # bisection finds exactly and fast.
+    flat = stored.reshape(stored.shape[0], -1)
     last = flat.shape[1] - 1
-    low, high = (flat[:, int(np.round(last * p / 100.0))][:, None, None] for p in spec.percentiles)
+    rising = scales[:, 0, 0] >= 0
+
+    def percentile(p: float):
+        index = int(np.round(last * p / 100.0))
+        value = _order_statistic(flat, jnp.where(rising, index, last - index))
+        return value.astype(jnp.float32)[:, None, None] * scales + offsets
+
+    low, high = percentile(spec.percentiles[0]), percentile(spec.percentiles[1])
     return (jnp.clip(x, low, high) - low) / jnp.maximum(high - low, 1e-6) * 255.0
+
+
+def _order_statistic(flat, index):
+    """The value at `index` (per row) of each row of uint16 values sorted ascending, by bisection on
+    the value (16 passes of comparisons): the same value as a full sort, in a fraction of
+    XLA's CPU sort time (24 ms for 32 images of 64 x 64)."""
+    import jax.numpy as jnp
+
+    flat = flat.astype(jnp.int32)
+    low = jnp.zeros(flat.shape[:1], jnp.int32)
+    high = jnp.full(flat.shape[:1], UINT16_MAX, jnp.int32)
+    for _ in range(16):  # 2**16 values
+        middle = (low + high) // 2
+        enough = jnp.sum(flat <= middle[:, None], axis=1) >= jnp.asarray(index) + 1
+        high = jnp.where(enough, middle, high)
+        low = jnp.where(enough, low, middle + 1)
+    return low
 
 
 def model_input(images, scales, offsets, spec: PixelSpec):
@@ -176,11 +203,14 @@ def model_input(images, scales, offsets, spec: PixelSpec):
     import jax
     import jax.numpy as jnp
 
-    x = jnp.asarray(images).astype(jnp.float32)
-    if x.ndim != 3 or x.shape[1] != x.shape[2]:
-        raise ValueError(f"expected stored images [batch, S, S], got shape {x.shape}")
-    x = x * jnp.asarray(scales, jnp.float32)[:, None, None] + jnp.asarray(offsets, jnp.float32)[:, None, None]
-    x = _normalise(x, spec)
+    stored = jnp.asarray(images)
+    if stored.ndim != 3 or stored.shape[1] != stored.shape[2] or stored.dtype != jnp.uint16:
+        raise ValueError(f"expected stored uint16 images [batch, S, S], got {stored.dtype} "
+                         f"{stored.shape}")
+    scales = jnp.asarray(scales, jnp.float32)[:, None, None]
+    offsets = jnp.asarray(offsets, jnp.float32)[:, None, None]
+    x = stored.astype(jnp.float32) * scales + offsets
+    x = _normalise(x, stored, scales, offsets, spec)
     if spec.input_size != x.shape[1]:
         x = jax.image.resize(x, (x.shape[0], spec.input_size, spec.input_size), "linear",
                              antialias=True)

@@ -109,3 +109,22 @@ def test_augmentation_shifts_without_mirroring_and_stays_in_range():
     assert not np.array_equal(out[0], out[1])  # each image gets its own shift and gain
     again = np.asarray(augment(ramp, jax.random.PRNGKey(0)))
     np.testing.assert_array_equal(out, again)  # seeded: a resumed run augments the same
+
+
+def test_percentiles_by_bisection_equal_a_full_sort_for_either_sign_of_scale():
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 65536, (4, 16, 16)).astype(np.uint16)
+    images[0, :4] = 0  # ties at the bottom and the top
+    images[1, :4] = 65535
+    scales = np.array([0.5, 2.0, -1.0, 1e-3], np.float32)
+    offsets = np.array([3, -7, 100, 0], np.float32)
+    spec = PixelSpec(stored_size=16, normalisation="percentile", percentiles=(2.0, 97.0))
+    got = np.asarray(model_input(images, scales, offsets, spec))[..., 0]
+    x = images.astype(np.float32) * scales[:, None, None] + offsets[:, None, None]
+    ordered = np.sort(x.reshape(4, -1), axis=1)
+    low = ordered[:, int(np.round(255 * 0.02))][:, None, None]
+    high = ordered[:, int(np.round(255 * 0.97))][:, None, None]
+    expected = (np.clip(x, low, high) - low) / np.maximum(high - low, 1e-6) * 255.0
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+    with pytest.raises(ValueError, match="uint16"):
+        model_input(images.astype(np.float32), scales, offsets, spec)

@@ -1,0 +1,418 @@
+"""iap-eval: accuracy, intervals, calibration and pictures from iap-predict's tables.
+
+  iap-eval --predictions PRED_DIR --out REPORT_DIR [--bootstrap 1000]
+  iap-eval --predictions VALIDATION_PRED_DIR --fit-calibration [--workdir TRAIN_WORKDIR]
+
+On predictions of a labelled input (the headers it carried are the truth, scored as training
+scores them: a value outside the vocabulary counts as "<other>"): per IAP, top-1 and top-2
+accuracy at slice and series level, per-class recall, and for continuous IAPs MAE, bias and
+R2 in real units; 95% intervals by bootstrap over patients (the slices and series of one
+patient are not independent); the expected calibration error of every categorical head
+before and after the calibration the predictions carry; confusion matrices, TE/TR scatter
+plots and reliability diagrams as PNG. Writes report.md (laid out like the paper's results
+table), report.html (one self-contained page) and metrics.json under REPORT_DIR.
+
+--fit-calibration fits one temperature per categorical head on these predictions (the
+validation split's) and stores it as calibration.json in the training workdir, for the
+checkpoint step the predictions came from; iap-predict applies it from then on.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import json
+import math
+import os
+import sys
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from iap_jax import calibration as calibration_lib
+from iap_jax import plots, predictions
+from iap_jax.atomic import write_json_atomic
+from iap_jax.labels import LabelEncoding
+
+INTERVAL = (2.5, 97.5)
+
+
+# --- the numbers ------------------------------------------------------------------------
+
+def bootstrap_interval(numerators: np.ndarray, denominators: np.ndarray, resamples: int,
+                       rng: np.random.Generator) -> tuple[float, float]:
+    """95% interval of sum(numerators) / sum(denominators) over groups (patients) drawn with
+    replacement; NaN when there is nothing to resample."""
+    numerators = np.asarray(numerators, np.float64)
+    denominators = np.asarray(denominators, np.float64)
+    if len(numerators) == 0 or denominators.sum() == 0 or resamples <= 0:
+        return math.nan, math.nan
+    weights = rng.multinomial(len(numerators), np.full(len(numerators), 1.0 / len(numerators)),
+                              size=resamples).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratios = (weights @ numerators) / (weights @ denominators)
+    ratios = ratios[np.isfinite(ratios)]
+    if not len(ratios):
+        return math.nan, math.nan
+    low, high = np.percentile(ratios, INTERVAL)
+    return float(low), float(high)
+
+
+def _by_group(values: np.ndarray, groups: np.ndarray, count: int) -> np.ndarray:
+    return np.bincount(groups, weights=np.asarray(values, np.float64), minlength=count)
+
+
+def _commonest(values):
+    kept = [v for v in values if v is not None]
+    if not kept:
+        return None
+    unique, counts = np.unique(np.asarray(kept, dtype=object).astype(str), return_counts=True)
+    return unique[np.argmax(counts)]
+
+
+def evaluate(pred_dir: str, resamples: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """Every number of the report, with the arrays the pictures need under "_plots"."""
+    slices_path = os.path.join(pred_dir, "slices.parquet")
+    if not os.path.exists(slices_path):
+        raise FileNotFoundError(f"{pred_dir}: no slices.parquet; pass an iap-predict --out folder")
+    metadata = predictions.read_metadata(slices_path)
+    encoding = LabelEncoding.from_json(metadata["label_encoding"])
+    temperatures = (metadata.get("calibration") or {}).get("temperatures", {})
+    table = pq.read_table(slices_path)
+    if f"{encoding.heads[0].name}_header" not in table.column_names:
+        raise ValueError(f"{pred_dir}: the input carried no headers, so there is nothing to score")
+    rng = np.random.default_rng(seed)
+    series_keys, series_rows = predictions.series_groups(table)
+    patients_of_slices = [p or s for p, s in zip(table.column("patient").to_pylist(),
+                                                  table.column("series_key").to_pylist())]
+    patient_names, slice_patient = np.unique(np.asarray(patients_of_slices, dtype=object).astype(str),
+                                             return_inverse=True)
+    num_patients = len(patient_names)
+    series_patient = np.array([slice_patient[rows[0]] for rows in series_rows], np.int64)
+    result: dict[str, Any] = {"predictions": os.path.abspath(pred_dir), "step": metadata.get("step"),
+                              "checkpoint": metadata.get("checkpoint"),
+                              "calibrated": bool(temperatures), "temperatures": temperatures,
+                              "slices": table.num_rows, "series": len(series_keys),
+                              "patients": num_patients, "bootstrap_resamples": resamples,
+                              "heads": {}, "_plots": {}, "_encoding": encoding}
+
+    def interval(values, groups, mask):
+        return bootstrap_interval(_by_group(values * mask, groups, num_patients),
+                                  _by_group(mask, groups, num_patients), resamples, rng)
+
+    for head in encoding.heads:
+        headers = table.column(f"{head.name}_header").to_pylist()
+        if head.categorical:
+            result["heads"][head.name], result["_plots"][head.name] = _categorical(
+                head, table, headers, temperatures.get(head.name, 1.0), series_rows,
+                slice_patient, series_patient, interval)
+        else:
+            result["heads"][head.name], result["_plots"][head.name] = _continuous(
+                head, table, headers, series_rows, slice_patient, series_patient, interval)
+    return result
+
+
+def _categorical(head, table, headers, temperature, series_rows, slice_patient, series_patient,
+                 interval):
+    from sklearn.metrics import confusion_matrix, recall_score
+
+    index = {c: i for i, c in enumerate(head.classes)}
+    truth_names = [predictions.target_class(head, h) for h in headers]
+    truth = np.array([index[t] if t is not None else -1 for t in truth_names])
+    mask = (truth >= 0).astype(np.float64)
+    raw = predictions.slice_probabilities(table, head)
+    calibrated = predictions.slice_probabilities(table, head, temperature)
+    order = np.argsort(-calibrated, axis=1, kind="stable")
+    top1 = order[:, 0]
+    hit1 = (top1 == truth).astype(np.float64)
+    hit2 = np.any(order[:, :2] == truth[:, None], axis=1).astype(np.float64)
+    labelled = mask > 0
+    n = int(labelled.sum())
+    m: dict[str, Any] = {"kind": "categorical", "classes": len(head.classes), "slices": n}
+    plot: dict[str, Any] = {}
+    if n:
+        m["top1"], m["top2"] = float(hit1[labelled].mean()), float(hit2[labelled].mean())
+        m["top1_ci"] = interval(hit1, slice_patient, mask)
+        m["top2_ci"] = interval(hit2, slice_patient, mask)
+        recalls = recall_score(truth[labelled], top1[labelled], labels=range(head.size),
+                               average=None, zero_division=np.nan)
+        present = set(truth[labelled].tolist())
+        m["recall"] = {head.classes[c]: float(recalls[c]) for c in sorted(present)}
+        for label, probs in (("before", raw), ("after", calibrated)):
+            confidence = probs.max(axis=1)[labelled]
+            correct = (probs.argmax(axis=1) == truth)[labelled]
+            m[f"ece_{label}"] = calibration_lib.expected_calibration_error(confidence, correct)
+            plot[label] = (*calibration_lib.reliability(confidence, correct), m[f"ece_{label}"])
+        plot["confusion"] = confusion_matrix(truth[labelled], top1[labelled], labels=range(head.size))
+    # Series: the mean of the slice probabilities, scored against the commonest slice truth.
+    s_truth, s_hit1, s_hit2 = [], [], []
+    for rows in series_rows:
+        t = _commonest([truth_names[i] for i in rows])
+        mean = calibrated[rows].mean(axis=0)
+        ranked = np.argsort(-mean, kind="stable")
+        s_truth.append(index[t] if t is not None else -1)
+        s_hit1.append(float(s_truth[-1] >= 0 and ranked[0] == s_truth[-1]))
+        s_hit2.append(float(s_truth[-1] >= 0 and s_truth[-1] in ranked[:2]))
+    s_mask = (np.array(s_truth) >= 0).astype(np.float64)
+    if s_mask.sum():
+        m["series"] = int(s_mask.sum())
+        m["series_top1"] = float(np.sum(np.array(s_hit1) * s_mask) / s_mask.sum())
+        m["series_top2"] = float(np.sum(np.array(s_hit2) * s_mask) / s_mask.sum())
+        m["series_top1_ci"] = interval(np.array(s_hit1), series_patient, s_mask)
+    return m, plot
+
+
+def _continuous(head, table, headers, series_rows, slice_patient, series_patient, interval):
+    from sklearn.metrics import r2_score
+
+    predicted = np.asarray(table.column(head.name).to_numpy(), np.float64)
+    truth = np.array([math.nan if h is None else h for h in headers], np.float64)
+    valid = np.isfinite(truth) & ((truth > 0) | (head.transform != "log"))
+    m: dict[str, Any] = {"kind": "continuous", "unit": head.unit, "slices": int(valid.sum())}
+    plot: dict[str, Any] = {}
+    if valid.any():
+        error = np.where(valid, predicted - truth, 0.0)
+        m["mae"] = float(np.abs(error[valid]).mean())
+        m["bias"] = float(error[valid].mean())
+        m["r2"] = float(r2_score(truth[valid], predicted[valid])) if valid.sum() > 1 else math.nan
+        m["mae_ci"] = interval(np.abs(error), slice_patient, valid.astype(np.float64))
+        plot["true"], plot["predicted"] = truth[valid], predicted[valid]
+    s_pred = np.array([np.median(predicted[rows]) for rows in series_rows])
+    s_true = np.array([np.median(truth[rows][valid[rows]]) if valid[rows].any() else math.nan
+                       for rows in series_rows])
+    s_valid = np.isfinite(s_true)
+    if s_valid.any():
+        s_error = np.where(s_valid, s_pred - s_true, 0.0)
+        m["series"] = int(s_valid.sum())
+        m["series_mae"] = float(np.abs(s_error[s_valid]).mean())
+        m["series_mae_ci"] = interval(np.abs(s_error), series_patient, s_valid.astype(np.float64))
+    return m, plot
+
+
+# --- the report -------------------------------------------------------------------------
+
+def _ci(m: dict, key: str, digits: int = 3) -> str:
+    value = m.get(key)
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    low, high = m.get(f"{key}_ci", (math.nan, math.nan))
+    text = f"{value:.{digits}f}"
+    return text + (f" [{low:.{digits}f}, {high:.{digits}f}]" if not math.isnan(low) else "")
+
+
+def _number(value, digits: int = 3) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def main_table_rows(metrics: dict) -> tuple[list[str], list[list[str]], list[str], list[list[str]]]:
+    """(header, rows) of the categorical table and of the continuous one."""
+    cat_header = ["IAP", "classes", "slices", "slice top-1 [95% CI]", "slice top-2",
+                  "series top-1 [95% CI]", "series top-2", "ECE before", "ECE after"]
+    cont_header = ["IAP", "slices", "MAE [95% CI]", "bias", "R2", "series MAE [95% CI]"]
+    cat, cont = [], []
+    for name, m in metrics["heads"].items():
+        if m["kind"] == "categorical":
+            cat.append([name, str(m["classes"]), str(m["slices"]), _ci(m, "top1"),
+                        _number(m.get("top2")), _ci(m, "series_top1"), _number(m.get("series_top2")),
+                        _number(m.get("ece_before")), _number(m.get("ece_after"))])
+        else:
+            unit = f" {m['unit']}" if m.get("unit") else ""
+            cont.append([name, str(m["slices"]), _ci(m, "mae") + unit, _number(m.get("bias")) + unit,
+                         _number(m.get("r2")), _ci(m, "series_mae") + unit])
+    return cat_header, cat, cont_header, cont
+
+
+def _markdown_table(header, rows) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_plots(metrics: dict, out_dir: str) -> dict[str, list[str]]:
+    plot_dir = os.path.join(out_dir, "plots")
+    written: dict[str, list[str]] = {"confusion": [], "reliability": [], "scatter": []}
+    confusions = {name: p["confusion"] for name, p in metrics["_plots"].items() if "confusion" in p}
+    if confusions:
+        encoding = metrics["_encoding"]
+        written["confusion"] = plots.write_confusion_matrices(confusions, encoding, plot_dir)
+    for name, p in metrics["_plots"].items():
+        if "before" in p:
+            curves = {"before calibration": p["before"]}
+            if metrics["calibrated"]:
+                curves["after calibration"] = p["after"]
+            written["reliability"].append(plots.write_reliability(
+                curves, name, os.path.join(plot_dir, f"reliability_{name}.png")))
+        if "true" in p:
+            m = metrics["heads"][name]
+            written["scatter"].append(plots.write_scatter(
+                p["true"], p["predicted"], name, m["unit"], os.path.join(plot_dir, f"scatter_{name}.png"),
+                title=f"{name}: MAE {m['mae']:.3g} {m['unit']}, R2 {m['r2']:.3f}"))
+    return written
+
+
+def write_report(metrics: dict, out_dir: str) -> dict[str, str]:
+    os.makedirs(out_dir, exist_ok=True)
+    written = write_plots(metrics, out_dir)
+    cat_header, cat, cont_header, cont = main_table_rows(metrics)
+    title = (f"Evaluation of step {metrics['step']} on {metrics['slices']} slices, "
+             f"{metrics['series']} series, {metrics['patients']} patients")
+    calibrated = ("calibrated with the temperatures " +
+                  ", ".join(f"{k} {v:.2f}" for k, v in metrics["temperatures"].items())
+                  if metrics["calibrated"] else "not calibrated (no calibration.json for this step)")
+    notes = (f"Intervals: 95% bootstrap over patients ({metrics['bootstrap_resamples']} resamples). "
+             f"ECE: top-label, {calibration_lib.ECE_BINS} equal-width bins; probabilities "
+             f"{calibrated}. Series answer: argmax of the mean slice probabilities.")
+    md = [f"# {title}", "", notes, "", "## Categorical IAPs", "", _markdown_table(cat_header, cat), "",
+          "## Continuous IAPs", "", _markdown_table(cont_header, cont), "", "## Plots", ""]
+    md += [f"![{os.path.basename(p)}]({os.path.relpath(p, out_dir)})" for kind in written.values() for p in kind]
+    with open(os.path.join(out_dir, "report.md.tmp"), "w") as f:
+        f.write("\n".join(md) + "\n")
+    os.replace(os.path.join(out_dir, "report.md.tmp"), os.path.join(out_dir, "report.md"))
+
+    def html_table(header, rows):
+        head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+    def image(path):
+        with open(path, "rb") as f:
+            data = base64.b64encode(f.read()).decode()
+        return f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(os.path.basename(path))}"></figure>'
+
+    sections = "".join(f"<h2>{html.escape(kind.capitalize())}</h2><div class='grid'>" +
+                       "".join(image(p) for p in paths) + "</div>" for kind, paths in written.items() if paths)
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>body{{font-family:sans-serif;margin:24px;color:#222}} table{{border-collapse:collapse;margin:8px 0 20px}}
+td,th{{border:1px solid #ccc;padding:4px 8px;font-size:13px;text-align:right}} td:first-child,th:first-child{{text-align:left}}
+th{{background:#f0f3f7}} .grid{{display:flex;flex-wrap:wrap;gap:8px}} img{{max-width:460px}} p{{max-width:900px}}</style>
+</head><body><h1>{html.escape(title)}</h1><p>{html.escape(notes)}</p>
+<h2>Categorical IAPs</h2>{html_table(cat_header, cat)}<h2>Continuous IAPs</h2>{html_table(cont_header, cont)}
+{sections}</body></html>"""
+    with open(os.path.join(out_dir, "report.html.tmp"), "w") as f:
+        f.write(page)
+    os.replace(os.path.join(out_dir, "report.html.tmp"), os.path.join(out_dir, "report.html"))
+    public = {k: v for k, v in metrics.items() if not k.startswith("_")}
+    write_json_atomic(os.path.join(out_dir, "metrics.json"), public)
+    return {"report.md": os.path.join(out_dir, "report.md"),
+            "report.html": os.path.join(out_dir, "report.html"),
+            "metrics.json": os.path.join(out_dir, "metrics.json")}
+
+
+# --- calibration ------------------------------------------------------------------------
+
+QA_IAPS = ("Manufacturer", "ManufacturerModelName", "MagneticFieldStrength", "PatientPosition")
+QA_FALSE_FLAG_RATE = 0.02
+
+
+def qa_threshold(confidence: np.ndarray, wrong: np.ndarray, rate: float, floor: float = 0.5) -> float:
+    """The lowest threshold at which at most `rate` of these (correctly labelled) series
+    would be flagged: flags are wrong answers at least that confident."""
+    wrong_confidences = np.sort(np.asarray(confidence, np.float64)[np.asarray(wrong, bool)])[::-1]
+    allowed = int(math.floor(rate * len(confidence)))
+    if len(wrong_confidences) <= allowed:
+        return floor
+    # Above the (allowed + 1)-th most confident wrong answer: only `allowed` remain above it.
+    return float(max(floor, np.nextafter(wrong_confidences[allowed], np.inf)))
+
+
+def fit_calibration(pred_dir: str, workdir: str | None = None, qa_iaps=QA_IAPS,
+                    false_flag_rate: float = QA_FALSE_FLAG_RATE) -> tuple[str, dict]:
+    """Temperatures fitted on these predictions (and the header-QA thresholds they give),
+    saved into the training workdir. The QA budget is shared by the QA IAPs, so that at most
+    `false_flag_rate` of correctly labelled validation series get any flag."""
+    slices_path = os.path.join(pred_dir, "slices.parquet")
+    metadata = predictions.read_metadata(slices_path)
+    encoding = LabelEncoding.from_json(metadata["label_encoding"])
+    workdir = workdir or os.path.dirname(os.path.dirname(metadata["checkpoint"]))
+    table = pq.read_table(slices_path)
+    if f"{encoding.heads[0].name}_header" not in table.column_names:
+        raise ValueError(f"{pred_dir}: the input carried no headers to calibrate against")
+    temperatures, fitted = {}, {}
+    for head in encoding.heads:
+        if not head.categorical:
+            continue
+        index = {c: i for i, c in enumerate(head.classes)}
+        truth = [predictions.target_class(head, h) for h in table.column(f"{head.name}_header").to_pylist()]
+        rows = np.array([i for i, t in enumerate(truth) if t is not None], np.int64)
+        labels = np.array([index[truth[i]] for i in rows], np.int64)
+        logits = np.asarray(table.column(f"{head.name}_logits").to_pylist(), np.float64)
+        logits = logits.reshape(len(truth), head.size)[rows]
+        t = calibration_lib.fit_temperature(logits, labels) if len(rows) else 1.0
+        temperatures[head.name] = t
+        fitted[head.name] = {
+            "slices": int(len(rows)),
+            "nll_before": calibration_lib.negative_log_likelihood(logits, labels) if len(rows) else None,
+            "nll_after": calibration_lib.negative_log_likelihood(logits, labels, t) if len(rows) else None}
+    _, series_rows = predictions.series_groups(table)
+    qa_heads = [h for h in encoding.heads if h.categorical and h.name in qa_iaps]
+    thresholds = {}
+    for head in qa_heads:
+        probs = predictions.slice_probabilities(table, head, temperatures[head.name])
+        headers = table.column(f"{head.name}_header").to_pylist()
+        confidence, wrong = [], []
+        for rows in series_rows:
+            mean = probs[rows].mean(axis=0)
+            target = predictions.target_class(head, _commonest([headers[i] for i in rows]))
+            confidence.append(float(mean.max()))
+            wrong.append(target is None or head.classes[int(mean.argmax())] != target)
+        thresholds[head.name] = qa_threshold(np.array(confidence), np.array(wrong),
+                                             false_flag_rate / max(len(qa_heads), 1))
+    data = {"step": metadata["step"], "checkpoint": metadata["checkpoint"],
+            "temperatures": temperatures,
+            "qa": {"iaps": [h.name for h in qa_heads], "false_flag_rate": false_flag_rate,
+                   "thresholds": thresholds, "series": len(series_rows)},
+            "fitted_on": {"predictions": os.path.abspath(pred_dir), "heads": fitted}}
+    return calibration_lib.save_calibration(workdir, data), data
+
+
+# --- command ----------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="iap-eval", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--predictions", required=True, help="an iap-predict --out folder")
+    parser.add_argument("--out", default=None, help="report folder (report.md, report.html, ...)")
+    parser.add_argument("--fit-calibration", action="store_true",
+                        help="fit temperatures on these (validation) predictions into the workdir")
+    parser.add_argument("--workdir", default=None,
+                        help="training workdir for --fit-calibration (default: the checkpoint's)")
+    parser.add_argument("--qa-iaps", default=",".join(QA_IAPS),
+                        help="IAPs whose headers the predictor checks (comma-separated)")
+    parser.add_argument("--qa-false-flag-rate", type=float, default=QA_FALSE_FLAG_RATE,
+                        help="share of correct validation series allowed a flag")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if not args.out and not args.fit_calibration:
+        print("iap-eval: error: pass --out REPORT_DIR and/or --fit-calibration", file=sys.stderr)
+        return 2
+    try:
+        if args.fit_calibration:
+            path, data = fit_calibration(args.predictions, args.workdir,
+                                         tuple(filter(None, args.qa_iaps.split(","))),
+                                         args.qa_false_flag_rate)
+            print(f"calibration for step {data['step']}: " + ", ".join(
+                f"{k} T={v:.2f}" for k, v in data["temperatures"].items()) + f"\n  -> {path}")
+        if args.out:
+            metrics = evaluate(args.predictions, args.bootstrap, args.seed)
+            files = write_report(metrics, args.out)
+            cat_header, cat, cont_header, cont = main_table_rows(metrics)
+            print(_markdown_table(cat_header, cat) + "\n\n" + _markdown_table(cont_header, cont))
+            print("report: " + ", ".join(files.values()))
+    except (ValueError, FileNotFoundError) as err:
+        print(f"iap-eval: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run() -> None:
+    """Console script entry (iap-eval)."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

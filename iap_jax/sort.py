@@ -1,0 +1,201 @@
+"""iap-sort: series -> domains -> the downstream model to run (the paper's application).
+
+  iap-sort --predictions PRED_DIR [--rules RULES.json] --out MANIFEST.csv
+           [--min-confidence 0.8] [--link-into DIR]
+
+Each series of iap-predict's series.parquet gets a domain, the downstream model of that
+domain and a confidence (the lowest series probability among the IAPs the domain is decided
+by); below the threshold it is `unknown`. By default the domain is the predicted
+manufacturer and field strength. A rules file decides otherwise, first match wins:
+
+  {"min_confidence": 0.8,
+   "domains": [
+     {"name": "ge_1.5T", "model": "seg_ge15",
+      "when": {"Manufacturer": "GE MEDICAL SYSTEMS", "MagneticFieldStrength": ["1.5"]}},
+     {"name": "short_te", "model": "seg_short_te", "when": {"EchoTime": {"max": 2.0}}}]}
+
+`when` takes a class (or a list of them) for a categorical IAP and {"min", "max"} for a
+continuous one; a series no rule matches is `unknown`. --link-into DIR keeps DIR/<domain>/
+<series_key> symbolic links to each series' folder (file inputs only): a rerun adds what is
+new, moves a series whose domain changed, and never duplicates or deletes anything else.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import re
+import sys
+from typing import Any
+
+import pyarrow.parquet as pq
+
+UNKNOWN = "unknown"
+DEFAULT_MIN_CONFIDENCE = 0.8
+MANIFEST_COLUMNS = ("series_key", "patient", "domain", "model", "confidence", "reason", "folder")
+
+
+def default_rules() -> dict:
+    """Manufacturer x field strength, each pair a domain of its own."""
+    return {"domains": None, "by": ["Manufacturer", "MagneticFieldStrength"]}
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.]+", "_", text).strip("_") or "blank"
+
+
+def _matches(condition: Any, value: Any) -> bool:
+    if isinstance(condition, dict):
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return False
+        return condition.get("min", -math.inf) <= value <= condition.get("max", math.inf)
+    options = condition if isinstance(condition, list) else [condition]
+    return value in options
+
+
+def assign(series: dict, rules: dict, min_confidence: float) -> tuple[str, str, float, str]:
+    """(domain, model, confidence, reason) of one series row."""
+    def confidence_of(names):
+        probs = [series.get(f"{n}_prob") for n in names]
+        probs = [p for p in probs if p is not None]
+        return min(probs) if probs else 1.0
+
+    if rules.get("domains") is None:
+        names = rules["by"]
+        confidence = confidence_of(names)
+        domain = "_".join(_slug(str(series[n])) + ("T" if n == "MagneticFieldStrength" else "")
+                          for n in names)
+        model = domain
+    else:
+        for rule in rules["domains"]:
+            names = list(rule["when"])
+            unknown = [n for n in names if n not in series]
+            if unknown:
+                raise ValueError(f"rule {rule['name']!r} names IAPs {unknown} the predictions lack")
+            if all(_matches(rule["when"][n], series[n]) for n in names):
+                domain, model, confidence = rule["name"], rule.get("model", rule["name"]), confidence_of(names)
+                break
+        else:
+            return UNKNOWN, "", math.nan, "no rule matches"
+    if confidence < min_confidence:
+        return UNKNOWN, "", confidence, f"confidence {confidence:.3f} below {min_confidence}"
+    return domain, model, confidence, ""
+
+
+def _series_folders(pred_dir: str) -> tuple[dict[str, str], str | None]:
+    """Each series' folder relative to the input root (common parent of its files), and the
+    input root; empty for TFRecord inputs."""
+    with open(os.path.join(pred_dir, "predict_report.json")) as f:
+        report = json.load(f)
+    if report["input"]["kind"] == "tfrecord":
+        return {}, None
+    table = pq.read_table(os.path.join(pred_dir, "slices.parquet"), columns=["series_key", "source"])
+    folders: dict[str, set] = {}
+    for key, source in zip(table.column("series_key").to_pylist(), table.column("source").to_pylist()):
+        folders.setdefault(key, set()).add(os.path.dirname(source) or ".")
+    root = report["input"]["spec"]
+    root = root if os.path.isdir(root) else os.path.dirname(root)
+    return {k: os.path.commonpath(sorted(v)) if len(v) > 1 else next(iter(v))
+            for k, v in folders.items()}, os.path.abspath(root)
+
+
+def link_into(manifest: list[dict], link_dir: str, root: str) -> dict[str, int]:
+    """DIR/<domain>/<series_key> -> the series folder; moves changed series, adds new ones."""
+    wanted = {row["series_key"]: os.path.join(link_dir, _slug(row["domain"]), row["series_key"])
+              for row in manifest if row["folder"]}
+    counts = {"added": 0, "moved": 0, "kept": 0}
+    existing = {}
+    if os.path.isdir(link_dir):
+        for domain in os.listdir(link_dir):
+            folder = os.path.join(link_dir, domain)
+            if os.path.isdir(folder) and not os.path.islink(folder):
+                for name in os.listdir(folder):
+                    if os.path.islink(os.path.join(folder, name)):
+                        existing.setdefault(name, []).append(os.path.join(folder, name))
+    for row in manifest:
+        key = row["series_key"]
+        if key not in wanted:
+            continue
+        target = os.path.join(root, row["folder"])
+        path = wanted[key]
+        stale = [p for p in existing.get(key, []) if p != path]
+        for p in stale:
+            os.unlink(p)
+        if os.path.islink(path) and os.readlink(path) == target:
+            counts["kept"] += 1
+            continue
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        if os.path.lexists(path):
+            os.unlink(path)
+        os.symlink(target, path)
+        counts["moved" if stale else "added"] += 1
+    return counts
+
+
+def sort_series(pred_dir: str, rules: dict | None, out: str, min_confidence: float | None = None,
+                link_dir: str | None = None) -> dict[str, Any]:
+    table = pq.read_table(os.path.join(pred_dir, "series.parquet"))
+    rules = rules or default_rules()
+    threshold = min_confidence if min_confidence is not None else rules.get(
+        "min_confidence", DEFAULT_MIN_CONFIDENCE)
+    folders, root = _series_folders(pred_dir)
+    manifest = []
+    for series in table.to_pylist():
+        domain, model, confidence, reason = assign(series, rules, threshold)
+        manifest.append({"series_key": series["series_key"], "patient": series["patient"],
+                         "domain": domain, "model": model,
+                         "confidence": "" if math.isnan(confidence) else f"{confidence:.4f}",
+                         "reason": reason, "folder": folders.get(series["series_key"], "")})
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    tmp = f"{out}.tmp-{os.getpid()}"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=MANIFEST_COLUMNS)
+        writer.writeheader()
+        writer.writerows(manifest)
+    os.replace(tmp, out)
+    summary = {"series": len(manifest), "domains": {}}
+    for row in manifest:
+        summary["domains"][row["domain"]] = summary["domains"].get(row["domain"], 0) + 1
+    if link_dir:
+        if root is None:
+            raise ValueError("--link-into needs predictions of DICOM or image files, not TFRecords")
+        summary["links"] = link_into(manifest, link_dir, root)
+    return summary
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="iap-sort", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--predictions", required=True, help="an iap-predict --out folder")
+    parser.add_argument("--rules", default=None, help="JSON rules (default: manufacturer x field)")
+    parser.add_argument("--out", required=True, help="the manifest (CSV) to write")
+    parser.add_argument("--min-confidence", type=float, default=None,
+                        help=f"below it a series is unknown (default: the rules', else {DEFAULT_MIN_CONFIDENCE})")
+    parser.add_argument("--link-into", default=None, help="folder of symbolic links per domain")
+    args = parser.parse_args(argv)
+    try:
+        rules = None
+        if args.rules:
+            with open(args.rules) as f:
+                rules = json.load(f)
+            if not isinstance(rules.get("domains"), list):
+                raise ValueError(f"{args.rules}: expected {{\"domains\": [...]}}")
+        summary = sort_series(args.predictions, rules, args.out, args.min_confidence, args.link_into)
+    except (ValueError, FileNotFoundError, json.JSONDecodeError) as err:
+        print(f"iap-sort: error: {err}", file=sys.stderr)
+        return 2
+    print(f"sorted {summary['series']} series: " + ", ".join(
+        f"{k} {v}" for k, v in sorted(summary["domains"].items())) + f"\nmanifest: {args.out}")
+    if "links" in summary:
+        print(f"links in {args.link_into}: {summary['links']}")
+    return 0
+
+
+def run() -> None:
+    """Console script entry (iap-sort)."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

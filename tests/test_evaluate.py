@@ -1,0 +1,181 @@
+"""iap-eval and iap-sort: the numbers (ECE, bootstrap intervals, temperatures, QA thresholds)
+against independent ones, and the report and manifest on real predictions."""
+import base64
+import csv
+import json
+import math
+import os
+import re
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from iap_jax import calibration, evaluate, predictions, sort
+from iap_jax.labels import HeadEncoding, LabelEncoding
+from predict_data import run_predict
+
+
+def test_ece_matches_an_independent_implementation():
+    from sklearn.calibration import calibration_curve
+
+    rng = np.random.default_rng(0)
+    confidence = rng.uniform(0.05, 0.999, 5000)
+    correct = rng.random(5000) < confidence ** 1.7  # over-confident on purpose
+    ours = calibration.expected_calibration_error(confidence, correct, bins=15)
+    accuracy, mean_confidence = calibration_curve(correct, confidence, n_bins=15, strategy="uniform")
+    counts, _ = np.histogram(confidence, bins=np.linspace(0, 1, 16))
+    counts = counts[counts > 0]
+    reference = np.sum(counts * np.abs(accuracy - mean_confidence)) / counts.sum()
+    assert ours == pytest.approx(reference, abs=1e-12)
+    assert ours > 0.05  # and the data is visibly miscalibrated
+    assert calibration.expected_calibration_error(np.array([1.0, 1.0]), np.array([1, 1])) == 0.0
+
+
+def test_bootstrap_intervals_over_patients_cover_the_true_accuracy():
+    rng = np.random.default_rng(1)
+    true_accuracy, covered, trials = 0.8, 0, 120
+    for _ in range(trials):
+        # 60 patients with 5 slices each; a patient's slices share how hard they are.
+        ability = np.clip(rng.normal(true_accuracy, 0.12, 60), 0, 1)
+        hits = rng.random((60, 5)) < ability[:, None]
+        low, high = evaluate.bootstrap_interval(hits.sum(axis=1), np.full(60, 5), 400, rng)
+        covered += low <= true_accuracy <= high
+    assert covered / trials >= 0.88  # nominal 95%
+    assert evaluate.bootstrap_interval(np.array([]), np.array([]), 10, rng) == (math.nan, math.nan)
+
+
+def test_temperature_fitting_undoes_over_confidence():
+    rng = np.random.default_rng(2)
+    true_logits = rng.normal(0, 1.5, (4000, 6))
+    labels = np.array([rng.choice(6, p=calibration.softmax(row)) for row in true_logits])
+    over_confident = true_logits * 3.0
+    t = calibration.fit_temperature(over_confident, labels)
+    assert t == pytest.approx(3.0, rel=0.15)
+    assert (calibration.negative_log_likelihood(over_confident, labels, t)
+            < calibration.negative_log_likelihood(over_confident, labels) - 0.1)
+    before = calibration.softmax(over_confident)
+    after = calibration.softmax(over_confident, t)
+    ece = [calibration.expected_calibration_error(p.max(axis=1), p.argmax(axis=1) == labels)
+           for p in (before, after)]
+    assert ece[1] < 0.03 < ece[0]
+    np.testing.assert_array_equal(before.argmax(axis=1), after.argmax(axis=1))
+
+
+def test_qa_threshold_and_flags():
+    confidence = np.array([0.99, 0.97, 0.9, 0.6, 0.95, 0.8])
+    wrong = np.array([True, False, True, True, False, False])
+    # One flag in six series is allowed at a rate of 0.2: above the second surest mistake.
+    t = evaluate.qa_threshold(confidence, wrong, rate=0.2)
+    assert 0.9 < t <= 0.9 + 1e-9 and np.sum(wrong & (confidence >= t)) == 1
+    assert evaluate.qa_threshold(confidence, wrong, rate=0.0) > 0.99
+    assert evaluate.qa_threshold(confidence, np.zeros(6, bool), rate=0.0) == 0.5
+    head = HeadEncoding("Manufacturer", "categorical", classes=("GE", "SIEMENS", "<other>"))
+    assert predictions.qa_flags(head, "GE", 0.99, "SIEMENS", 0.9) == ["Manufacturer"]
+    assert predictions.qa_flags(head, "GE", 0.99, "GE", 0.9) == []
+    assert predictions.qa_flags(head, "GE", 0.5, "SIEMENS", 0.9) == []  # not sure enough
+    assert predictions.qa_flags(head, "GE", 0.99, None, 0.9) == ["missing_header:Manufacturer"]
+    assert predictions.qa_flags(head, "<other>", 0.99, "PHILIPS", 0.9) == []  # unseen = other
+
+
+@pytest.fixture(scope="module")
+def calibrated_run(trained_run, tmp_path_factory):
+    """The trained run with a calibration fitted on its validation predictions, and its test
+    split predicted from the DICOM folder with it."""
+    root = tmp_path_factory.mktemp("calibrated")
+    workdir = root / "train"
+    shutil.copytree(trained_run.workdir, workdir)
+    run = type(trained_run)(trained_run.dicom_root, trained_run.dataset_dir, str(workdir),
+                            trained_run.validation)
+    run_predict(run, str(root / "val"), "--input", run.dataset_dir, "--split", "validation")
+    path, data = evaluate.fit_calibration(str(root / "val"))
+    assert path == str(workdir / calibration.CALIBRATION_FILE)
+    report = run_predict(run, str(root / "dicom"), "--input", run.dicom_root)
+    return run, root, data, report
+
+
+def test_calibration_is_stored_for_its_step_and_applied(calibrated_run):
+    run, root, data, report = calibrated_run
+    assert set(data["temperatures"]) >= {"Manufacturer", "FOV"} and data["qa"]["thresholds"]
+    assert report["checkpoint"]["calibration"]["temperatures"] == data["temperatures"]
+    slices = pq.read_table(root / "dicom" / "slices.parquet")
+    meta = predictions.read_metadata(str(root / "dicom" / "slices.parquet"))
+    assert meta["calibration"]["step"] == meta["step"] == data["step"]
+    head = LabelEncoding.from_json(meta["label_encoding"]).head("FOV")
+    expected = predictions.slice_probabilities(slices, head, data["temperatures"]["FOV"]).max(axis=1)
+    np.testing.assert_allclose(slices.column("FOV_prob").to_numpy(), expected, rtol=1e-5)
+    series = pq.read_table(root / "dicom" / "series.parquet")
+    assert "qa_flags" in series.column_names
+    # Another step's calibration is not applied.
+    assert calibration.load_calibration(run.workdir, data["step"] + 1) is None
+
+
+def test_report_files_and_a_self_contained_page(calibrated_run, tmp_path):
+    run, root, data, _ = calibrated_run
+    metrics = evaluate.evaluate(str(root / "dicom"), resamples=200)
+    files = evaluate.write_report(metrics, str(tmp_path / "report"))
+    saved = json.load(open(files["metrics.json"]))
+    m = saved["heads"]["Manufacturer"]
+    assert m["slices"] == metrics["slices"] and 0 <= m["top1"] <= 1
+    assert m["top1_ci"][0] <= m["top1"] <= m["top1_ci"][1]
+    assert saved["calibrated"] and "ece_after" in m and "series_top1" in m
+    assert saved["heads"]["EchoTime"]["unit"] == "ms" and "r2" in saved["heads"]["EchoTime"]
+    markdown = open(files["report.md"]).read()
+    assert "| Manufacturer |" in markdown and "slice top-1 [95% CI]" in markdown
+    page = open(files["report.html"]).read()
+    assert not re.search(r'(src|href)="(?!data:)', page)  # nothing outside the page
+    images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    plots = os.listdir(tmp_path / "report" / "plots")
+    assert len(images) == len(plots) >= 12
+    assert all(base64.b64decode(i)[:8] == b"\x89PNG\r\n\x1a\n" for i in images)
+
+
+def test_report_copes_with_a_head_without_labels_and_a_single_class(calibrated_run, tmp_path):
+    run, root, _, _ = calibrated_run
+    table = pq.read_table(root / "dicom" / "slices.parquet")
+    n = table.num_rows
+    table = table.set_column(table.schema.get_field_index("ScanOptions_header"), "ScanOptions_header",
+                             pa.array([None] * n, pa.string()))
+    table = table.set_column(table.schema.get_field_index("Manufacturer_header"), "Manufacturer_header",
+                             pa.array(["SIEMENS"] * n, pa.string()))
+    (tmp_path / "pred").mkdir()
+    pq.write_table(table, tmp_path / "pred" / "slices.parquet")
+    metrics = evaluate.evaluate(str(tmp_path / "pred"), resamples=50)
+    assert metrics["heads"]["ScanOptions"]["slices"] == 0 and "top1" not in metrics["heads"]["ScanOptions"]
+    assert list(metrics["heads"]["Manufacturer"]["recall"]) == ["SIEMENS"]
+    files = evaluate.write_report(metrics, str(tmp_path / "report"))
+    assert "| ScanOptions | " in open(files["report.md"]).read()
+
+
+def test_sorting_is_idempotent_and_moves_a_series_whose_domain_changed(calibrated_run, tmp_path):
+    run, root, _, _ = calibrated_run
+    pred = str(root / "dicom")
+    links = tmp_path / "links"
+    first = sort.sort_series(pred, None, str(tmp_path / "m1.csv"), 0.0, str(links))
+    rows = list(csv.DictReader(open(tmp_path / "m1.csv")))
+    assert first["series"] == len(rows) == pq.read_table(root / "dicom" / "series.parquet").num_rows
+    assert first["links"]["added"] == len(rows)
+
+    def linked():
+        return sorted((d, name, os.readlink(links / d / name)) for d in os.listdir(links)
+                      for name in os.listdir(links / d))
+
+    before = linked()
+    assert len(before) == len(rows) and all(os.path.isdir(target) for _, _, target in before)
+    again = sort.sort_series(pred, None, str(tmp_path / "m2.csv"), 0.0, str(links))
+    assert again["links"] == {"added": 0, "moved": 0, "kept": len(rows)} and linked() == before
+    # Rules that send every GE series elsewhere move those links, and only those.
+    rules = {"domains": [{"name": "ge", "model": "net_ge", "when": {"Manufacturer": "GE MEDICAL SYSTEMS"}},
+                         {"name": "other", "model": "net_other", "when": {"Manufacturer": ["SIEMENS", "<other>"]}}]}
+    moved = sort.sort_series(pred, rules, str(tmp_path / "m3.csv"), 0.0, str(links))
+    after = linked()
+    assert len(after) == len(rows) and len({name for _, name, _ in after}) == len(rows)
+    assert {d for d, _, _ in after} <= {"ge", "other"} and moved["links"]["moved"] == len(rows)
+    # A confidence threshold above every answer makes every series unknown.
+    strict = sort.sort_series(pred, rules, str(tmp_path / "m4.csv"), 1.01)
+    assert strict["domains"] == {"unknown": len(rows)}
+    with pytest.raises(ValueError, match="lack"):
+        sort.sort_series(pred, {"domains": [{"name": "x", "when": {"Colour": "red"}}]},
+                         str(tmp_path / "m5.csv"))
