@@ -251,9 +251,61 @@ def write_plots(metrics: dict, out_dir: str) -> dict[str, list[str]]:
     return written
 
 
-def write_report(metrics: dict, out_dir: str) -> dict[str, str]:
+MAX_FLAGGED_SHOWN = 48
+
+
+def flagged_series(pred_dir: str) -> list[dict]:
+    """Series of series.parquet with header-QA flags (none when it has no qa_flags)."""
+    path = os.path.join(pred_dir, "series.parquet")
+    if not os.path.exists(path) or "qa_flags" not in pq.read_schema(path).names:
+        return []
+    rows = pq.read_table(path).to_pylist()
+    return [r for r in rows if r["qa_flags"]]
+
+
+def middle_slice(pred_dir: str, series_key: str) -> np.ndarray | None:
+    """The stored middle slice of a series, read back from its input (None if unreadable)."""
+    from iap_jax import sources
+    from iap_jax.preprocess import PixelSpec
+
+    with open(os.path.join(pred_dir, "predict_report.json")) as f:
+        report = json.load(f)
+    table = pq.read_table(os.path.join(pred_dir, "slices.parquet"),
+                          columns=["series_key", "slice_index", "source"])
+    rows = [r for r in table.to_pylist() if r["series_key"] == series_key]
+    if not rows:
+        return None
+    row = sorted(rows, key=lambda r: r["slice_index"])[len(rows) // 2]
+    spec_text, kind = report["input"]["spec"], report["input"]["kind"]
+    root = spec_text if os.path.isdir(spec_text) else os.path.dirname(spec_text)
+    spec = PixelSpec.from_json(report["checkpoint"]["pixel_spec"])
+    path = os.path.join(root, row["source"])
+    try:
+        if kind == "dicom":
+            from iap_jax.dicom import read_prepared_frame
+            return read_prepared_frame(path, 0, spec.stored_size, spec.resize).image
+        if kind == "tfrecord":
+            source = sources.TfrecordSource(root, [path], spec)
+            for s in source.read(sources.Unit("thumbnail", (row["source"],)), []):
+                if s.series_key == series_key and s.slice_index == row["slice_index"]:
+                    return s.image
+            return None
+        array = sources._load_image(path)
+        return array[row["slice_index"]] if array.ndim == 3 else array
+    except Exception:  # a thumbnail is a courtesy: the flag is listed either way
+        return None
+
+
+def write_report(metrics: dict, out_dir: str, pred_dir: str | None = None) -> dict[str, str]:
     os.makedirs(out_dir, exist_ok=True)
     written = write_plots(metrics, out_dir)
+    flagged = flagged_series(pred_dir) if pred_dir else []
+    thumbnails = {}
+    for row in flagged[:MAX_FLAGGED_SHOWN]:
+        image = middle_slice(pred_dir, row["series_key"])
+        if image is not None:
+            thumbnails[row["series_key"]] = plots.write_thumbnail(
+                image, os.path.join(out_dir, "plots", "qa", f"{row['series_key']}.png"))
     cat_header, cat, cont_header, cont = main_table_rows(metrics)
     title = (f"Evaluation of step {metrics['step']} on {metrics['slices']} slices, "
              f"{metrics['series']} series, {metrics['patients']} patients")
@@ -263,9 +315,21 @@ def write_report(metrics: dict, out_dir: str) -> dict[str, str]:
     notes = (f"Intervals: 95% bootstrap over patients ({metrics['bootstrap_resamples']} resamples). "
              f"ECE: top-label, {calibration_lib.ECE_BINS} equal-width bins; probabilities "
              f"{calibrated}. Series answer: argmax of the mean slice probabilities.")
+    qa_header = ["series", "flags", "header", "predicted"]
+    qa_rows = [[r["series_key"], ", ".join(r["qa_flags"]),
+                "; ".join(f"{f.split(':')[-1]}={r.get(f.split(':')[-1] + '_header')}" for f in r["qa_flags"]),
+                "; ".join(f"{f.split(':')[-1]}={r.get(f.split(':')[-1])} ({r.get(f.split(':')[-1] + '_prob', 0):.2f})"
+                          for f in r["qa_flags"])] for r in flagged]
+    qa_note = (f"{len(flagged)} series with a header that contradicts a confident prediction"
+               if pred_dir and flagged else "No series flagged" if pred_dir else "")
     md = [f"# {title}", "", notes, "", "## Categorical IAPs", "", _markdown_table(cat_header, cat), "",
-          "## Continuous IAPs", "", _markdown_table(cont_header, cont), "", "## Plots", ""]
+          "## Continuous IAPs", "", _markdown_table(cont_header, cont), "",
+          "## Header QA", "", qa_note + ".", ""]
+    if qa_rows:
+        md += [_markdown_table(qa_header, qa_rows), ""]
+    md += ["## Plots", ""]
     md += [f"![{os.path.basename(p)}]({os.path.relpath(p, out_dir)})" for kind in written.values() for p in kind]
+
     with open(os.path.join(out_dir, "report.md.tmp"), "w") as f:
         f.write("\n".join(md) + "\n")
     os.replace(os.path.join(out_dir, "report.md.tmp"), os.path.join(out_dir, "report.md"))
@@ -278,17 +342,24 @@ def write_report(metrics: dict, out_dir: str) -> dict[str, str]:
     def image(path):
         with open(path, "rb") as f:
             data = base64.b64encode(f.read()).decode()
-        return f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(os.path.basename(path))}"></figure>'
+        return f'<img src="data:image/png;base64,{data}" alt="{html.escape(os.path.basename(path))}">'
 
+    qa_cards = "".join(
+        f"<figure class='qa'>{image(thumbnails[r['series_key']]) if r['series_key'] in thumbnails else ''}"
+        f"<figcaption>{html.escape(row[0])}<br>{html.escape(row[2])}<br>predicted {html.escape(row[3])}"
+        f"</figcaption></figure>" for r, row in zip(flagged[:MAX_FLAGGED_SHOWN], qa_rows))
+    qa_section = (f"<h2>Header QA</h2><p>{html.escape(qa_note)}.</p><div class='grid'>{qa_cards}</div>"
+                  if pred_dir else "")
     sections = "".join(f"<h2>{html.escape(kind.capitalize())}</h2><div class='grid'>" +
-                       "".join(image(p) for p in paths) + "</div>" for kind, paths in written.items() if paths)
+                       "".join(f"<figure>{image(p)}</figure>" for p in paths) + "</div>" for kind, paths in written.items() if paths)
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif;margin:24px;color:#222}} table{{border-collapse:collapse;margin:8px 0 20px}}
 td,th{{border:1px solid #ccc;padding:4px 8px;font-size:13px;text-align:right}} td:first-child,th:first-child{{text-align:left}}
-th{{background:#f0f3f7}} .grid{{display:flex;flex-wrap:wrap;gap:8px}} img{{max-width:460px}} p{{max-width:900px}}</style>
+th{{background:#f0f3f7}} .grid{{display:flex;flex-wrap:wrap;gap:8px}} img{{max-width:460px}} p{{max-width:900px}}
+figure.qa{{width:170px;margin:4px;font-size:11px}} figure.qa img{{width:160px}}</style>
 </head><body><h1>{html.escape(title)}</h1><p>{html.escape(notes)}</p>
 <h2>Categorical IAPs</h2>{html_table(cat_header, cat)}<h2>Continuous IAPs</h2>{html_table(cont_header, cont)}
-{sections}</body></html>"""
+{qa_section}{sections}</body></html>"""
     with open(os.path.join(out_dir, "report.html.tmp"), "w") as f:
         f.write(page)
     os.replace(os.path.join(out_dir, "report.html.tmp"), os.path.join(out_dir, "report.html"))
@@ -305,15 +376,15 @@ QA_IAPS = ("Manufacturer", "ManufacturerModelName", "MagneticFieldStrength", "Pa
 QA_FALSE_FLAG_RATE = 0.02
 
 
-def qa_threshold(confidence: np.ndarray, wrong: np.ndarray, rate: float, floor: float = 0.5) -> float:
-    """The lowest threshold at which at most `rate` of these (correctly labelled) series
-    would be flagged: flags are wrong answers at least that confident."""
-    wrong_confidences = np.sort(np.asarray(confidence, np.float64)[np.asarray(wrong, bool)])[::-1]
-    allowed = int(math.floor(rate * len(confidence)))
-    if len(wrong_confidences) <= allowed:
+def qa_threshold(scores: np.ndarray, rate: float, floor: float = 0.5) -> float:
+    """The lowest threshold at which at most `rate` of these correctly labelled series would
+    be flagged, a series being flagged when its score (1 - P(header's class)) reaches it."""
+    ranked = np.sort(np.asarray(scores, np.float64))[::-1]
+    allowed = int(math.floor(rate * len(ranked)))
+    if len(ranked) <= allowed:
         return floor
-    # Above the (allowed + 1)-th most confident wrong answer: only `allowed` remain above it.
-    return float(max(floor, np.nextafter(wrong_confidences[allowed], np.inf)))
+    # Just above the (allowed + 1)-th highest score: only `allowed` reach it.
+    return float(max(floor, np.nextafter(ranked[allowed], np.inf)))
 
 
 def fit_calibration(pred_dir: str, workdir: str | None = None, qa_iaps=QA_IAPS,
@@ -350,14 +421,13 @@ def fit_calibration(pred_dir: str, workdir: str | None = None, qa_iaps=QA_IAPS,
     for head in qa_heads:
         probs = predictions.slice_probabilities(table, head, temperatures[head.name])
         headers = table.column(f"{head.name}_header").to_pylist()
-        confidence, wrong = [], []
+        scores = []
         for rows in series_rows:
-            mean = probs[rows].mean(axis=0)
-            target = predictions.target_class(head, _commonest([headers[i] for i in rows]))
-            confidence.append(float(mean.max()))
-            wrong.append(target is None or head.classes[int(mean.argmax())] != target)
-        thresholds[head.name] = qa_threshold(np.array(confidence), np.array(wrong),
-                                             false_flag_rate / max(len(qa_heads), 1))
+            p = predictions.header_probability(head, probs[rows].mean(axis=0),
+                                               _commonest([headers[i] for i in rows]))
+            if p is not None:
+                scores.append(1.0 - p)
+        thresholds[head.name] = qa_threshold(np.array(scores), false_flag_rate / max(len(qa_heads), 1))
     data = {"step": metadata["step"], "checkpoint": metadata["checkpoint"],
             "temperatures": temperatures,
             "qa": {"iaps": [h.name for h in qa_heads], "false_flag_rate": false_flag_rate,
@@ -399,7 +469,10 @@ def main(argv=None) -> int:
                 f"{k} T={v:.2f}" for k, v in data["temperatures"].items()) + f"\n  -> {path}")
         if args.out:
             metrics = evaluate(args.predictions, args.bootstrap, args.seed)
-            files = write_report(metrics, args.out)
+            files = write_report(metrics, args.out, args.predictions)
+            flagged = flagged_series(args.predictions)
+            if flagged:
+                print(f"header QA: {len(flagged)} series flagged (listed in the report)")
             cat_header, cat, cont_header, cont = main_table_rows(metrics)
             print(_markdown_table(cat_header, cat) + "\n\n" + _markdown_table(cont_header, cont))
             print("report: " + ", ".join(files.values()))

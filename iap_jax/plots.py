@@ -96,3 +96,18 @@ def write_reliability(curves: dict[str, tuple], name: str, path: str) -> str:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def write_thumbnail(image: np.ndarray, path: str, size: float = 2.0) -> str:
+    """A grayscale slice, windowed to its 1st-99th percentiles, without axes."""
+    plt = _pyplot()
+    image = np.asarray(image, np.float32)
+    low, high = np.percentile(image, (1, 99))
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(image, cmap="gray", vmin=low, vmax=high if high > low else low + 1)
+    ax.axis("off")
+    fig.subplots_adjust(0, 0, 1, 1)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path

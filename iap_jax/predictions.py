@@ -14,9 +14,9 @@ series.parquet, one row per series (series_key, patient, phase, num_slices, then
                      mean), <IAP>_agreement (share of slices whose top-1 is the series answer)
   continuous:        <IAP> (median of the slices)
   with headers:      <IAP>_header (the commonest slice header value), and with a calibration
-                     that chose QA thresholds: qa_flags (the IAPs whose header contradicts a
-                     confident prediction; "missing_header:<IAP>" where a confident prediction
-                     fills a missing header)
+                     that chose QA thresholds: qa_flags (the IAPs whose header a prediction is
+                     confident is wrong: 1 - P(header's class) at least the IAP's threshold;
+                     "missing_header:<IAP>" where a confident prediction fills a missing header)
 The schema metadata records the checkpoint, its step, the label encoding (vocabularies), the
 pixel spec and the calibration applied (null for none).
 """
@@ -164,16 +164,22 @@ def slice_probabilities(table: pa.Table, head, temperature: float = 1.0) -> np.n
     return softmax(np.asarray(logits, np.float64).reshape(len(logits), head.size), temperature)
 
 
-def qa_flags(head, answer: str, probability: float, header, threshold: float) -> list[str]:
-    """Header QA of one series and IAP: the IAP when its header contradicts a prediction at
-    least `threshold` sure, "missing_header:<IAP>" when the header is missing and such a
-    prediction fills it."""
-    if probability < threshold:
-        return []
-    target = target_class(head, header)
+def qa_flags(head, answer_probability: float, header, header_probability: float | None,
+             threshold: float) -> list[str]:
+    """Header QA of one series and IAP: the IAP when the prediction is at least `threshold`
+    sure that the header is wrong (1 - the probability of the header's class), and
+    "missing_header:<IAP>" when the header is missing and the top-1 answer is that sure."""
     if header is None:
-        return [f"missing_header:{head.name}"]
-    return [head.name] if target is not None and target != answer else []
+        return [f"missing_header:{head.name}"] if answer_probability >= threshold else []
+    if target_class(head, header) is None or header_probability is None:
+        return []
+    return [head.name] if 1.0 - header_probability >= threshold else []
+
+
+def header_probability(head, mean: np.ndarray, header) -> float | None:
+    """The (mean) probability a prediction gives the class of a header value."""
+    target = target_class(head, header)
+    return None if target is None else float(mean[head.classes.index(target)])
 
 
 def series_table(slices_path: str, encoding: LabelEncoding,
@@ -198,9 +204,10 @@ def series_table(slices_path: str, encoding: LabelEncoding,
         if head.categorical:
             top1 = table.column(head.name).to_pylist()
             probs = slice_probabilities(table, head, temperatures.get(head.name, 1.0))
-            answers, confidences, agreements = [], [], []
+            answers, confidences, agreements, means = [], [], [], []
             for g in groups:
                 mean = probs[g].mean(axis=0)
+                means.append(mean)
                 answer = head.classes[int(np.argmax(mean))]
                 answers.append(answer)
                 confidences.append(float(mean.max()))
@@ -219,10 +226,10 @@ def series_table(slices_path: str, encoding: LabelEncoding,
             fields.append(pa.field(f"{head.name}_header",
                                    pa.string() if head.categorical else pa.float64()))
             if head.categorical and qa_thresholds and head.name in qa_thresholds:
-                for i, (answer, prob, header) in enumerate(zip(
-                        columns[head.name], columns[f"{head.name}_prob"],
-                        columns[f"{head.name}_header"])):
-                    flags[i] += qa_flags(head, answer, prob, header, qa_thresholds[head.name])
+                for i, (prob, header) in enumerate(zip(columns[f"{head.name}_prob"],
+                                                       columns[f"{head.name}_header"])):
+                    flags[i] += qa_flags(head, prob, header, header_probability(head, means[i], header),
+                                         qa_thresholds[head.name])
     if has_headers and qa_thresholds:
         columns["qa_flags"] = flags
         fields.append(pa.field("qa_flags", pa.list_(pa.string())))

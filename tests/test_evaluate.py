@@ -65,19 +65,20 @@ def test_temperature_fitting_undoes_over_confidence():
 
 
 def test_qa_threshold_and_flags():
-    confidence = np.array([0.99, 0.97, 0.9, 0.6, 0.95, 0.8])
-    wrong = np.array([True, False, True, True, False, False])
-    # One flag in six series is allowed at a rate of 0.2: above the second surest mistake.
-    t = evaluate.qa_threshold(confidence, wrong, rate=0.2)
-    assert 0.9 < t <= 0.9 + 1e-9 and np.sum(wrong & (confidence >= t)) == 1
-    assert evaluate.qa_threshold(confidence, wrong, rate=0.0) > 0.99
-    assert evaluate.qa_threshold(confidence, np.zeros(6, bool), rate=0.0) == 0.5
+    scores = np.array([0.99, 0.03, 0.9, 0.6, 0.05, 0.2])  # 1 - P(header's class), per series
+    # One flag in six correct series is allowed at a rate of 0.2: just above the second score.
+    t = evaluate.qa_threshold(scores, rate=0.2)
+    assert 0.9 < t <= 0.9 + 1e-9 and np.sum(scores >= t) == 1
+    assert evaluate.qa_threshold(scores, rate=0.0) > 0.99
+    assert evaluate.qa_threshold(np.array([0.1, 0.2]), rate=0.0) == 0.5  # the floor
     head = HeadEncoding("Manufacturer", "categorical", classes=("GE", "SIEMENS", "<other>"))
-    assert predictions.qa_flags(head, "GE", 0.99, "SIEMENS", 0.9) == ["Manufacturer"]
-    assert predictions.qa_flags(head, "GE", 0.99, "GE", 0.9) == []
-    assert predictions.qa_flags(head, "GE", 0.5, "SIEMENS", 0.9) == []  # not sure enough
-    assert predictions.qa_flags(head, "GE", 0.99, None, 0.9) == ["missing_header:Manufacturer"]
-    assert predictions.qa_flags(head, "<other>", 0.99, "PHILIPS", 0.9) == []  # unseen = other
+    assert predictions.header_probability(head, np.array([0.9, 0.08, 0.02]), "SIEMENS") == 0.08
+    assert predictions.header_probability(head, np.array([0.9, 0.08, 0.02]), "PHILIPS") == 0.02
+    assert predictions.qa_flags(head, 0.9, "SIEMENS", 0.08, 0.9) == ["Manufacturer"]
+    assert predictions.qa_flags(head, 0.9, "GE", 0.9, 0.9) == []
+    assert predictions.qa_flags(head, 0.6, "SIEMENS", 0.4, 0.9) == []  # not sure enough
+    assert predictions.qa_flags(head, 0.95, None, None, 0.9) == ["missing_header:Manufacturer"]
+    assert predictions.qa_flags(head, 0.5, None, None, 0.9) == []
 
 
 @pytest.fixture(scope="module")
