@@ -9,7 +9,7 @@ PATIENTS ?= 1000
 SLICES ?= 5
 WORKERS ?= 2
 
-.PHONY: install sysdeps demo synth prep train predict-validation calibrate predict evaluate sort test bench bench-synth bench-prep bench-train bench-predict clean
+.PHONY: install sysdeps demo synth prep train predict-validation calibrate predict evaluate sort test bench bench-synth bench-prep bench-train bench-predict bench-qa bench-ood clean
 
 # Builds (once per machine, cached) the oneDNN convolution library, or says why it cannot.
 install: $(VENV)/.installed sysdeps
@@ -47,13 +47,15 @@ train: prep
 	  --config.dataset_dir=$(DATASET)
 
 # Calibration (temperatures and header-QA thresholds) is fitted on the validation split's
-# raw predictions; the test split is then predicted from the best checkpoint with it.
+# raw predictions and the out-of-distribution model on the train and validation features;
+# the test split is then predicted from the best checkpoint with both.
 predict-validation: train
 	$(BIN)/iap-predict --workdir $(RUN)/train --input $(DATASET) --split validation \
 	  --out $(RUN)/predict_validation --no-calibration --quiet
 
 calibrate: predict-validation
 	$(BIN)/iap-eval --predictions $(RUN)/predict_validation --fit-calibration
+	$(BIN)/iap-ood --workdir $(RUN)/train
 
 predict: calibrate
 	$(BIN)/iap-predict --workdir $(RUN)/train --input $(DATASET) --split test --out $(RUN)/predict
@@ -85,6 +87,14 @@ bench-train: install $(VENV)/.torch
 
 bench-predict: install $(VENV)/.torch
 	$(BIN)/python bench/predict.py
+
+# Need the demo's run (make demo): header QA on altered held-out series, and unknown-domain
+# detection with a scanner model held out of a new training run.
+bench-qa: install
+	$(BIN)/python bench/header_qa.py
+
+bench-ood: install
+	$(BIN)/python bench/ood.py
 
 bench: bench-synth bench-prep bench-train bench-predict
 

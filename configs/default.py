@@ -25,9 +25,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         iaps=(), min_count=1, always_other=True,
         kinds={}, transforms={"EchoTime": "log", "RepetitionTime": "log"}))
 
+    # exclude: {IAP: [canonical values]} leaves those examples out of every split training
+    # reads (e.g. {"ManufacturerModelName": ["SKYRA"]} holds a scanner out, bench/ood.py).
     config.input = ml_collections.ConfigDict(dict(
         image_size=0, normalisation="max", percentiles=(1.0, 99.0), augment=False,
-        shuffle_buffer=10_000, prefetch=2, threads=0))
+        shuffle_buffer=10_000, prefetch=2, threads=0, exclude={}))
 
     config.batch_size = 128  # global, over all processes
     config.eval_batch_size = 128

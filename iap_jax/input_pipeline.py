@@ -60,13 +60,18 @@ class InputConfig:
     shuffle_buffer: int = 10_000
     prefetch: int = 2
     threads: int = 0  # tf.data private thread pool (0: TF's default)
+    # Data selection: leave out every example whose header value of an IAP is one of these
+    # canonical values, e.g. (("ManufacturerModelName", ("SKYRA",)),) to hold a scanner out.
+    exclude: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     @classmethod
     def from_config(cls, config) -> "InputConfig":
+        exclude = tuple(sorted((name, tuple(values)) for name, values in
+                               dict(config.get("exclude", {}) or {}).items()))
         return cls(image_size=int(config.image_size), normalisation=config.normalisation,
                    percentiles=tuple(config.percentiles), augment=bool(config.augment),
                    shuffle_buffer=int(config.shuffle_buffer), prefetch=int(config.prefetch),
-                   threads=int(config.threads))
+                   threads=int(config.threads), exclude=exclude)
 
 
 def load_builder(dataset_dir: str):
@@ -114,16 +119,38 @@ class SplitReader:
         if split not in self.builder.info.splits:
             raise ValueError(f"{dataset_dir}: no split {split!r} "
                              f"(has {sorted(self.builder.info.splits)})")
+        unknown = {name for name, _ in cfg.exclude} - set(IAP_NAMES)
+        if unknown:
+            raise ValueError(f"input.exclude names unknown IAPs {sorted(unknown)}")
         self.cfg = cfg
-        self.split_size = int(self.builder.info.splits[split].num_examples)
         self.process_split = tfds.even_splits(split, n=process_count)[process_index]
+        self.split_size = int(self.builder.info.splits[split].num_examples)
         # Every process runs the same number of steps: plan with the smallest share.
         self.min_process_examples = self.split_size // process_count
         self.max_process_examples = -(-self.split_size // process_count)
+        if cfg.exclude:  # every process counts every share's kept examples alike
+            shares = [self._count_kept(s) for s in tfds.even_splits(split, n=process_count)]
+            self.split_size = sum(shares)
+            self.min_process_examples, self.max_process_examples = min(shares), max(shares)
+
+    def _keep(self, example) -> tf.Tensor:
+        keep = tf.constant(True)
+        for name, values in self.cfg.exclude:
+            value = example["labels"][name]["value"]
+            for v in values:
+                keep = tf.logical_and(keep, tf.not_equal(value, v))
+        return keep
+
+    def _count_kept(self, split: str) -> int:
+        ds = self.builder.as_dataset(split=split, shuffle_files=False,
+                                     decoders={"image": tfds.decode.SkipDecoding()})
+        return int(ds.filter(self._keep).reduce(0, lambda n, _: n + 1).numpy())
 
     def records(self) -> tf.data.Dataset:
         ds = self.builder.as_dataset(split=self.process_split, shuffle_files=False,
                                      read_config=tfds.ReadConfig(try_autocache=False))
+        if self.cfg.exclude:
+            ds = ds.filter(self._keep)
         options = tf.data.Options()
         options.deterministic = True
         if self.cfg.threads:

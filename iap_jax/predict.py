@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="compute dtype (default: the trained one; float32 on a CPU)")
     parser.add_argument("--csv", action="store_true", help="also write slices.csv and series.csv")
     parser.add_argument("--no-calibration", action="store_true",
-                        help="ignore the workdir's calibration.json (iap-eval --fit-calibration)")
+                        help="ignore the workdir's calibration.json (iap-eval --fit-calibration) "
+                             "and ood.json (iap-ood)")
     parser.add_argument("--overwrite", action="store_true",
                         help="discard part files of a different earlier run in OUT_DIR")
     parser.add_argument("--strict", action="store_true", help="exit 1 if anything was skipped")
@@ -161,7 +162,9 @@ class Predictor:
         spec = self.spec
 
         def forward(variables, images, scales, offsets):
-            return model.apply(variables, model_input(images, scales, offsets, spec), train=False)
+            outputs, state = model.apply(variables, model_input(images, scales, offsets, spec),
+                                         train=False, mutable=["intermediates"])
+            return outputs, state["intermediates"]["features"][0]
 
         batch = sharding_lib.batch_sharding(self.mesh)
         shape = (self.batch_size, spec.stored_size, spec.stored_size)
@@ -190,8 +193,9 @@ class Predictor:
         mesh = sharding_lib.make_mesh({"data": -1}, devices=jax.local_devices())
         return cls(restore_model(workdir, mesh, step), mesh, batch_size, conv_impl, dtype)
 
-    def __call__(self, images, scales, offsets) -> dict:
-        """Host arrays of the full batch shape -> device outputs (asynchronous)."""
+    def __call__(self, images, scales, offsets) -> tuple[dict, Any]:
+        """Host arrays of the full batch shape -> device (outputs per head, pooled features
+        [batch, width]), asynchronously."""
         import jax
 
         arrays = [jax.device_put(x, self._batch_sharding) for x in (images, scales, offsets)]
@@ -280,6 +284,7 @@ def predict(args) -> dict:
 
     from iap_jax import predictions, sources
     from iap_jax.calibration import load_calibration
+    from iap_jax.ood import load_ood
     from iap_jax.preprocess import PixelSpec
     from iap_jax.progress import Progress
 
@@ -298,6 +303,7 @@ def predict(args) -> dict:
     spec = PixelSpec.from_json({**predictor.spec.to_json(), **overrides})
     calibration = None if args.no_calibration else load_calibration(args.workdir, predictor.step)
     temperatures = calibration["temperatures"] if calibration else {}
+    ood = None if args.no_calibration else load_ood(args.workdir, predictor.step)
     salt_info: dict[str, str] = {}
 
     def salt() -> str:
@@ -316,6 +322,7 @@ def predict(args) -> dict:
         units = source.plan()
         signature = _run_signature(args, predictor, source, spec, units, salt_info.get("value"))
         signature["temperatures"] = temperatures
+        signature["ood"] = ood.summary() if ood else None
         _check_signature(parts_dir, signature, args.overwrite)
         write_json_atomic(plan_path, {"units": [[u.id, list(u.entries)] for u in units]})
     _barrier("iap_predict_plan")
@@ -330,8 +337,9 @@ def predict(args) -> dict:
     todo = [u for u in mine if not os.path.exists(part_path(u.id))]
     metadata = {"checkpoint": predictor.directory, "step": predictor.step,
                 "label_encoding": predictor.encoding.to_json(), "pixel_spec": spec.to_json(),
-                "calibration": calibration}
-    schema = predictions.slice_schema(predictor.encoding, source.has_headers, metadata)
+                "calibration": calibration, "ood": ood.summary() if ood else None}
+    schema = predictions.slice_schema(predictor.encoding, source.has_headers, metadata,
+                                      ood=ood is not None)
 
     # ------------------------------------------------------------ predict ------------
     label = "predict" if jax.process_count() == 1 else f"predict[{jax.process_index()}]"
@@ -345,10 +353,11 @@ def predict(args) -> dict:
     wait_s, predicted, compute_start = 0.0, 0, time.time()
 
     def finish(flight) -> None:
-        unit_id, slices, outputs = flight
-        logits = jax.device_get(outputs)
+        unit_id, slices, (outputs, features) = flight
+        logits, features = jax.device_get((outputs, features))
+        ood_scores = ood.score(features[:len(slices)]) if ood else None
         tables.setdefault(unit_id, []).append(predictions.slice_table(
-            slices, logits, predictor.encoding, schema, args.top_k, temperatures))
+            slices, logits, predictor.encoding, schema, args.top_k, temperatures, ood_scores))
 
     while True:
         wait_start = time.time()
@@ -394,7 +403,8 @@ def predict(args) -> dict:
     series_path = os.path.join(out_dir, "series.parquet")
     rows = predictions.merge_parts([part_path(u.id) for u in units], slices_path, schema)
     qa = (calibration or {}).get("qa", {}).get("thresholds")
-    series = predictions.series_table(slices_path, predictor.encoding, metadata, temperatures, qa)
+    series = predictions.series_table(slices_path, predictor.encoding, metadata, temperatures, qa,
+                                      ood.threshold if ood else None)
     predictions.write_parquet_atomic(series, series_path)
     if args.csv:
         predictions.write_csv(predictions.pq.read_table(slices_path), os.path.join(out_dir, "slices.csv"))
@@ -410,7 +420,8 @@ def predict(args) -> dict:
         "checkpoint": {"workdir": os.path.abspath(args.workdir), "path": predictor.directory,
                        "step": predictor.step,
                        "label_encoding_sha256": predictor.encoding_sha256(),
-                       "pixel_spec": spec.to_json(), "calibration": calibration},
+                       "pixel_spec": spec.to_json(), "calibration": calibration,
+                       "ood": ood.summary() if ood else None},
         "input": {"spec": args.input, "kind": source.kind, "split": args.split,
                   "salt": salt_info.get("source"), **source.notes},
         "counts": {"units": len(units), "slices": rows, "series": series.num_rows,

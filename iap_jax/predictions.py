@@ -9,6 +9,8 @@ slices.parquet, one row per slice:
   continuous IAP:    <IAP> (real units, e.g. ms)
   with headers:      <IAP>_header (the header's canonical value; "<absent>" / "<empty>" for
                      an IAP whose missing value is a class; null where missing or invalid)
+With an out-of-distribution model (iap_jax.ood) for the step: ood_score per slice, and per
+series its median and `unknown` (above the threshold).
 series.parquet, one row per series (series_key, patient, phase, num_slices, then per IAP):
   categorical:       <IAP> (argmax of the mean of slice probabilities), <IAP>_prob (that
                      mean), <IAP>_agreement (share of slices whose top-1 is the series answer)
@@ -44,8 +46,8 @@ def _key_fields() -> list[pa.Field]:
 
 
 def slice_schema(encoding: LabelEncoding, has_headers: bool,
-                 metadata: Mapping[str, Any] | None = None) -> pa.Schema:
-    fields = _key_fields()
+                 metadata: Mapping[str, Any] | None = None, ood: bool = False) -> pa.Schema:
+    fields = _key_fields() + ([pa.field("ood_score", pa.float32())] if ood else [])
     for head in encoding.heads:
         if head.categorical:
             fields += [pa.field(head.name, pa.string()), pa.field(f"{head.name}_prob", pa.float32()),
@@ -85,8 +87,8 @@ def header_value(name: str, state: int, value: str, number: float):
 
 
 def slice_table(slices: Sequence, logits: Mapping[str, np.ndarray], encoding: LabelEncoding,
-                schema: pa.Schema, top_k: int, temperatures: Mapping[str, float] | None = None
-                ) -> pa.Table:
+                schema: pa.Schema, top_k: int, temperatures: Mapping[str, float] | None = None,
+                ood_scores: np.ndarray | None = None) -> pa.Table:
     """Rows for predicted slices (sources.StoredSlice) from the model's outputs (rows in the
     same order); probabilities through the calibration's temperatures where given."""
     temperatures = temperatures or {}
@@ -97,6 +99,8 @@ def slice_table(slices: Sequence, logits: Mapping[str, np.ndarray], encoding: La
         "phase": [s.phase for s in slices],
         "source": [s.source for s in slices],
     }
+    if "ood_score" in schema.names:
+        columns["ood_score"] = np.asarray(ood_scores, np.float32)
     decoded = encoding.decode({k: np.asarray(v, np.float64)[:len(slices)] / temperatures.get(k, 1.0)
                                for k, v in logits.items()}, top_k)
     has_headers = f"{encoding.heads[0].name}_header" in schema.names
@@ -185,7 +189,8 @@ def header_probability(head, mean: np.ndarray, header) -> float | None:
 def series_table(slices_path: str, encoding: LabelEncoding,
                  metadata: Mapping[str, Any] | None = None,
                  temperatures: Mapping[str, float] | None = None,
-                 qa_thresholds: Mapping[str, float] | None = None) -> pa.Table:
+                 qa_thresholds: Mapping[str, float] | None = None,
+                 ood_threshold: float | None = None) -> pa.Table:
     """Per-series answers from a slices file (see the module docstring)."""
     temperatures = temperatures or {}
     table = pq.read_table(slices_path)
@@ -199,6 +204,11 @@ def series_table(slices_path: str, encoding: LabelEncoding,
     columns["num_slices"] = [len(g) for g in groups]
     fields = _key_fields()[:1] + [pa.field("patient", pa.string()), pa.field("phase", pa.int32()),
                                   pa.field("num_slices", pa.int32())]
+    if "ood_score" in table.column_names and ood_threshold is not None:
+        slice_scores = table.column("ood_score").to_numpy()
+        columns["ood_score"] = [float(np.median(slice_scores[g])) for g in groups]
+        columns["unknown"] = [s > ood_threshold for s in columns["ood_score"]]
+        fields += [pa.field("ood_score", pa.float32()), pa.field("unknown", pa.bool_())]
     flags: list[list[str]] = [[] for _ in groups]
     for head in encoding.heads:
         if head.categorical:

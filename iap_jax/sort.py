@@ -5,7 +5,7 @@
 
 Each series of iap-predict's series.parquet gets a domain, the downstream model of that
 domain and a confidence (the lowest series probability among the IAPs the domain is decided
-by); below the threshold it is `unknown`. By default the domain is the predicted
+by); below the threshold, or out of distribution (iap_jax.ood), it is `unknown`. By default the domain is the predicted
 manufacturer and field strength. A rules file decides otherwise, first match wins:
 
   {"min_confidence": 0.8,
@@ -57,6 +57,8 @@ def _matches(condition: Any, value: Any) -> bool:
 
 def assign(series: dict, rules: dict, min_confidence: float) -> tuple[str, str, float, str]:
     """(domain, model, confidence, reason) of one series row."""
+    if series.get("unknown"):
+        return UNKNOWN, "", math.nan, f"out of distribution (score {series['ood_score']:.1f})"
     def confidence_of(names):
         probs = [series.get(f"{n}_prob") for n in names]
         probs = [p for p in probs if p is not None]

@@ -180,3 +180,42 @@ def test_sorting_is_idempotent_and_moves_a_series_whose_domain_changed(calibrate
     with pytest.raises(ValueError, match="lack"):
         sort.sort_series(pred, {"domains": [{"name": "x", "when": {"Colour": "red"}}]},
                          str(tmp_path / "m5.csv"))
+
+
+def test_ood_scores_rank_an_unseen_group_above_the_known_ones():
+    from iap_jax import ood
+
+    rng = np.random.default_rng(4)
+    centres = rng.normal(0, 4, (4, 16))
+    groups = np.repeat(np.array(["a", "b", "c", "d"]), 200)
+    features = centres[np.searchsorted(["a", "b", "c", "d"], groups)] + rng.normal(0, 1, (800, 16))
+    known = groups != "d"
+    means, precision, names = ood.fit_gaussians(features[known], groups[known])
+    assert names == ["a", "b", "c"]
+    fresh = centres[np.searchsorted(["a", "b", "c", "d"], groups)] + rng.normal(0, 1, (800, 16))
+    scores = ood.scores(fresh, means, precision)
+    from sklearn.metrics import roc_auc_score
+    assert roc_auc_score(groups == "d", scores) > 0.99
+    # Close to a chi distribution with 16 degrees of freedom for the known groups.
+    assert 3.0 < np.median(scores[groups != "d"]) < 5.5
+
+
+def test_fitted_ood_model_marks_series_and_sorting_sends_them_to_unknown(calibrated_run, tmp_path):
+    from iap_jax import ood
+
+    run, root, _, _ = calibrated_run
+    data = ood.fit(run.workdir)
+    assert data["step"] == calibration.load_calibration(run.workdir, data["step"])["step"]
+    report = run_predict(run, str(tmp_path / "pred"), "--input", run.dataset_dir, "--split", "test")
+    assert report["checkpoint"]["ood"]["threshold"] == data["threshold"]
+    series = pq.read_table(tmp_path / "pred" / "series.parquet").to_pylist()
+    slices = pq.read_table(tmp_path / "pred" / "slices.parquet")
+    assert np.all(np.isfinite(slices.column("ood_score").to_numpy()))
+    for s in series:
+        assert s["unknown"] == (s["ood_score"] > data["threshold"])
+    manifest = tmp_path / "manifest.csv"
+    sort.sort_series(str(tmp_path / "pred"), None, str(manifest), 0.0)
+    rows = {r["series_key"]: r for r in csv.DictReader(open(manifest))}
+    for s in series:
+        assert (rows[s["series_key"]]["domain"] == "unknown") == s["unknown"]
+    os.remove(os.path.join(run.workdir, ood.OOD_FILE))  # the other tests' run stays as it was

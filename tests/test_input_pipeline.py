@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
 import train_data
 from iap_jax import input_pipeline
@@ -54,3 +55,19 @@ def test_bad_dataset_dir_and_split_are_named(dataset_dir, tmp_path):
     with pytest.raises(ValueError, match="normalisation"):
         input_pipeline.SplitReader(dataset_dir, "train",
                                    input_pipeline.InputConfig(normalisation="zscore"))
+
+
+def test_excluded_values_leave_every_split_and_the_counts(dataset_dir):
+    cfg = input_pipeline.InputConfig(exclude=(("Manufacturer", ("SIEMENS",)),))
+    full = input_pipeline.SplitReader(dataset_dir, "train", input_pipeline.InputConfig())
+    kept = input_pipeline.SplitReader(dataset_dir, "train", cfg)
+    makers = [ex["labels"]["Manufacturer"]["value"] for ex in tfds.as_numpy(kept.records())]
+    assert makers and set(makers) == {b"GE MEDICAL SYSTEMS"}
+    assert kept.split_size == len(makers) < full.split_size
+    shares = [input_pipeline.SplitReader(dataset_dir, "train", cfg, process_index=i, process_count=2)
+              for i in range(2)]
+    assert sum(len(list(s.records())) for s in shares) == len(makers)
+    assert shares[0].min_process_examples == min(len(list(s.records())) for s in shares)
+    with pytest.raises(ValueError, match="unknown IAPs"):
+        input_pipeline.SplitReader(dataset_dir, "train", input_pipeline.InputConfig(
+            exclude=(("Colour", ("red",)),)))

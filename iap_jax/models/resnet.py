@@ -132,6 +132,9 @@ class ResNet(_Layers):
                 )(x, train)
         # Pooling and heads in float32: bf16 would round logits and regression outputs.
         features = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+        # The pooled features, for out-of-distribution scores: apply with
+        # mutable=["intermediates"] to get them; otherwise sow is a no-op.
+        self.sow("intermediates", "features", features)
         return {
             name: nn.Dense(size, dtype=jnp.float32, name=f"head_{name}")(features)
             for name, size in self.head_sizes.items()
