@@ -61,11 +61,15 @@ def _example(rng: np.random.Generator, index: int, image_size: int) -> dict:
 
 
 def write_dataset(root: str, *, num_train: int = 64, num_validation: int = 32,
-                  image_size: int = 32, seed: int = 0) -> str:
-    """Writes the dataset under root; returns its directory (for builder_from_directory)."""
+                  image_size: int = 32, seed: int = 0, edit=None) -> str:
+    """Writes the dataset under root; returns its directory (for builder_from_directory).
+    edit(split, index, example) may change an example before it is written."""
     rng = np.random.default_rng(seed)
     splits = {"train": [_example(rng, i, image_size) for i in range(num_train)],
               "validation": [_example(rng, i, image_size) for i in range(num_validation)]}
+    if edit is not None:
+        splits = {split: [edit(split, i, ex) for i, ex in enumerate(examples)]
+                  for split, examples in splits.items()}
     builder = tfds.dataset_builders.store_as_tfds_dataset(
         name="iap_dataset", version="1.0.0", features=example_features(image_size),
         split_datasets={k: list(enumerate(v)) for k, v in splits.items()}, data_dir=root, disable_shuffling=True)
