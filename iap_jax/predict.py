@@ -267,9 +267,10 @@ def _check_signature(parts_dir: str, signature: dict, overwrite: bool) -> None:
     path = os.path.join(parts_dir, "run.json")
     if os.path.exists(path):
         old = _read_json(path)
-        if old == signature:
-            return
+        # A key missing from an older signature counts as null (the same run).
         changed = sorted(k for k in set(old) | set(signature) if old.get(k) != signature.get(k))
+        if not changed:
+            return
         if not overwrite:
             raise ValueError(f"{parts_dir} holds parts of another run (different {changed}); "
                              f"pass --overwrite to discard them, or use another --out")
