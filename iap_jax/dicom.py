@@ -11,14 +11,16 @@ and whose message names the file.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import math
 import os
 from typing import Sequence
 
 import numpy as np
 import pydicom
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import pixel_array
 from pydicom.pixels.decoders.base import get_decoder
@@ -37,8 +39,11 @@ _NON_IMAGE_SOP_PREFIXES = {
     "1.2.840.10008.5.1.4.1.1.9.": "waveform",
     "1.2.840.10008.5.1.4.1.1.4.2": "MR spectroscopy",
 }
-_NATIVE_SYNTAXES = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2",
-                    "1.2.840.10008.1.2.1.99"}
+_DEFLATED = "1.2.840.10008.1.2.1.99"
+_NATIVE_SYNTAXES = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", _DEFLATED}
+# The IAPs are MR acquisition parameters: images of other modalities are skipped.
+ACCEPTED_MODALITIES = ("MR",)
+_INTENSITY_PHOTOMETRICS = ("MONOCHROME1", "MONOCHROME2")
 _PIXEL_TAG = 0x7FE00010
 _PIXEL_TAG_BYTES = (b"\xe0\x7f\x10\x00", b"\x7f\xe0\x00\x10")  # little, big endian
 _UNDEFINED_LENGTH = 0xFFFFFFFF
@@ -142,6 +147,20 @@ def _looks_like_dicom_without_preamble(path: str) -> bool:
     return start[:2] in (b"\x02\x00", b"\x08\x00")
 
 
+def _with_inferred_syntax(ds: Dataset) -> Dataset:
+    """A bare dataset (no file meta) gets the transfer syntax its encoding was read with, as
+    pydicom's own reading inferred it, so that its pixels can be decoded."""
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and "TransferSyntaxUID" in meta:
+        return ds
+    implicit, little = getattr(ds, "original_encoding", (True, True))
+    ds.file_meta = meta if meta is not None else FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = (pydicom.uid.ImplicitVRLittleEndian if implicit else
+                                      pydicom.uid.ExplicitVRLittleEndian if little else
+                                      pydicom.uid.ExplicitVRBigEndian)
+    return ds
+
+
 def _open(path: str, defer_size: int | None = 1024) -> Dataset:
     """The dataset of one file, also when it lacks the 128-byte preamble and DICM prefix;
     values larger than defer_size (pixels, private blobs) stay on disk until asked for."""
@@ -154,7 +173,7 @@ def _open(path: str, defer_size: int | None = 1024) -> Dataset:
         except InvalidDicomError:
             if not _looks_like_dicom_without_preamble(path):
                 raise DicomError(path, "not_dicom", "no DICM preamble") from None
-            return pydicom.dcmread(path, defer_size=defer_size, force=True)
+            return _with_inferred_syntax(pydicom.dcmread(path, defer_size=defer_size, force=True))
     except DicomError:
         raise
     except PermissionError as err:
@@ -181,16 +200,22 @@ def _check_pixels(path: str, ds: Dataset) -> int:
         raise DicomError(path, "malformed", "Rows/Columns/BitsAllocated missing") from None
     if rows <= 0 or columns <= 0:
         raise DicomError(path, "malformed", f"image size {rows}x{columns}")
-    if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
-        raise DicomError(path, "not_monochrome", str(ds.get("PhotometricInterpretation", "")))
+    photometric = str(ds.get("PhotometricInterpretation", "") or "").strip()
+    if int(ds.get("SamplesPerPixel", 1) or 1) != 1 or (
+            photometric and photometric not in _INTENSITY_PHOTOMETRICS):
+        # Only MONOCHROME1/2 pixels are intensities (a palette index or a colour is not).
+        raise DicomError(path, "not_monochrome", photometric)
     frames = _int_or_none(ds.get("NumberOfFrames", 1)) or 1
     syntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or
                  "1.2.840.10008.1.2")
     element = ds._dict[_PIXEL_TAG]
     length = getattr(element, "length", None)
     value_tell = getattr(element, "value_tell", None)
+    if length == 0:  # written by some scanners for images without pixels: not cut off
+        raise DicomError(path, "no_pixel_data", "empty PixelData element")
     if length is not None and length != _UNDEFINED_LENGTH and value_tell is not None:
-        if value_tell + length > os.path.getsize(path):
+        # In a deflated file the offset counts the inflated stream, not the file's bytes.
+        if syntax != _DEFLATED and value_tell + length > os.path.getsize(path):
             raise DicomError(path, "truncated", "pixel data runs past the end of the file")
         expected = rows * columns * frames * bits // 8
         if syntax in _NATIVE_SYNTAXES and length < expected:
@@ -214,6 +239,9 @@ def read_instance_header(path: str) -> InstanceHeader:
         kind = _non_image_kind(sop_class)
         if kind:
             raise DicomError(path, "non_image", kind)
+        modality = _text(ds, "Modality").upper()
+        if modality and modality not in ACCEPTED_MODALITIES:
+            raise DicomError(path, "not_mr", f"Modality {modality}")
         frames = _check_pixels(path, ds)
         series_uid = _text(ds, "SeriesInstanceUID")
         if not series_uid:
@@ -251,9 +279,27 @@ def _rescale(ds: Dataset, frame: int) -> tuple[float, float]:
     return slope, intercept
 
 
+@contextlib.contextmanager
+def _quiet_pydicom():
+    """pydicom logs a failed decode with its traceback at ERROR level; the DicomError that
+    follows says it in one line (and the skip report keeps it), so keep that out of the console."""
+    logger = logging.getLogger("pydicom")
+    previous = logger.level
+    logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)
+
+
 def read_frame(path: str, frame: int = 0) -> np.ndarray:
     """One frame as float32 intensities [rows, columns]; raises DicomError."""
     ds = _open(path)  # the same opener as the header stage; pixels stay on disk until asked for
+    with _quiet_pydicom():
+        return _decode_frame(path, ds, frame)
+
+
+def _decode_frame(path: str, ds: Dataset, frame: int) -> np.ndarray:
     try:
         frames = _int_or_none(ds.get("NumberOfFrames", 1)) or 1
         if frames == 1:

@@ -1,0 +1,93 @@
+"""What hospital archives hold: valid files that must be used, invalid ones that must be named,
+and library noise that must stay out of the console."""
+import logging
+import os
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.filebase import DicomBytesIO
+from pydicom.uid import DeflatedExplicitVRLittleEndian, JPEG2000Lossless, generate_uid
+
+import prep_series
+from iap_jax.dicom import DicomError, read_frame, read_instance_header
+
+
+def _instance(**tags):
+    return prep_series.make_instance(patient_id="P1", patient_name="Doe^P1", birth_date="19700101",
+                                     study_uid=generate_uid(), series_uid=generate_uid(),
+                                     description="ax dyn pre", index=0, position=0.0, tags=tags)
+
+
+def test_deflated_files_are_read_not_called_truncated(tmp_path):
+    ds = _instance(**prep_series.SIEMENS)
+    ds.PixelData = (np.arange(24 * 24) % 7).astype(np.uint16).tobytes()  # compresses well
+    expected = ds.pixel_array.astype(np.float32)
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    path = str(tmp_path / "deflated.dcm")
+    ds.save_as(path, enforce_file_format=True)
+    assert os.path.getsize(path) < len(ds.PixelData)  # the pixels really are compressed
+    header = read_instance_header(path)
+    assert (header.rows, header.columns) == (24, 24)
+    np.testing.assert_array_equal(read_frame(path), expected)
+
+
+def test_a_bare_dataset_without_file_meta_is_decoded(tmp_path):
+    ds = _instance(**prep_series.SIEMENS)
+    expected = ds.pixel_array.astype(np.float32)
+    path = str(tmp_path / "bare.dcm")
+    buffer = DicomBytesIO()
+    buffer.is_implicit_VR, buffer.is_little_endian = True, True
+    pydicom.filewriter.write_dataset(buffer, ds)
+    with open(path, "wb") as f:  # implicit VR little endian, no preamble, no group 2
+        f.write(buffer.getvalue())
+    with pytest.raises(pydicom.errors.InvalidDicomError):
+        pydicom.dcmread(path)  # what a reader that insists on the file meta does
+    read_instance_header(path)
+    np.testing.assert_array_equal(read_frame(path), expected)
+
+
+@pytest.mark.parametrize("photometric", ["RGB", "PALETTE COLOR"])
+def test_colour_with_one_sample_per_pixel_is_skipped(tmp_path, photometric):
+    ds = _instance(**prep_series.SIEMENS)
+    ds.PhotometricInterpretation = photometric
+    path = str(tmp_path / "colour.dcm")
+    ds.save_as(path, enforce_file_format=True)
+    with pytest.raises(DicomError) as err:
+        read_instance_header(path)
+    assert err.value.reason == "not_monochrome" and photometric in err.value.detail
+
+
+def test_non_mr_images_are_skipped_with_the_modality(tmp_path):
+    ds = _instance(**prep_series.SIEMENS)
+    ds.Modality = "CT"
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    path = str(tmp_path / "ct.dcm")
+    ds.save_as(path, enforce_file_format=True)
+    with pytest.raises(DicomError) as err:
+        read_instance_header(path)
+    assert err.value.reason == "not_mr" and "CT" in err.value.detail
+
+
+def test_zero_length_pixel_data_is_no_pixel_data_not_truncated(tmp_path):
+    ds = _instance(**prep_series.SIEMENS)
+    ds.PixelData = b""
+    path = str(tmp_path / "empty.dcm")
+    ds.save_as(path, enforce_file_format=True)
+    with pytest.raises(DicomError) as err:
+        read_instance_header(path)
+    assert err.value.reason == "no_pixel_data"
+
+
+def test_undecodable_fragments_stay_out_of_the_console(tmp_path, caplog, capfd):
+    ds = _instance(**prep_series.SIEMENS)
+    ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
+    ds.PixelData = pydicom.encaps.encapsulate([b"\x00\x01garbage" * 8])
+    path = str(tmp_path / "broken.dcm")
+    ds.save_as(path, enforce_file_format=True)
+    with caplog.at_level(logging.DEBUG):
+        with pytest.raises(DicomError) as err:
+            read_frame(path)
+    assert err.value.reason == "undecodable" and "broken.dcm" in str(err.value)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert "Traceback" not in capfd.readouterr().err
