@@ -67,44 +67,55 @@ def format_number(x: float, decimals: int) -> str:
 _FUNCTIONAL_GROUPS = ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence")
 
 
-def find_element_value(ds: Dataset, keyword: str, frame: int = 0) -> Any:
+def find_element_value(ds: Dataset, keyword: str, frame: int = 0, private: bool = True) -> Any:
     """A keyword's value from the top level, else from the Enhanced MR functional groups
-    (shared first, then the given frame's), else MISSING."""
+    (shared first, then the given frame's), else MISSING. The standard macros of the groups
+    are searched before any private sequence (Philips keeps its own per-frame copies of
+    standard elements in (2005,140F), whose values may differ); private=False searches the
+    standard ones only."""
     if keyword in ds:
         return ds[keyword].value
-    for group_keyword in _FUNCTIONAL_GROUPS:
-        if group_keyword not in ds or not ds[group_keyword].value:
-            continue
-        items = ds[group_keyword].value
-        item = items[0] if group_keyword.startswith("Shared") else items[min(frame, len(items) - 1)]
-        for macro in item:
-            if macro.VR != "SQ" or not macro.value:
+    for standard in (True, False) if private else (True,):
+        for group_keyword in _FUNCTIONAL_GROUPS:
+            if group_keyword not in ds or not ds[group_keyword].value:
                 continue
-            if keyword in macro.value[0]:
-                return macro.value[0][keyword].value
+            items = ds[group_keyword].value
+            item = items[0] if group_keyword.startswith("Shared") else items[min(frame, len(items) - 1)]
+            for macro in item:
+                if macro.VR != "SQ" or not macro.value or macro.tag.is_private == standard:
+                    continue
+                if keyword in macro.value[0]:
+                    return macro.value[0][keyword].value
+    return MISSING
+
+
+def _find_first(ds: Dataset, keywords, frame: int) -> Any:
+    """The first keyword found in the standard places, else the first in private ones."""
+    for private in (False, True):
+        for keyword in keywords:
+            value = find_element_value(ds, keyword, frame, private=private)
+            if value is not MISSING:
+                return value
     return MISSING
 
 
 def _keyword_reader(*keywords: str) -> Callable[[Dataset, int], Any]:
     def read(ds: Dataset, frame: int) -> Any:
-        for keyword in keywords:
-            value = find_element_value(ds, keyword, frame)
-            if value is not MISSING:
-                return value
-        return MISSING
+        return _find_first(ds, keywords, frame)
 
     return read
 
 
 def _read_acquisition_matrix(ds: Dataset, frame: int) -> Any:
-    value = find_element_value(ds, "AcquisitionMatrix", frame)
-    if value is not MISSING:
-        return value
-    freq = find_element_value(ds, "MRAcquisitionFrequencyEncodingSteps", frame)
-    phase = find_element_value(ds, "MRAcquisitionPhaseEncodingStepsInPlane", frame)
-    if freq is MISSING or phase is MISSING:
-        return MISSING
-    return [freq, 0, 0, phase]
+    for private in (False, True):  # standard macros win over private copies
+        value = find_element_value(ds, "AcquisitionMatrix", frame, private=private)
+        if value is not MISSING:
+            return value
+        freq = find_element_value(ds, "MRAcquisitionFrequencyEncodingSteps", frame, private=private)
+        phase = find_element_value(ds, "MRAcquisitionPhaseEncodingStepsInPlane", frame, private=private)
+        if freq is not MISSING and phase is not MISSING:
+            return [freq, 0, 0, phase]
+    return MISSING
 
 
 def _read_fov(ds: Dataset, frame: int) -> Any:

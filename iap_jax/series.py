@@ -112,11 +112,19 @@ def archive_fingerprint(root: str, relative_paths: Sequence[str]) -> str:
 
 
 def list_files(root: str) -> list[str]:
-    """Every regular file under root (hidden folders included), sorted, relative to root."""
+    """Every file under root (hidden folders included), sorted, relative to root. Linked
+    directories are followed; a folder reached a second time (a link loop, or two links to
+    one folder) is not listed again."""
     if not os.path.isdir(root):
         raise FileNotFoundError(f"{root}: DICOM root is not a directory")
     found = []
-    for folder, dirs, files in os.walk(root):
+    visited = set()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in visited:
+            dirs[:] = []
+            continue
+        visited.add(real)
         dirs.sort()
         for name in files:
             found.append(os.path.relpath(os.path.join(folder, name), root))

@@ -259,6 +259,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     else:
         state = jax.jit(init_fn, out_shardings=state_shardings)(jax.random.PRNGKey(config.seed))
         start_step = 0
+        if is_chief:  # rows of a run killed before its first checkpoint are logged again
+            _trim_metrics_log(os.path.join(workdir, "metrics.jsonl"), start_step)
 
     def save(step: int, metrics: dict | None = None) -> None:
         checkpointer.save(step, model={"params": state.params, "batch_stats": state.batch_stats},

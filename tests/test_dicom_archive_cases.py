@@ -91,3 +91,53 @@ def test_undecodable_fragments_stay_out_of_the_console(tmp_path, caplog, capfd):
     assert err.value.reason == "undecodable" and "broken.dcm" in str(err.value)
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert "Traceback" not in capfd.readouterr().err
+
+
+def test_linked_directories_are_followed_once_and_loops_end(tmp_path):
+    from iap_jax.series import discover, list_files
+
+    root = tmp_path / "archive"
+    elsewhere = tmp_path / "elsewhere" / "series"
+    prep_series.write_series(str(elsewhere), patient_id="P2", description="ax dyn pre",
+                             num_slices=3, tags=prep_series.SIEMENS)
+    prep_series.write_series(str(root / "local"), patient_id="P1", description="ax dyn pre",
+                             num_slices=2, tags=prep_series.GE)
+    os.symlink(elsewhere, root / "linked")
+    os.symlink(root, root / "local" / "loop")  # a link back up the tree
+    files = list_files(str(root))
+    assert sorted(f.split(os.sep)[0] for f in files) == ["linked"] * 3 + ["local"] * 2
+    found = discover(str(root), progress=False)
+    assert sorted(len(s.slices) for s in found.series) == [2, 3] and not found.skips
+
+
+def test_standard_functional_group_macros_win_over_philips_private_copies():
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    from iap_jax.iaps import extract_iaps
+
+    def item(**values):
+        ds = Dataset()
+        for keyword, value in values.items():
+            setattr(ds, keyword, value)
+        return ds
+
+    ds = Dataset()
+    ds.Manufacturer = "Philips"
+    shared = Dataset()
+    # Philips' private per-frame sequence, here in the shared group, with other values.
+    private = item(AcquisitionMatrix=[0, 999, 999, 0], EchoTime=99.0, RepetitionTime=999.0)
+    shared.add_new(0x2005140F, "SQ", Sequence([private]))
+    shared.MRTimingAndRelatedParametersSequence = Sequence([item(RepetitionTime=5.5, FlipAngle=12)])
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    frame = Dataset()
+    frame.MREchoSequence = Sequence([item(EffectiveEchoTime=2.75)])
+    frame.MRFOVGeometrySequence = Sequence([item(MRAcquisitionFrequencyEncodingSteps=448,
+                                                 MRAcquisitionPhaseEncodingStepsInPlane=381)])
+    ds.PerFrameFunctionalGroupsSequence = Sequence([frame])
+    iaps = extract_iaps(ds, 0)
+    assert iaps["AcquisitionMatrix"].value == "448x381"
+    assert iaps["EchoTime"].value == "2.75" and iaps["RepetitionTime"].value == "5.5"
+    # Where only the private copy has a value, it is still used.
+    del ds.PerFrameFunctionalGroupsSequence
+    assert extract_iaps(ds, 0)["EchoTime"].value == "99"

@@ -48,3 +48,16 @@ def test_killed_run_resumes_to_the_same_result(train_dataset_dir, tmp_path):
     # Resuming with a config that would change the run is refused, naming the fields.
     with pytest.raises(ValueError, match="batch_size"):
         train.train_and_evaluate(tiny_config(dataset_dir, batch_size=8), str(tmp_path / "resumed"))
+
+
+@pytest.mark.usefixtures("compiled_programs_cache")
+def test_a_run_killed_before_its_first_checkpoint_logs_each_step_once(train_dataset_dir, tmp_path):
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    # What a run killed after logging step 5 but before committing a checkpoint leaves.
+    (workdir / "metrics.jsonl").write_text(json.dumps({"step": 5, "train/loss": 9.0}) + "\n")
+    train.train_and_evaluate(tiny_config(train_dataset_dir, num_epochs=1), str(workdir))
+    with open(workdir / "metrics.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    keys = [(row["step"], tuple(sorted(row))) for row in rows]
+    assert len(keys) == len(set(keys)) and all(r.get("train/loss") != 9.0 for r in rows)
