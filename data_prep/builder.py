@@ -39,8 +39,10 @@ Skips found while decoding are a side output there, written as JSON lines under
 (and Beam counters iap_prep/skipped_<reason>).
 
 Kill-and-rerun: TFDS writes into a temporary sibling dir and renames it when complete;
-a rerun removes temporaries left by a killed run and makes the same shards, because
-example keys derive from salted hashes and slice indices, and TFDS orders examples by key.
+a rerun removes temporaries left by a killed run and writes the same records in the same
+order, because example keys derive from salted hashes and slice indices, and TFDS orders
+examples by key (the shard bytes may differ: the serialisation order of a record's features
+can vary between processes).
 The report is completed before the rename, and the dataset's metadata keeps the decode
 skips (by salted file hash), so a rerun that finds the report missing or from another
 run rebuilds it. The options (prep_options.json) and statistics are written after the

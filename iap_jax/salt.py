@@ -39,12 +39,21 @@ def _create(path: str) -> str:
     """A new random salt in a file only the owner can read; an existing file wins."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     salt = secrets.token_hex(16)
+    # Written whole into a private temporary file, then linked into place: a kill leaves no
+    # empty salt file, and a concurrent run either links first or reads the complete one.
+    tmp = f"{path}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:  # another run created it meanwhile
-        return _read(path)
-    with os.fdopen(fd, "w") as f:
-        f.write(salt + "\n")
+        with os.fdopen(fd, "w") as f:
+            f.write(salt + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:  # another run created it meanwhile
+            return _read(path)
+    finally:
+        os.unlink(tmp)
     return salt
 
 

@@ -1,5 +1,7 @@
 """The CPU convolutions (pure-JAX custom gradients and oneDNN custom calls) and the max pool
 against XLA's reference ops: values and gradients."""
+import os
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -213,3 +215,17 @@ def test_max_pool_gradient_with_ties_goes_to_one_position_per_window():
     np.testing.assert_allclose(dx.sum(), cotangent.sum())
     # Output column j covers input columns 2j-1..2j+1 and takes the first (leftmost) one.
     np.testing.assert_array_equal(dx[0, 0, :, 0], [1.0, 2.0, 0.0, 3.0, 0.0, 0.0])
+
+
+def test_a_cached_library_others_can_write_is_not_trusted(tmp_path):
+    library = tmp_path / "lib.so"
+    library.write_bytes(b"\x7fELF")
+    os.chmod(library, 0o644)
+    assert onednn._trusted(library)
+    os.chmod(library, 0o664)  # group-writable: someone else could have replaced it
+    assert not onednn._trusted(library)
+    os.chmod(library, 0o646)
+    assert not onednn._trusted(library)
+    link = tmp_path / "link.so"
+    os.symlink(library, link)
+    assert not onednn._trusted(link) and not onednn._trusted(tmp_path / "missing.so")

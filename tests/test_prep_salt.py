@@ -89,3 +89,19 @@ def test_salt_sources_and_conflicts(tmp_path, monkeypatch):
     (tmp_path / "b" / SALT_FILE).write_text("")
     with pytest.raises(ValueError, match="empty"):
         resolve_salt(str(tmp_path / "b"), None, quiet)
+
+
+def test_a_kill_while_writing_the_salt_leaves_no_empty_salt_file(tmp_path, monkeypatch):
+    from iap_jax import salt as salt_lib
+
+    def killed(fd):  # the process dies before the salt is on disk
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(salt_lib.os, "fsync", killed)
+    with pytest.raises(KeyboardInterrupt):
+        resolve_salt(str(tmp_path), announce=lambda message: None)
+    assert os.listdir(tmp_path) == []  # neither an empty prep_salt nor a temporary file
+    monkeypatch.undo()
+    salt = resolve_salt(str(tmp_path), announce=lambda message: None)
+    assert salt and open(tmp_path / SALT_FILE).read().strip() == salt
+    assert stat.S_IMODE(os.stat(tmp_path / SALT_FILE).st_mode) == 0o600

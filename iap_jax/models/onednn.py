@@ -17,6 +17,7 @@ import ctypes
 import functools
 import hashlib
 import os
+import stat
 import subprocess
 import sys
 import tempfile
@@ -94,6 +95,17 @@ def build(path: Path) -> Path:
     return path
 
 
+def _trusted(path: Path) -> bool:
+    """Whether a cached library may be loaded: a regular file owned by this user that no one
+    else can write (else it is rebuilt, so nobody can plant code in a shared cache)."""
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return False
+    return (stat.S_ISREG(info.st_mode) and info.st_uid == os.getuid()
+            and not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH))
+
+
 @functools.cache
 def _load() -> str | None:
     """Builds (once per machine), loads and registers the library; None or why it failed."""
@@ -101,7 +113,7 @@ def _load() -> str | None:
         return f"the oneDNN convolutions are built for Linux only, not {sys.platform}"
     try:
         path = library_path()
-        if not path.exists():
+        if not path.exists() or not _trusted(path):
             build(path)
         library = ctypes.cdll.LoadLibrary(str(path))
         for name in TARGETS.values():
