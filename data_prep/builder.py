@@ -124,16 +124,20 @@ class WorkPlan:
     rejected: collections.Counter  # why series were left out
     used_files: list[str]  # files of the selected series
     no_patient_id: collections.Counter  # selected series without PatientID, by the key used
+    file_notes: dict[str, str] = dataclasses.field(default_factory=dict)  # used files' notes
 
     @property
     def slices_per_file(self) -> collections.Counter:
         return collections.Counter(i.relative_path for items in self.items.values() for i in items)
 
     def notes(self) -> dict[str, Any]:
-        if not self.no_patient_id:
-            return {}
-        return {"no_patient_id": {"series": sum(self.no_patient_id.values()),
-                                  "keyed_by": dict(sorted(self.no_patient_id.items()))}}
+        notes: dict[str, Any] = {}
+        if self.no_patient_id:
+            notes["no_patient_id"] = {"series": sum(self.no_patient_id.values()),
+                                      "keyed_by": dict(sorted(self.no_patient_id.items()))}
+        if self.file_notes:
+            notes["files"] = dict(self.file_notes)
+        return notes
 
 
 def _work_plan(discovery: Discovery, config: IapDatasetConfig, dicom_root: str, salt: str) -> WorkPlan:
@@ -147,6 +151,7 @@ def _work_plan(discovery: Discovery, config: IapDatasetConfig, dicom_root: str, 
             plan.rejected[reason] += 1
             continue
         plan.used_files.extend(series.files)
+        plan.file_notes.update({f: discovery.notes[f] for f in series.files if f in discovery.notes})
         if series.patient_key_source != "patient_id":
             plan.no_patient_id[series.patient_key_source] += 1
         patient = salted_hash(salt, "patient", series.patient_id)

@@ -88,6 +88,7 @@ class InstanceHeader:
     rows: int
     columns: int
     frames: tuple[FrameHeader, ...]
+    note: str = ""  # a fact worth reporting that is no reason to skip the file
 
 
 def iap_values(frame: FrameHeader) -> dict[str, IapValue]:
@@ -184,8 +185,9 @@ def _open(path: str, defer_size: int | None = 1024) -> Dataset:
         raise DicomError(path, "malformed", f"{type(err).__name__}: {err}"[:200]) from None
 
 
-def _check_pixels(path: str, ds: Dataset) -> int:
-    """Number of frames; raises if the pixel data is absent, truncated or undecodable here."""
+def _check_pixels(path: str, ds: Dataset) -> tuple[int, str]:
+    """(number of frames, a note or ""); raises if the pixel data is absent, truncated or
+    undecodable here."""
     if _PIXEL_TAG not in ds._dict:
         # pydicom drops an element cut off by the end of the file: look for its tag.
         with open(path, "rb") as f:
@@ -220,6 +222,10 @@ def _check_pixels(path: str, ds: Dataset) -> int:
         expected = rows * columns * frames * bits // 8
         if syntax in _NATIVE_SYNTAXES and length < expected:
             raise DicomError(path, "truncated", f"{length} bytes of pixel data, expected {expected}")
+        frame_bytes = rows * columns * bits // 8
+        if syntax in _NATIVE_SYNTAXES and syntax != _DEFLATED and length - expected >= frame_bytes:
+            return frames, (f"pixel data holds {length // frame_bytes} frames, NumberOfFrames "
+                            f"says {frames}: the first {frames} are used")
     if syntax not in _NATIVE_SYNTAXES:
         try:
             decoder = get_decoder(syntax)
@@ -227,7 +233,7 @@ def _check_pixels(path: str, ds: Dataset) -> int:
             raise DicomError(path, "undecodable", f"no decoder for transfer syntax {syntax}") from None
         if not decoder.is_available:
             raise DicomError(path, "undecodable", f"no decoder plugin installed for {syntax}")
-    return frames
+    return frames, ""
 
 
 def read_instance_header(path: str) -> InstanceHeader:
@@ -242,7 +248,7 @@ def read_instance_header(path: str) -> InstanceHeader:
         modality = _text(ds, "Modality").upper()
         if modality and modality not in ACCEPTED_MODALITIES:
             raise DicomError(path, "not_mr", f"Modality {modality}")
-        frames = _check_pixels(path, ds)
+        frames, note = _check_pixels(path, ds)
         series_uid = _text(ds, "SeriesInstanceUID")
         if not series_uid:
             raise DicomError(path, "malformed", "no SeriesInstanceUID")
@@ -264,6 +270,7 @@ def read_instance_header(path: str) -> InstanceHeader:
             rows=int(ds.Rows),
             columns=int(ds.Columns),
             frames=frame_headers,
+            note=note,
         )
     except DicomError:
         raise
@@ -311,6 +318,9 @@ def _decode_frame(path: str, ds: Dataset, frame: int) -> np.ndarray:
                 stored = pixel_array(ds, index=frame)
     except Exception as err:  # decoders raise many kinds on corrupt streams
         raise DicomError(path, "undecodable", f"{type(err).__name__}: {err}"[:200]) from None
+    if stored.ndim == 3 and stored.shape[1:] == (int(ds.Rows), int(ds.Columns)):
+        # More frames of pixels than NumberOfFrames says (reported by the header stage).
+        stored = stored[frame]
     if stored.ndim != 2:
         raise DicomError(path, "not_monochrome", f"pixel array of shape {stored.shape}")
     slope, intercept = _rescale(ds, frame)

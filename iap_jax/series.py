@@ -80,6 +80,7 @@ class Discovery:
     skips: list[Skip]
     num_files: int
     fingerprint: str  # of the archive's file list, sizes and mtimes
+    notes: dict[str, str] = dataclasses.field(default_factory=dict)  # relative path -> note
 
 
 PATIENT_KEY_FALLBACKS = ("name_birth_date", "study_uid", "series_uid")
@@ -222,8 +223,9 @@ def discover(root: str, workers: int = 1, progress: bool = True) -> Discovery:
     if meter:
         meter.close()
     series, group_skips = group_series(root, headers)
+    notes = {_relative(root, h.path): h.note for h in headers if h.note}
     return Discovery(series, sorted(skips + group_skips, key=lambda s: s.path), len(relative_paths),
-                     archive_fingerprint(root, relative_paths))
+                     archive_fingerprint(root, relative_paths), dict(sorted(notes.items())))
 
 
 # --- selection ---------------------------------------------------------------------

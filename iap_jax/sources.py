@@ -269,9 +269,11 @@ class DicomSource(Source):
                 entries = []
         if entries:
             units.append(Unit(f"dicom-{len(units):05d}", tuple(entries)))
+        used = {e[0] for unit in units for e in unit.entries}
         self.notes = {"files_found": found.num_files, "series_found": len(found.series),
                       "series_not_selected": dict(sorted(rejected.items())),
-                      "archive_fingerprint": found.fingerprint}
+                      "archive_fingerprint": found.fingerprint,
+                      "file_notes": {p: n for p, n in found.notes.items() if p in used}}
         return units
 
     def expected_slices(self, units):

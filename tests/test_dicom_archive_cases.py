@@ -141,3 +141,23 @@ def test_standard_functional_group_macros_win_over_philips_private_copies():
     # Where only the private copy has a value, it is still used.
     del ds.PerFrameFunctionalGroupsSequence
     assert extract_iaps(ds, 0)["EchoTime"].value == "99"
+
+
+def test_pixel_data_beyond_number_of_frames_is_used_and_reported(tmp_path):
+    from data_prep.builder import REPORT_FILE, prepare
+
+    root = tmp_path / "dicom"
+    paths = prep_series.write_series(str(root / "series"), patient_id="P1", description="ax dyn pre",
+                                     num_slices=3, tags=prep_series.SIEMENS)
+    ds = pydicom.dcmread(paths[0])
+    ds.NumberOfFrames = 1
+    ds.PixelData = ds.PixelData * 2  # two frames of pixels behind a header that says one
+    ds.save_as(paths[0], enforce_file_format=True)
+    header = read_instance_header(paths[0])
+    assert len(header.frames) == 1 and "holds 2 frames" in header.note
+    data_dir = tmp_path / "data"
+    prepare(str(root), str(data_dir), image_size=16, split=(1.0, 0.0, 0.0), salt="s", progress=False)
+    report = __import__("json").load(open(data_dir / REPORT_FILE))
+    relative = os.path.relpath(paths[0], root)
+    assert "holds 2 frames" in report["notes"]["files"][relative]
+    assert report["files"]["used"] == 3 and report["files"]["skipped"] == 0
