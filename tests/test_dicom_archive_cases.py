@@ -161,3 +161,28 @@ def test_pixel_data_beyond_number_of_frames_is_used_and_reported(tmp_path):
     relative = os.path.relpath(paths[0], root)
     assert "holds 2 frames" in report["notes"]["files"][relative]
     assert report["files"]["used"] == 3 and report["files"]["skipped"] == 0
+
+
+NIBABEL_DATA = os.path.join(os.path.dirname(__import__("nibabel").__file__), "nicom", "tests", "data")
+
+
+@pytest.mark.parametrize("name, images, tile_fov", [("csa_slice_norm.dcm", 32, "96"),
+                                                    ("0.dcm", 48, "64.7")])
+def test_siemens_mosaic_fov_is_one_tiles(name, images, tile_fov):
+    """Real Siemens MOSAIC files shipped with nibabel: 384 px of 1.5 mm hold 6 x 6 tiles of
+    64 px (96 mm, not 576 mm); the image count comes from the CSA header, checked against
+    nibabel's own CSA reader."""
+    from nibabel.nicom import csareader
+
+    from iap_jax.iaps import csa_images_in_mosaic, extract_iaps
+
+    ds = pydicom.dcmread(os.path.join(NIBABEL_DATA, name), stop_before_pixels=True)
+    assert csa_images_in_mosaic(ds) == images == csareader.get_n_mosaic(csareader.get_csa_header(ds))
+    assert extract_iaps(ds)["FOV"].value == tile_fov
+    # Without the CSA header the acquisition matrix gives the tiles (a 64-step matrix: 6 x 64).
+    if name == "csa_slice_norm.dcm":
+        del ds[ds.private_block(0x0029, "SIEMENS CSA HEADER").get_tag(0x10)]
+        assert csa_images_in_mosaic(ds) is None and extract_iaps(ds)["FOV"].value == "96"
+    plain = pydicom.dcmread(os.path.join(NIBABEL_DATA, "decimal_rescale.dcm"), stop_before_pixels=True)
+    assert csa_images_in_mosaic(plain) is None
+    assert extract_iaps(plain)["FOV"].value == "144"  # 128 x 1.125 mm, not a mosaic
