@@ -20,9 +20,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         name="resnet18", width=64, dtype="float32", conv_impl="auto"))
 
     # Label encoding from the train split's stats. kinds: {IAP: "categorical"|"continuous"};
-    # transforms: {IAP: "log"|"zscore"|"raw"} for continuous heads.
+    # transforms: {IAP: "log"|"zscore"|"raw"} for continuous heads; aliases: join the
+    # spellings of one scanner listed in iap_jax.iaps.ALIASES into one class.
     config.labels = ml_collections.ConfigDict(dict(
-        iaps=(), min_count=1, always_other=True,
+        iaps=(), min_count=1, always_other=True, aliases=False,
         kinds={}, transforms={"EchoTime": "log", "RepetitionTime": "log"}))
 
     # exclude: {IAP: [canonical values]} leaves those examples out of every split training

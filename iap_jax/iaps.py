@@ -306,6 +306,29 @@ IAPS: tuple[IapSpec, ...] = (
 )
 
 IAP_NAMES: tuple[str, ...] = tuple(spec.name for spec in IAPS)
+
+# One scanner, several spellings across software versions: canonical value -> the class it
+# joins when a run asks for aliases (config.labels.aliases; off by default). The records keep
+# the header's own value; the label encoding applies this table and travels with the checkpoint.
+ALIASES: Mapping[str, Mapping[str, str]] = {
+    "Manufacturer": {
+        "SIEMENS HEALTHINEERS": "SIEMENS",
+        "SIEMENS HEALTHCARE GMBH": "SIEMENS",
+        "GE HEALTHCARE": "GE MEDICAL SYSTEMS",
+        "GE HEALTHCARE JAPAN CORPORATION": "GE MEDICAL SYSTEMS",
+        "PHILIPS HEALTHCARE": "PHILIPS MEDICAL SYSTEMS",
+        "PHILIPS": "PHILIPS MEDICAL SYSTEMS",
+    },
+    "ManufacturerModelName": {
+        "MAGNETOM PRISMA FIT": "PRISMA_FIT",
+        "MAGNETOM PRISMA": "PRISMA",
+        "MAGNETOM SKYRA": "SKYRA",
+        "MAGNETOM AVANTO": "AVANTO",
+        "MAGNETOM TRIO": "TRIO",
+        "MAGNETOM TRIO, A TIM SYSTEM": "TRIOTIM",
+        "MAGNETOM VIDA": "VIDA",
+    },
+}
 SPECS: Mapping[str, IapSpec] = {spec.name: spec for spec in IAPS}
 
 

@@ -21,7 +21,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from iap_jax.iaps import IAP_NAMES, SPECS, Kind, LabelState
+from iap_jax.iaps import ALIASES, IAP_NAMES, SPECS, Kind, LabelState
 
 OTHER = "<other>"
 ABSENT = "<absent>"
@@ -40,6 +40,7 @@ class HeadEncoding:
     transform: str = ""  # continuous only
     mean: float = 0.0
     std: float = 1.0
+    aliases: tuple[tuple[str, str], ...] = ()  # categorical: (header value, class it joins)
 
     @property
     def categorical(self) -> bool:
@@ -48,6 +49,13 @@ class HeadEncoding:
     @property
     def size(self) -> int:
         return len(self.classes) if self.categorical else 1
+
+    def canonical(self, value: str) -> str:
+        """A header value as this head's classes spell it (through its alias table)."""
+        for raw, alias in self.aliases:
+            if raw == value:
+                return alias
+        return value
 
     def to_standard(self, x: np.ndarray) -> np.ndarray:
         """Real value -> regression target."""
@@ -69,10 +77,12 @@ def _jnp():
 
 
 def _vocabulary(name: str, split_stats: Mapping[str, Any], min_count: int,
-                always_other: bool) -> tuple[str, ...]:
+                always_other: bool, aliases: Mapping[str, str]) -> tuple[str, ...]:
     spec = SPECS[name]
     iap_stats = split_stats["iaps"].get(name, {})
-    counts = iap_stats.get("value_counts", {})
+    counts: dict[str, int] = {}
+    for value, n in iap_stats.get("value_counts", {}).items():
+        counts[aliases.get(value, value)] = counts.get(aliases.get(value, value), 0) + n
     kept = [v for v, n in counts.items() if n >= min_count]
     rare = [v for v, n in counts.items() if n < min_count]
     if spec.numeric:
@@ -117,11 +127,13 @@ class LabelEncoding:
     def from_stats(cls, split_stats: Mapping[str, Any], *, iaps: Sequence[str] = IAP_NAMES,
                    kinds: Mapping[str, str] | None = None,
                    transforms: Mapping[str, str] | None = None,
-                   min_count: int = 1, always_other: bool = False) -> "LabelEncoding":
+                   min_count: int = 1, always_other: bool = False,
+                   aliases: bool = False) -> "LabelEncoding":
         """From one split's statistics (the train split's: see features.load_iap_stats).
 
         kinds overrides an IAP's kind ("categorical"/"continuous"); transforms picks the
-        continuous transform per IAP (default "log")."""
+        continuous transform per IAP (default "log"); aliases=True joins the spellings of one
+        scanner listed in iaps.ALIASES into one class."""
         if "iaps" not in split_stats:
             raise ValueError("split statistics have no 'iaps' entry; pass one split's stats, "
                              "e.g. load_iap_stats(dir)['train']")
@@ -139,9 +151,11 @@ class LabelEncoding:
             if kind == Kind.CONTINUOUS:
                 heads.append(_continuous(name, split_stats, transforms.get(name, "log")))
             else:
+                table = dict(ALIASES.get(name, {})) if aliases else {}
                 heads.append(HeadEncoding(name, Kind.CATEGORICAL.value, unit=spec.unit,
                                           classes=_vocabulary(name, split_stats, min_count,
-                                                              always_other)))
+                                                              always_other, table),
+                                          aliases=tuple(sorted(table.items()))))
         return cls(tuple(heads))
 
     # --- shape ----------------------------------------------------------------------
@@ -189,7 +203,7 @@ class LabelEncoding:
         mask = np.zeros(state.shape, np.float32)
         for i, (s, value) in enumerate(zip(state.reshape(-1), np.asarray(raw["value"]).reshape(-1))):
             if s == LabelState.PRESENT:
-                text = value.decode() if isinstance(value, bytes) else str(value)
+                text = head.canonical(value.decode() if isinstance(value, bytes) else str(value))
                 label = index.get(text, other)
             elif s == LabelState.ABSENT:
                 label = index.get(ABSENT)
@@ -235,5 +249,6 @@ class LabelEncoding:
             data = json.loads(data)
         heads = []
         for h in data["heads"]:
-            heads.append(HeadEncoding(**{**h, "classes": tuple(h.get("classes", ()))}))
+            heads.append(HeadEncoding(**{**h, "classes": tuple(h.get("classes", ())),
+                                         "aliases": tuple(tuple(p) for p in h.get("aliases", ()))}))
         return cls(tuple(heads))

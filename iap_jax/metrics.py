@@ -92,7 +92,8 @@ def class_counts(head: HeadEncoding, split_stats: Mapping) -> dict[str, float]:
     iap = split_stats["iaps"].get(head.name, {})
     counts: dict[str, float] = {}
     for value, n in iap.get("value_counts", {}).items():
-        cls = value if value in head.classes else OTHER
+        cls = head.canonical(value)
+        cls = cls if cls in head.classes else OTHER
         if cls in head.classes:
             counts[cls] = counts.get(cls, 0) + n
     if SPECS[head.name].missing_is_class:

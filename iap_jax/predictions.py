@@ -252,6 +252,7 @@ def target_class(head, header) -> str | None:
     the vocabulary has it, else "<other>" where there is one; None where unlabelled."""
     if header is None:
         return None
+    header = head.canonical(header)
     if header in head.classes:
         return header
     return OTHER if OTHER in head.classes else None

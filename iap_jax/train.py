@@ -206,7 +206,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         train_stats,
         iaps=tuple(config.labels.iaps) or IAP_NAMES,
         kinds=dict(config.labels.kinds), transforms=dict(config.labels.transforms),
-        min_count=config.labels.min_count, always_other=config.labels.always_other)
+        min_count=config.labels.min_count, always_other=config.labels.always_other,
+        aliases=bool(config.labels.get("aliases", False)))
     checkpointer = checkpoints_lib.Checkpointer(
         workdir, keep=config.checkpoint.keep, keep_best=config.checkpoint.keep_best,
         best_metric=config.checkpoint.best_metric, async_save=config.checkpoint.async_save)

@@ -93,3 +93,22 @@ def test_bad_stats_and_names():
         LabelEncoding.from_stats({"train": _stats()})
     with pytest.raises(ValueError, match="unknown IAP"):
         LabelEncoding.from_stats(_stats(), kinds={"Colour": "categorical"})
+
+
+def test_aliases_join_one_scanners_spellings_only_when_asked():
+    from iap_jax.predictions import target_class
+
+    stats = _stats()
+    stats["iaps"]["Manufacturer"]["value_counts"] = {"SIEMENS": 10, "SIEMENS HEALTHINEERS": 4,
+                                                     "GE MEDICAL SYSTEMS": 8}
+    plain = LabelEncoding.from_stats(stats).head("Manufacturer")
+    assert "SIEMENS HEALTHINEERS" in plain.classes  # off by default
+    encoding = LabelEncoding.from_stats(stats, aliases=True)
+    head = encoding.head("Manufacturer")
+    assert "SIEMENS HEALTHINEERS" not in head.classes and "SIEMENS" in head.classes
+    targets, masks = encoding.encode(_batch(Manufacturer=[(P, "SIEMENS HEALTHINEERS", math.nan),
+                                                           (P, "SIEMENS", math.nan)]))
+    assert targets["Manufacturer"][0] == targets["Manufacturer"][1] == head.classes.index("SIEMENS")
+    again = LabelEncoding.from_json(encoding.to_json())
+    assert again == encoding
+    assert target_class(again.head("Manufacturer"), "SIEMENS HEALTHINEERS") == "SIEMENS"
