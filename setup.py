@@ -35,6 +35,8 @@ EXTRAS_REQUIRE = {
         "pytest-xdist>=3.5,<4",
         "pydicom-data>=1.0",
         "nibabel>=5.2,<7",
+        # Real non-MR files (CT, US, DX, secondary captures) for the modality checks.
+        "deid-data==0.0.20",
         # The Beam path is tested on the DirectRunner; `tfds build` needs mlcroissant.
         "apache-beam>=2.60,<3",
         "mlcroissant>=1.0,<2",

@@ -43,6 +43,9 @@ _DEFLATED = "1.2.840.10008.1.2.1.99"
 _NATIVE_SYNTAXES = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", _DEFLATED}
 # The IAPs are MR acquisition parameters: images of other modalities are skipped.
 ACCEPTED_MODALITIES = ("MR",)
+_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1."
+_MR_STORAGE = {"1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.5.1.4.1.1.4.1",
+               "1.2.840.10008.5.1.4.1.1.4.3", "1.2.840.10008.5.1.4.1.1.4.4"}
 _INTENSITY_PHOTOMETRICS = ("MONOCHROME1", "MONOCHROME2")
 _PIXEL_TAG = 0x7FE00010
 _PIXEL_TAG_BYTES = (b"\xe0\x7f\x10\x00", b"\x7f\xe0\x00\x10")  # little, big endian
@@ -248,6 +251,9 @@ def read_instance_header(path: str) -> InstanceHeader:
         modality = _text(ds, "Modality").upper()
         if modality and modality not in ACCEPTED_MODALITIES:
             raise DicomError(path, "not_mr", f"Modality {modality}")
+        if sop_class.startswith(_IMAGE_STORAGE) and sop_class not in _MR_STORAGE:
+            name = getattr(pydicom.uid.UID(sop_class), "name", sop_class)
+            raise DicomError(path, "not_mr", f"SOP class {name}")
         frames, note = _check_pixels(path, ds)
         series_uid = _text(ds, "SeriesInstanceUID")
         if not series_uid:

@@ -186,3 +186,17 @@ def test_siemens_mosaic_fov_is_one_tiles(name, images, tile_fov):
     plain = pydicom.dcmread(os.path.join(NIBABEL_DATA, "decimal_rescale.dcm"), stop_before_pixels=True)
     assert csa_images_in_mosaic(plain) is None
     assert extract_iaps(plain)["FOV"].value == "144"  # 128 x 1.125 mm, not a mosaic
+
+
+def test_real_non_mr_files_are_skipped_by_modality_or_sop_class():
+    """Real files from the deid-data package (pydicom/deid's test data): CT, ultrasound,
+    radiography and secondary captures without a Modality."""
+    import deid_data
+
+    root = os.path.join(os.path.dirname(deid_data.__file__), "data")
+    cases = {"humans/ctbrain1.dcm": "Modality CT", "ultrasounds/GREYSCALE_IMAGE.dcm": "Modality US",
+             "animals/cat.dcm": "Modality DX", "dicom-cookies/image1.dcm": "Secondary Capture"}
+    for name, detail in cases.items():
+        with pytest.raises(DicomError) as err:
+            read_instance_header(os.path.join(root, name))
+        assert err.value.reason == "not_mr" and detail in err.value.detail, name
