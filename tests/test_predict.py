@@ -102,6 +102,7 @@ def test_last_batch_is_padded_without_recompiling(trained_run, tmp_path):
     assert report["run"]["batch_size"] == 7
     whole = run_predict(trained_run, str(tmp_path / "q"), "--input", trained_run.dicom_root,
                         "--batch-size", "256")
+    assert whole["counts"] == report["counts"]
     _assert_close(_rows(tmp_path / "p" / "slices.parquet"), _rows(tmp_path / "q" / "slices.parquet"))
 
 
