@@ -11,6 +11,10 @@ the local devices while a reader thread decodes the next ones. Several processes
 (jax.distributed) each predict their own share of the input's units and write their own
 part files; process 0 writes the merged tables and the report.
 
+When the workdir holds a calibration (iap-eval --fit-calibration: temperatures, header-QA
+thresholds) or an out-of-distribution model (iap-ood) fitted for the step, they are applied
+(probabilities, qa_flags, ood_score and unknown) and recorded; --no-calibration skips both.
+
 Output (OUT_DIR): slices.parquet, series.parquet (iap_jax.predictions), predict_report.json
 (inputs, counts, every skipped input with its reason, checkpoint, devices, speed), and
 parts/ (one Parquet file per unit of input, the plan and the run's signature: what a
