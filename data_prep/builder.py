@@ -74,7 +74,7 @@ from iap_jax.preprocess import RESIZE_MODES
 from iap_jax.progress import Progress
 from iap_jax.salt import resolve_salt
 from iap_jax.series import (Discovery, SeriesSelection, Skip, archive_fingerprint, discover,
-                            list_files, parse_slices, phase_of, select_slices)
+                            list_files, parse_slices, select)
 from iap_jax.workers import worker_pool
 
 REPORT_FILE = "prep_report.json"
@@ -141,30 +141,25 @@ class WorkPlan:
 
 
 def _work_plan(discovery: Discovery, config: IapDatasetConfig, dicom_root: str, salt: str) -> WorkPlan:
-    selection = SeriesSelection(config.series_filter, config.phases)
     fractions = parse_split(config.split)
-    plan = WorkPlan({name: [] for name in SPLIT_NAMES}, collections.Counter(), [],
+    kept, rejected = select(discovery, SeriesSelection(config.series_filter, config.phases),
+                            config.slices, salt)
+    plan = WorkPlan({name: [] for name in SPLIT_NAMES}, collections.Counter(rejected), [],
                     collections.Counter())
-    for series in discovery.series:
-        reason = selection.rejection(series)
-        if reason:
-            plan.rejected[reason] += 1
-            continue
+    for chosen in kept:
+        series = chosen.series
         plan.used_files.extend(series.files)
         plan.file_notes.update({f: discovery.notes[f] for f in series.files if f in discovery.notes})
         if series.patient_key_source != "patient_id":
             plan.no_patient_id[series.patient_key_source] += 1
-        patient = salted_hash(salt, "patient", series.patient_id)
-        series_hash = salted_hash(salt, "series", series.key)
         split = split_of(series.patient_id, salt, fractions)
         num_slices = len(series.slices)
-        phase = phase_of(series)
-        for index in select_slices(num_slices, config.slices):
+        for index in chosen.indices:
             ref = series.slices[index]
             plan.items[split].append(SliceItem(
-                key=f"{series_hash}_{index:05d}", path=ref.path,
+                key=f"{chosen.series_hash}_{index:05d}", path=ref.path,
                 relative_path=os.path.relpath(ref.path, dicom_root), frame=ref.frame,
-                patient=patient, series=series_hash, phase=phase,
+                patient=chosen.patient_hash, series=chosen.series_hash, phase=chosen.phase,
                 slice_index=index, num_slices=num_slices, iaps=ref.iaps))
     return plan
 

@@ -82,11 +82,17 @@ def save_calibration(workdir: str, data: Mapping[str, Any]) -> str:
     return path
 
 
-def load_calibration(workdir: str, step: int) -> dict | None:
-    """The workdir's calibration when it was fitted for this checkpoint step, else None."""
-    path = os.path.join(workdir, CALIBRATION_FILE)
+def load_fitted(workdir: str, filename: str, step: int) -> dict | None:
+    """A JSON fitted after training and kept in the workdir (the calibration, the OOD model),
+    when it was fitted for this checkpoint step; else None."""
+    path = os.path.join(workdir, filename)
     if not os.path.exists(path):
         return None
     with open(path) as f:
         data = json.load(f)
     return data if int(data.get("step", -1)) == int(step) else None
+
+
+def load_calibration(workdir: str, step: int) -> dict | None:
+    """The workdir's calibration when it was fitted for this checkpoint step, else None."""
+    return load_fitted(workdir, CALIBRATION_FILE, step)

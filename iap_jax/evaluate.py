@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 
 from iap_jax import calibration as calibration_lib
 from iap_jax import plots, predictions
-from iap_jax.atomic import write_json_atomic
+from iap_jax.atomic import write_json_atomic, write_text_atomic
 from iap_jax.labels import LabelEncoding
 
 INTERVAL = (2.5, 97.5)
@@ -61,14 +61,6 @@ def bootstrap_interval(numerators: np.ndarray, denominators: np.ndarray, resampl
 
 def _by_group(values: np.ndarray, groups: np.ndarray, count: int) -> np.ndarray:
     return np.bincount(groups, weights=np.asarray(values, np.float64), minlength=count)
-
-
-def _commonest(values):
-    kept = [v for v in values if v is not None]
-    if not kept:
-        return None
-    unique, counts = np.unique(np.asarray(kept, dtype=object).astype(str), return_counts=True)
-    return unique[np.argmax(counts)]
 
 
 def evaluate(pred_dir: str, resamples: int = 1000, seed: int = 0) -> dict[str, Any]:
@@ -117,9 +109,7 @@ def _categorical(head, table, headers, temperature, series_rows, slice_patient, 
                  interval):
     from sklearn.metrics import confusion_matrix, recall_score
 
-    index = {c: i for i, c in enumerate(head.classes)}
-    truth_names = [predictions.target_class(head, h) for h in headers]
-    truth = np.array([index[t] if t is not None else -1 for t in truth_names])
+    truth = predictions.class_indices(head, headers)
     mask = (truth >= 0).astype(np.float64)
     raw = predictions.slice_probabilities(table, head)
     calibrated = predictions.slice_probabilities(table, head, temperature)
@@ -148,10 +138,11 @@ def _categorical(head, table, headers, temperature, series_rows, slice_patient, 
     # Series: the mean of the slice probabilities, scored against the commonest slice truth.
     s_truth, s_hit1, s_hit2 = [], [], []
     for rows in series_rows:
-        t = _commonest([truth_names[i] for i in rows])
+        labelled_rows = [int(truth[i]) for i in rows if truth[i] >= 0]
+        t = predictions.commonest([head.classes[c] for c in labelled_rows])
         mean = calibrated[rows].mean(axis=0)
         ranked = np.argsort(-mean, kind="stable")
-        s_truth.append(index[t] if t is not None else -1)
+        s_truth.append(head.classes.index(t) if t is not None else -1)
         s_hit1.append(float(s_truth[-1] >= 0 and ranked[0] == s_truth[-1]))
         s_hit2.append(float(s_truth[-1] >= 0 and s_truth[-1] in ranked[:2]))
     s_mask = (np.array(s_truth) >= 0).astype(np.float64)
@@ -263,49 +254,61 @@ def flagged_series(pred_dir: str) -> list[dict]:
     return [r for r in rows if r["qa_flags"]]
 
 
-def middle_slice(pred_dir: str, series_key: str) -> np.ndarray | None:
-    """The stored middle slice of a series, read back from its input (None if unreadable)."""
+def middle_slices(pred_dir: str, series_keys) -> dict[str, np.ndarray]:
+    """The stored middle slice of each of these series, read back from the input (the
+    predictions' report and slices table read once; each TFRecord shard scanned once).
+    A series whose slice cannot be read has no entry: a thumbnail is a courtesy, the flag is
+    listed either way."""
     from iap_jax import sources
     from iap_jax.preprocess import PixelSpec
 
+    wanted = set(series_keys)
+    if not wanted:
+        return {}
     with open(os.path.join(pred_dir, "predict_report.json")) as f:
         report = json.load(f)
     table = pq.read_table(os.path.join(pred_dir, "slices.parquet"),
                           columns=["series_key", "slice_index", "source"])
-    rows = [r for r in table.to_pylist() if r["series_key"] == series_key]
-    if not rows:
-        return None
-    row = sorted(rows, key=lambda r: r["slice_index"])[len(rows) // 2]
+    by_series: dict[str, list] = {}
+    for row in table.to_pylist():
+        if row["series_key"] in wanted:
+            by_series.setdefault(row["series_key"], []).append(row)
+    middle = {k: sorted(rows, key=lambda r: r["slice_index"])[len(rows) // 2]
+              for k, rows in by_series.items()}
     spec_text, kind = report["input"]["spec"], report["input"]["kind"]
     root = spec_text if os.path.isdir(spec_text) else os.path.dirname(spec_text)
     spec = PixelSpec.from_json(report["checkpoint"]["pixel_spec"])
-    path = os.path.join(root, row["source"])
-    try:
-        if kind == "dicom":
-            from iap_jax.dicom import read_prepared_frame
-            return read_prepared_frame(path, 0, spec.stored_size, spec.resize).image
-        if kind == "tfrecord":
-            source = sources.TfrecordSource(root, [path], spec)
-            for s in source.read(sources.Unit("thumbnail", (row["source"],)), []):
-                if s.series_key == series_key and s.slice_index == row["slice_index"]:
-                    return s.image
-            return None
-        array = sources._load_image(path)
-        return array[row["slice_index"]] if array.ndim == 3 else array
-    except Exception:  # a thumbnail is a courtesy: the flag is listed either way
-        return None
+    images: dict[str, np.ndarray] = {}
+    if kind == "tfrecord":
+        targets = {(k, r["slice_index"]): k for k, r in middle.items()}
+        for shard in sorted({r["source"] for r in middle.values()}):
+            source = sources.TfrecordSource(root, [os.path.join(root, shard)], spec)
+            for s in source.read(sources.Unit("thumbnails", (shard,)), []):
+                if (s.series_key, s.slice_index) in targets:
+                    images[s.series_key] = s.image
+        return images
+    from iap_jax.dicom import DicomError, read_prepared_frame
+
+    for key, row in middle.items():
+        path = os.path.join(root, row["source"])
+        try:
+            if kind == "dicom":
+                images[key] = read_prepared_frame(path, 0, spec.stored_size, spec.resize).image
+            else:
+                array = sources._load_image(path)
+                images[key] = array[row["slice_index"]] if array.ndim == 3 else array
+        except (DicomError, OSError, ValueError):
+            continue
+    return images
 
 
 def write_report(metrics: dict, out_dir: str, pred_dir: str | None = None) -> dict[str, str]:
     os.makedirs(out_dir, exist_ok=True)
     written = write_plots(metrics, out_dir)
     flagged = flagged_series(pred_dir) if pred_dir else []
-    thumbnails = {}
-    for row in flagged[:MAX_FLAGGED_SHOWN]:
-        image = middle_slice(pred_dir, row["series_key"])
-        if image is not None:
-            thumbnails[row["series_key"]] = plots.write_thumbnail(
-                image, os.path.join(out_dir, "plots", "qa", f"{row['series_key']}.png"))
+    images = middle_slices(pred_dir, [r["series_key"] for r in flagged[:MAX_FLAGGED_SHOWN]])
+    thumbnails = {key: plots.write_thumbnail(image, os.path.join(out_dir, "plots", "qa", f"{key}.png"))
+                  for key, image in images.items()}
     cat_header, cat, cont_header, cont = main_table_rows(metrics)
     title = (f"Evaluation of step {metrics['step']} on {metrics['slices']} slices, "
              f"{metrics['series']} series, {metrics['patients']} patients")
@@ -330,9 +333,7 @@ def write_report(metrics: dict, out_dir: str, pred_dir: str | None = None) -> di
     md += ["## Plots", ""]
     md += [f"![{os.path.basename(p)}]({os.path.relpath(p, out_dir)})" for kind in written.values() for p in kind]
 
-    with open(os.path.join(out_dir, "report.md.tmp"), "w") as f:
-        f.write("\n".join(md) + "\n")
-    os.replace(os.path.join(out_dir, "report.md.tmp"), os.path.join(out_dir, "report.md"))
+    write_text_atomic(os.path.join(out_dir, "report.md"), "\n".join(md) + "\n")
 
     def html_table(header, rows):
         head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
@@ -360,9 +361,7 @@ figure.qa{{width:170px;margin:4px;font-size:11px}} figure.qa img{{width:160px}}<
 </head><body><h1>{html.escape(title)}</h1><p>{html.escape(notes)}</p>
 <h2>Categorical IAPs</h2>{html_table(cat_header, cat)}<h2>Continuous IAPs</h2>{html_table(cont_header, cont)}
 {qa_section}{sections}</body></html>"""
-    with open(os.path.join(out_dir, "report.html.tmp"), "w") as f:
-        f.write(page)
-    os.replace(os.path.join(out_dir, "report.html.tmp"), os.path.join(out_dir, "report.html"))
+    write_text_atomic(os.path.join(out_dir, "report.html"), page)
     public = {k: v for k, v in metrics.items() if not k.startswith("_")}
     write_json_atomic(os.path.join(out_dir, "metrics.json"), public)
     return {"report.md": os.path.join(out_dir, "report.md"),
@@ -403,12 +402,10 @@ def fit_calibration(pred_dir: str, workdir: str | None = None, qa_iaps=QA_IAPS,
     for head in encoding.heads:
         if not head.categorical:
             continue
-        index = {c: i for i, c in enumerate(head.classes)}
-        truth = [predictions.target_class(head, h) for h in table.column(f"{head.name}_header").to_pylist()]
-        rows = np.array([i for i, t in enumerate(truth) if t is not None], np.int64)
-        labels = np.array([index[truth[i]] for i in rows], np.int64)
-        logits = np.asarray(table.column(f"{head.name}_logits").to_pylist(), np.float64)
-        logits = logits.reshape(len(truth), head.size)[rows]
+        truth = predictions.class_indices(head, table.column(f"{head.name}_header").to_pylist())
+        rows = np.flatnonzero(truth >= 0)
+        labels = truth[rows]
+        logits = predictions.slice_logits(table, head)[rows]
         t = calibration_lib.fit_temperature(logits, labels) if len(rows) else 1.0
         temperatures[head.name] = t
         fitted[head.name] = {
@@ -424,7 +421,7 @@ def fit_calibration(pred_dir: str, workdir: str | None = None, qa_iaps=QA_IAPS,
         scores = []
         for rows in series_rows:
             p = predictions.header_probability(head, probs[rows].mean(axis=0),
-                                               _commonest([headers[i] for i in rows]))
+                                               predictions.commonest([headers[i] for i in rows]))
             if p is not None:
                 scores.append(1.0 - p)
         thresholds[head.name] = qa_threshold(np.array(scores), false_flag_rate / max(len(qa_heads), 1))

@@ -14,7 +14,6 @@ the checkpoint step it was fitted for; iap-predict adds `ood_score` to both tabl
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -62,12 +61,10 @@ class OodModel:
 
 
 def load_ood(workdir: str, step: int) -> OodModel | None:
-    path = os.path.join(workdir, OOD_FILE)
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        data = json.load(f)
-    return OodModel(data) if int(data.get("step", -1)) == int(step) else None
+    from iap_jax.calibration import load_fitted
+
+    data = load_fitted(workdir, OOD_FILE, step)
+    return OodModel(data) if data is not None else None
 
 
 def split_features(predictor, dataset_dir: str, split: str) -> tuple[np.ndarray, list]:

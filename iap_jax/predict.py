@@ -107,16 +107,15 @@ def _barrier(name: str) -> None:
 
 
 def _training_salt(config: dict) -> str | None:
-    """The salt kept beside the checkpoint's training data (iap-prep's data dir), if any."""
-    from iap_jax.salt import SALT_FILE
+    """The salt kept beside the checkpoint's training data (iap-prep's data dir, three levels
+    above <data_dir>/iap_dataset/<config>/<version>), if any."""
+    from iap_jax.salt import kept_salt
 
     dataset_dir = config.get("dataset_dir") or ""
+    if not dataset_dir:
+        return None
     data_dir = os.path.dirname(os.path.dirname(os.path.dirname(os.path.normpath(dataset_dir))))
-    path = os.path.join(data_dir, SALT_FILE) if dataset_dir else ""
-    if path and os.path.exists(path):
-        with open(path) as f:
-            return f.read().strip() or None
-    return None
+    return kept_salt(data_dir) if os.path.isdir(data_dir) else None
 
 
 def resolve_salt(args, config: dict, out_dir: str) -> tuple[str, str]:

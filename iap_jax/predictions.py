@@ -26,13 +26,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from iap_jax.atomic import replacing
 from iap_jax.iaps import IAP_NAMES, SPECS, LabelState
 from iap_jax.labels import ABSENT, EMPTY, OTHER, LabelEncoding
 
@@ -123,26 +123,24 @@ def slice_table(slices: Sequence, logits: Mapping[str, np.ndarray], encoding: La
 
 
 def write_parquet_atomic(table: pa.Table, path: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 def merge_parts(parts: Sequence[str], path: str, schema: pa.Schema) -> int:
     """Concatenates part files (in the given order) into one file, atomically; returns rows."""
-    tmp = f"{path}.tmp-{os.getpid()}"
     rows = 0
-    with pq.ParquetWriter(tmp, schema) as writer:
+    with replacing(path) as tmp, pq.ParquetWriter(tmp, schema) as writer:
         for part in parts:
             table = pq.read_table(part, schema=schema)
             rows += table.num_rows
             if table.num_rows:
                 writer.write_table(table)
-    os.replace(tmp, path)
     return rows
 
 
-def _commonest(values: Sequence) -> Any:
+def commonest(values: Sequence) -> Any:
+    """The most frequent value that is not None (ties: the first by its text); None if none."""
     counts: dict[Any, int] = {}
     for v in values:
         if v is not None:
@@ -160,12 +158,17 @@ def series_groups(table: pa.Table) -> tuple[list[str], list[np.ndarray]]:
     return list(unique), (np.split(order, first[1:]) if len(order) else [])
 
 
+def slice_logits(table: pa.Table, head) -> np.ndarray:
+    """[slices, classes] stored logits of a categorical head."""
+    logits = table.column(f"{head.name}_logits").to_pylist()
+    return np.asarray(logits, np.float64).reshape(len(logits), head.size)
+
+
 def slice_probabilities(table: pa.Table, head, temperature: float = 1.0) -> np.ndarray:
     """[slices, classes] probabilities of a categorical head from its stored logits."""
     from iap_jax.calibration import softmax
 
-    logits = table.column(f"{head.name}_logits").to_pylist()
-    return softmax(np.asarray(logits, np.float64).reshape(len(logits), head.size), temperature)
+    return softmax(slice_logits(table, head), temperature)
 
 
 def qa_flags(head, answer_probability: float, header, header_probability: float | None,
@@ -232,7 +235,7 @@ def series_table(slices_path: str, encoding: LabelEncoding,
             fields.append(pa.field(head.name, pa.float64()))
         if has_headers:
             headers = table.column(f"{head.name}_header").to_pylist()
-            columns[f"{head.name}_header"] = [_commonest([headers[i] for i in g]) for g in groups]
+            columns[f"{head.name}_header"] = [commonest([headers[i] for i in g]) for g in groups]
             fields.append(pa.field(f"{head.name}_header",
                                    pa.string() if head.categorical else pa.float64()))
             if head.categorical and qa_thresholds and head.name in qa_thresholds:
@@ -256,6 +259,13 @@ def target_class(head, header) -> str | None:
     if header in head.classes:
         return header
     return OTHER if OTHER in head.classes else None
+
+
+def class_indices(head, headers) -> np.ndarray:
+    """Per header value, the index of the class it is scored against (-1: unlabelled)."""
+    index = {c: i for i, c in enumerate(head.classes)}
+    targets = (target_class(head, h) for h in headers)
+    return np.array([-1 if t is None else index[t] for t in targets], np.int64)
 
 
 def accuracy(slices_path: str, series_path: str | None = None) -> dict[str, dict[str, float]]:
@@ -330,6 +340,5 @@ def write_csv(table: pa.Table, path: str) -> None:
         if pa.types.is_list(column.type):
             column = pc.binary_join(pc.cast(column, pa.list_(pa.string())), "|")
         columns[name] = column
-    tmp = f"{path}.tmp-{os.getpid()}"
-    pcsv.write_csv(pa.table(columns), tmp)
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        pcsv.write_csv(pa.table(columns), tmp)

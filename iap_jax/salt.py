@@ -27,6 +27,12 @@ def salt_path(data_dir: str) -> str:
     return os.path.join(os.fspath(data_dir), SALT_FILE)
 
 
+def kept_salt(data_dir: str) -> str | None:
+    """The salt kept in a data dir (None when there is none)."""
+    path = salt_path(data_dir)
+    return _read(path) if os.path.exists(path) else None
+
+
 def _read(path: str) -> str:
     with open(path) as f:
         salt = f.read().strip()

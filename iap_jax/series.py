@@ -307,3 +307,34 @@ def select_slices(num_slices: int, spec: str) -> list[int]:
     if kind == "stride":
         return list(range(0, num_slices, int(arg)))
     return list(range(num_slices))
+
+
+@dataclasses.dataclass(frozen=True)
+class SelectedSeries:
+    """A series the selection kept, with the keys every stage writes for it."""
+
+    series: Series
+    series_hash: str  # salted hash of Series.key: the records' `series`, the predictions' key
+    patient_hash: str  # salted hash of the patient key
+    phase: int
+    indices: tuple[int, ...]  # the selected slices, into series.slices
+
+
+def select(discovery: Discovery, selection: SeriesSelection, slices: str, salt: str
+           ) -> tuple[list[SelectedSeries], dict[str, int]]:
+    """The selected series of a discovery with their salted keys and slice indices, and the
+    count of series left out per reason: the prep stage and the predictor both plan from it,
+    so a slice gets the same series key and slice index either way."""
+    from iap_jax.salt import salted_hash
+
+    kept, rejected = [], collections.Counter()
+    for series in discovery.series:
+        reason = selection.rejection(series)
+        if reason:
+            rejected[reason] += 1
+            continue
+        kept.append(SelectedSeries(series, salted_hash(salt, "series", series.key),
+                                   salted_hash(salt, "patient", series.patient_id),
+                                   phase_of(series),
+                                   tuple(select_slices(len(series.slices), slices))))
+    return kept, dict(rejected)

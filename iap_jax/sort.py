@@ -32,6 +32,8 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from iap_jax.atomic import replacing
+
 UNKNOWN = "unknown"
 DEFAULT_MIN_CONFIDENCE = 0.8
 MANIFEST_COLUMNS = ("series_key", "patient", "domain", "model", "confidence", "reason", "folder")
@@ -151,12 +153,10 @@ def sort_series(pred_dir: str, rules: dict | None, out: str, min_confidence: flo
                          "confidence": "" if math.isnan(confidence) else f"{confidence:.4f}",
                          "reason": reason, "folder": folders.get(series["series_key"], "")})
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    tmp = f"{out}.tmp-{os.getpid()}"
-    with open(tmp, "w", newline="") as f:
+    with replacing(out) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=MANIFEST_COLUMNS)
         writer.writeheader()
         writer.writerows(manifest)
-    os.replace(tmp, out)
     summary = {"series": len(manifest), "domains": {}}
     for row in manifest:
         summary["domains"][row["domain"]] = summary["domains"].get(row["domain"], 0) + 1

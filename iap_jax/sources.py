@@ -27,7 +27,6 @@ import numpy as np
 from iap_jax.dicom import DicomError, read_prepared_frame
 from iap_jax.iaps import IAP_NAMES
 from iap_jax.preprocess import PixelSpec, preprocess_slice
-from iap_jax.salt import salted_hash
 
 IMAGE_SUFFIXES = (".png", ".npy")
 # A unit of DICOM or image input holds whole series of at least this many slices.
@@ -245,25 +244,18 @@ class DicomSource(Source):
         self._pool = None
 
     def plan(self) -> list[Unit]:
-        from iap_jax.series import SeriesSelection, discover, phase_of, select_slices
+        from iap_jax.series import SeriesSelection, discover, select
 
         found = discover(self.root, self.workers, progress=self.progress)
-        selection = SeriesSelection(self.spec.series_filter, self.spec.phases)
         self.plan_skips = [Skip(s.path, s.reason, s.detail) for s in found.skips]
-        rejected: dict[str, int] = {}
+        kept, rejected = select(found, SeriesSelection(self.spec.series_filter, self.spec.phases),
+                                self.spec.slices, self.salt)
         units, entries = [], []
-        for series in found.series:
-            reason = selection.rejection(series)
-            if reason:
-                rejected[reason] = rejected.get(reason, 0) + 1
-                continue
-            series_key = salted_hash(self.salt, "series", series.key)
-            patient = salted_hash(self.salt, "patient", series.patient_id)
-            phase = phase_of(series)
-            for index in select_slices(len(series.slices), self.spec.slices):
-                ref = series.slices[index]
-                entries.append((self._relative(ref.path), ref.frame, series_key, patient, index,
-                                phase, [list(v) for v in ref.iaps]))
+        for chosen in kept:
+            for index in chosen.indices:
+                ref = chosen.series.slices[index]
+                entries.append((self._relative(ref.path), ref.frame, chosen.series_hash,
+                                chosen.patient_hash, index, chosen.phase, [list(v) for v in ref.iaps]))
             if len(entries) >= UNIT_SLICES:
                 units.append(Unit(f"dicom-{len(units):05d}", tuple(entries)))
                 entries = []
