@@ -85,6 +85,7 @@ class Source:
         raise NotImplementedError
 
     def expected_slices(self, units: Sequence[Unit]) -> int | None:
+        """How many slices the units hold, where that is known before reading them."""
         return None
 
     def close(self) -> None:
@@ -353,9 +354,6 @@ class ImageSource(Source):
                 continue
             for key, k, p in prepared:
                 yield StoredSlice(p.image, p.scale, p.offset, key, k, relative)
-
-    def expected_slices(self, units):
-        return None
 
 
 # --- SPEC -> source -------------------------------------------------------------------
