@@ -12,6 +12,7 @@ def get_config(arg: str = ""):
     config.model.conv_impl = "xla"
     config.input.image_size = 224
     config.input.threads = 16
+    config.input.logical_shards = 64  # up to 64 nodes; the batch must be a multiple
     config.batch_size = config.eval_batch_size = 512
     config.num_epochs = 100
     config.mesh.data = -1

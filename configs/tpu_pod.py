@@ -12,6 +12,7 @@ def get_config(arg: str = ""):
     config.model.dtype = "bfloat16"
     config.model.conv_impl = "xla"
     config.input.image_size = 224
+    config.input.logical_shards = 256  # up to 256 hosts; the batch must be a multiple
     config.batch_size = config.eval_batch_size = 4096
     config.num_epochs = 100
     config.optim.learning_rate = 4e-3

@@ -1,12 +1,19 @@
 """tf.data input over the prepared TFDS dataset, one share per process.
 
-Each process reads its own slice of a split (tfds.even_splits), so the global batch is
-the concatenation of the per-process batches (see sharding.global_batch).
+Training reads a split as a fixed number of logical shards (config.input.logical_shards,
+contiguous ranges of the split, tfds.even_splits): the global batch of every step holds
+batch_size / logical_shards consecutive rows from each shard, in shard order, and each
+process reads whole shards (process p of P owns shards p*L/P .. (p+1)*L/P - 1) and
+assembles their rows in the same order. The global batch is the concatenation of the
+per-process batches (see sharding.global_batch), so it is a function of (seed, step)
+alone: the same on any number of processes and devices, and a checkpoint resumes exactly
+on another topology. Epoch e shuffles shard k with a seed drawn from (seed, e, k);
+starting at global step s means starting epoch s // steps_per_epoch and skipping its first
+s % steps_per_epoch batches. The shards share the shuffle buffer.
 
-Training order is a pure function of (seed, epoch): epoch e is the split shuffled with
-seed (seed, e). Starting at global step s means starting epoch s // steps_per_epoch and
-skipping the records of its first s % steps_per_epoch batches, so a resumed run sees
-exactly the batches an uninterrupted run would have.
+With config.input.cache, each process keeps its shards' decoded records in memory after
+one read (when they fit), so later epochs read no files; the order is the same either way.
+Evaluation order does not matter (metric sums): each process reads one even share.
 
 Batches hold the stored images as they are (uint16 [B, S, S]) with their intensity scale and
 offset: the jitted steps turn them into the model's input with preprocess.model_input, the
@@ -23,6 +30,7 @@ import jax
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from absl import logging
 
 from iap_jax.features import STATS_FILE, load_iap_stats, load_prep_options
 from iap_jax.iaps import IAP_NAMES
@@ -63,6 +71,10 @@ class InputConfig:
     # Data selection: leave out every example whose header value of an IAP is one of these
     # canonical values, e.g. (("ManufacturerModelName", ("SKYRA",)),) to hold a scanner out.
     exclude: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # The global batch is split into this many logical shards: a multiple of every process
+    # count the run may use, and a divisor of the global batch size.
+    logical_shards: int = 16
+    cache: bool = False  # keep decoded training records in memory after the first read
 
     @classmethod
     def from_config(cls, config) -> "InputConfig":
@@ -71,7 +83,9 @@ class InputConfig:
         return cls(image_size=int(config.image_size), normalisation=config.normalisation,
                    percentiles=tuple(config.percentiles), augment=bool(config.augment),
                    shuffle_buffer=int(config.shuffle_buffer), prefetch=int(config.prefetch),
-                   threads=int(config.threads), exclude=exclude)
+                   threads=int(config.threads), exclude=exclude,
+                   logical_shards=int(config.get("logical_shards", cls.logical_shards)),
+                   cache=bool(config.get("cache", False)))
 
 
 def load_builder(dataset_dir: str):
@@ -108,13 +122,17 @@ def _raw_example(example: dict) -> dict:
 # --- datasets ----------------------------------------------------------------------
 
 class SplitReader:
-    """One process's share of one split."""
+    """One process's view of one split: its logical training shards and its share for
+    evaluation."""
 
     def __init__(self, dataset_dir: str, split: str, cfg: InputConfig, *,
                  process_index: int = 0, process_count: int = 1):
         if cfg.normalisation not in NORMALISATIONS:
             raise ValueError(f"unknown normalisation {cfg.normalisation!r}; "
                              f"expected one of {NORMALISATIONS}")
+        if cfg.logical_shards < 1 or cfg.logical_shards % process_count:
+            raise ValueError(f"input.logical_shards={cfg.logical_shards} must be a positive "
+                             f"multiple of the process count ({process_count})")
         self.builder = load_builder(dataset_dir)
         if split not in self.builder.info.splits:
             raise ValueError(f"{dataset_dir}: no split {split!r} "
@@ -123,15 +141,45 @@ class SplitReader:
         if unknown:
             raise ValueError(f"input.exclude names unknown IAPs {sorted(unknown)}")
         self.cfg = cfg
+        self.split = split
+        self.process_index, self.process_count = process_index, process_count
         self.process_split = tfds.even_splits(split, n=process_count)[process_index]
-        self.split_size = int(self.builder.info.splits[split].num_examples)
-        # Every process runs the same number of steps: plan with the smallest share.
-        self.min_process_examples = self.split_size // process_count
-        self.max_process_examples = -(-self.split_size // process_count)
-        if cfg.exclude:  # every process counts every share's kept examples alike
-            shares = [self._count_kept(s) for s in tfds.even_splits(split, n=process_count)]
-            self.split_size = sum(shares)
-            self.min_process_examples, self.max_process_examples = min(shares), max(shares)
+        self.shard_splits = tfds.even_splits(split, n=cfg.logical_shards)
+        per_process = cfg.logical_shards // process_count
+        self.owned_shards = tuple(range(process_index * per_process,
+                                        (process_index + 1) * per_process))
+        self._sizes: dict[str, tuple[int, ...]] = {}
+
+    # Sizes count the kept examples (input.exclude), the same in every process; they are
+    # read once, on first use (a pass over the labels when examples are excluded).
+    def _split_sizes(self, name: str, splits) -> tuple[int, ...]:
+        if name not in self._sizes:
+            if self.cfg.exclude:
+                self._sizes[name] = tuple(self._count_kept(s) for s in splits)
+            else:
+                self._sizes[name] = tuple(int(self.builder.info.splits[s].num_examples)
+                                          for s in splits)
+        return self._sizes[name]
+
+    @property
+    def shard_sizes(self) -> tuple[int, ...]:
+        return self._split_sizes("shards", self.shard_splits)
+
+    @property
+    def share_sizes(self) -> tuple[int, ...]:
+        return self._split_sizes("shares", tfds.even_splits(self.split, n=self.process_count))
+
+    @property
+    def split_size(self) -> int:
+        return sum(self.share_sizes)
+
+    @property
+    def min_process_examples(self) -> int:
+        return min(self.share_sizes)
+
+    @property
+    def max_process_examples(self) -> int:
+        return max(self.share_sizes)
 
     def _keep(self, example) -> tf.Tensor:
         keep = tf.constant(True)
@@ -141,13 +189,15 @@ class SplitReader:
                 keep = tf.logical_and(keep, tf.not_equal(value, v))
         return keep
 
-    def _count_kept(self, split: str) -> int:
+    def _count_kept(self, split) -> int:
         ds = self.builder.as_dataset(split=split, shuffle_files=False,
                                      decoders={"image": tfds.decode.SkipDecoding()})
         return int(ds.filter(self._keep).reduce(0, lambda n, _: n + 1).numpy())
 
-    def records(self) -> tf.data.Dataset:
-        ds = self.builder.as_dataset(split=self.process_split, shuffle_files=False,
+    def records(self, split=None) -> tf.data.Dataset:
+        """The kept records of `split` (default: this process's evaluation share)."""
+        ds = self.builder.as_dataset(split=self.process_split if split is None else split,
+                                     shuffle_files=False,
                                      read_config=tfds.ReadConfig(try_autocache=False))
         if self.cfg.exclude:
             ds = ds.filter(self._keep)
@@ -156,6 +206,27 @@ class SplitReader:
         if self.cfg.threads:
             options.threading.private_threadpool_size = self.cfg.threads
         return ds.with_options(options)
+
+    def shard_examples(self, shard: int) -> tf.data.Dataset:
+        """Logical shard `shard`'s examples as the training step reads them."""
+        return self.records(self.shard_splits[shard]).map(
+            _raw_example, num_parallel_calls=tf.data.AUTOTUNE)
+
+    def cache_fits(self) -> bool:
+        """Whether this process's shards, decoded, fit in half of the free memory."""
+        stored = self.builder.info.features["image"].shape
+        need = sum(self.shard_sizes[k] for k in self.owned_shards) * (
+            int(np.prod(stored)) * 2 + 512)
+        try:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError):  # not a POSIX memory report: trust the user
+            return True
+        if need > free / 2:
+            logging.warning("input.cache: this process's %.1f GiB of decoded images do not fit "
+                            "in half of the free %.1f GiB; reading the files every epoch",
+                            need / 2**30, free / 2**30)
+            return False
+        return True
 
 
 def _to_numpy_batch(batch: dict, encoding: LabelEncoding, valid: int | None = None) -> dict:
@@ -167,21 +238,49 @@ def _to_numpy_batch(batch: dict, encoding: LabelEncoding, valid: int | None = No
             "targets": targets, "masks": masks}
 
 
+def _shard_seed(seed: int, epoch: int, shard: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch, shard]).generate_state(1)[0])
+
+
+def _concat_rows(*batches):
+    return tf.nest.map_structure(lambda *parts: tf.concat(parts, axis=0), *batches)
+
+
+def rows_per_shard(reader: SplitReader, local_batch_size: int) -> int:
+    """Rows each logical shard gives to every batch (the same in every process)."""
+    shards = len(reader.owned_shards)
+    if local_batch_size % shards:
+        raise ValueError(
+            f"the global batch does not split into input.logical_shards="
+            f"{reader.cfg.logical_shards}: use a batch size divisible by it "
+            f"(or fewer logical shards, in a new run)")
+    return local_batch_size // shards
+
+
 def train_batches(reader: SplitReader, encoding: LabelEncoding, local_batch_size: int, *,
                   seed: int, start_step: int = 0) -> Iterator[dict]:
-    """Endless stream of local training batches starting at global step start_step."""
-    steps_per_epoch = reader.min_process_examples // local_batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"split has {reader.split_size} examples: fewer than one batch of "
-                         f"{local_batch_size} per process")
+    """Endless stream of this process's rows of the global batches from step start_step."""
+    steps = steps_per_epoch(reader, local_batch_size)
+    if steps == 0:
+        raise ValueError(f"split has {sum(reader.shard_sizes)} examples: its smallest logical "
+                         f"shard ({min(reader.shard_sizes)}) holds fewer than one batch's "
+                         f"{rows_per_shard(reader, local_batch_size)} rows")
     cfg = reader.cfg
-    epoch, skip = divmod(start_step, steps_per_epoch)
+    rows = rows_per_shard(reader, local_batch_size)
+    sources = [reader.shard_examples(k) for k in reader.owned_shards]
+    if cfg.cache and reader.cache_fits():
+        sources = [ds.cache() for ds in sources]
+        for ds in sources:  # one read fills the in-memory cache every later epoch reads
+            ds.reduce(0, lambda n, _: n + 1)
+    buffer = max(1, cfg.shuffle_buffer // cfg.logical_shards)
+    epoch, skip = divmod(start_step, steps)
     while True:
-        ds = reader.records().shuffle(min(cfg.shuffle_buffer, reader.max_process_examples),
-                                      seed=seed * 100_003 + epoch, reshuffle_each_iteration=False)
-        ds = ds.take(steps_per_epoch * local_batch_size).skip(skip * local_batch_size)
-        ds = ds.map(_raw_example, num_parallel_calls=tf.data.AUTOTUNE)
-        ds = ds.batch(local_batch_size, drop_remainder=True).prefetch(cfg.prefetch)
+        shards = tuple(
+            ds.shuffle(max(1, min(buffer, reader.shard_sizes[k])),
+                       seed=_shard_seed(seed, epoch, k), reshuffle_each_iteration=False)
+            .take(steps * rows).batch(rows, drop_remainder=True)
+            for k, ds in zip(reader.owned_shards, sources))
+        ds = tf.data.Dataset.zip(shards).map(_concat_rows).skip(skip).prefetch(cfg.prefetch)
         for batch in tfds.as_numpy(ds):
             yield _to_numpy_batch(batch, encoding)
         epoch, skip = epoch + 1, 0
@@ -210,7 +309,8 @@ def eval_batches(reader: SplitReader, encoding: LabelEncoding, local_batch_size:
 
 
 def steps_per_epoch(reader: SplitReader, local_batch_size: int) -> int:
-    return reader.min_process_examples // local_batch_size
+    """Steps of one epoch: the smallest logical shard's number of whole batch rows."""
+    return min(reader.shard_sizes) // rows_per_shard(reader, local_batch_size)
 
 
 def _pad(batch, size: int):

@@ -7,6 +7,11 @@ Every field of the config file can be overridden with --config.<key>=<value>, e.
 --config.num_epochs=30 --config.model.name=resnet50; the configs are in configs/ (default.py
 lists every field). A rerun with the same --workdir resumes from its latest checkpoint.
 
+Exit status: 0 when the run is done (or halted by config.halt_after_steps), 2 for a bad
+dataset, EXIT_PREEMPTED (75, EX_TEMPFAIL) when a preemption notice (SIGTERM) stopped it
+after saving: run the same command again to continue (launch/slurm_gpu.sbatch requeues
+itself on it).
+
 Multi-process runs call jax.distributed.initialize() first: with an explicit coordinator
 from config.distributed (local multi-process, launch/local_multiprocess.py), or with
 cluster auto-detection under SLURM or on a TPU VM pod (launch/).
@@ -23,6 +28,7 @@ from iap_jax import train
 from iap_jax.models import onednn
 
 FLAGS = flags.FLAGS
+EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL: stopped early, saved; run again to resume
 config_flags.DEFINE_config_file("config", None, "Training config file (get_config).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
@@ -112,7 +118,9 @@ def main(argv):
         print(f"iap-train: error: {err}", file=sys.stderr)
         sys.exit(2)
     initialise_distributed(config)
-    train.train_and_evaluate(config, FLAGS.workdir)
+    result = train.train_and_evaluate(config, FLAGS.workdir)
+    if result["preempted"]:
+        sys.exit(EXIT_PREEMPTED)
 
 
 def run():

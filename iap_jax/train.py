@@ -23,7 +23,6 @@ import numpy as np
 import optax
 import tensorflow as tf
 from absl import logging
-from jax.experimental import multihost_utils
 from tensorflow.core.framework import summary_pb2
 from tqdm import tqdm
 
@@ -104,35 +103,69 @@ def config_to_json(config: ml_collections.ConfigDict) -> dict:
     return json.loads(config.to_json_best_effort())
 
 
-class _PreemptionFlag:
-    """Set by SIGTERM; the loop saves and exits at the next step."""
+class Preemption:
+    """Whether to save and stop now because the job is being stopped.
 
-    def __init__(self):
+    Several processes: JAX's preemption service (jax.distributed starts it; it listens for
+    SIGTERM, the notice SLURM and TPU VMs give) tells every process the same step to stop
+    at, checked with Orbax's CheckpointManager.reached_preemption at every step. One
+    process: a SIGTERM handler of its own."""
+
+    def __init__(self, manager):
+        self.manager = manager
         self.requested = False
-        if threading.current_thread() is threading.main_thread():
+        self.multi_process = jax.process_count() > 1
+        if not self.multi_process and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
         logging.warning("SIGTERM: saving a checkpoint and stopping")
         self.requested = True
 
-    def any_process(self) -> bool:
-        if jax.process_count() == 1:
-            return self.requested
-        flags = multihost_utils.process_allgather(np.asarray(self.requested))
-        return bool(np.any(flags))
+    def reached(self, step: int) -> bool:
+        if self.multi_process:
+            return self.manager.reached_preemption(step)
+        return self.requested
 
 
-# Fields whose change would make a resumed run differ from an uninterrupted one.
-# (More epochs is allowed: it extends a run.)
-_RESUME_FIELDS = ("batch_size", "seed", "train_split", "model", "labels", "loss")
+# Config fields whose change would make a resumed run differ from an uninterrupted one
+# (input settings that change no batch -- threads, prefetch, cache -- may change).
+_RESUME_FIELDS = ("batch_size", "seed", "train_split", "model", "labels", "loss", "optim",
+                  "num_epochs", "input")
+_FREE_INPUT_FIELDS = ("threads", "prefetch", "cache")
+
+
+def _resume_view(config: dict) -> dict:
+    view = {k: config.get(k) for k in _RESUME_FIELDS}
+    view["input"] = {k: v for k, v in (config.get("input") or {}).items()
+                     if k not in _FREE_INPUT_FIELDS}
+    return view
 
 
 def _check_resumable(current: dict, saved: dict) -> None:
-    changed = [k for k in _RESUME_FIELDS if k in saved and saved[k] != current.get(k)]
+    """Refuses to resume with settings that would make a different run. More epochs
+    would stretch the started learning-rate schedule, so they are refused too."""
+    now, then = _resume_view(current), _resume_view(saved)
+    changed = []
+    for key in _RESUME_FIELDS:
+        if isinstance(then[key], dict) and isinstance(now[key], dict):
+            changed += [f"{key}.{k}" for k in sorted(set(then[key]) | set(now[key]))
+                        if then[key].get(k) != now[key].get(k)]
+        elif then[key] != now[key]:
+            changed.append(key)
     if changed:
-        raise ValueError(f"the checkpoint in this workdir was made with different {changed}; "
-                         "use a new --workdir, or the same config to resume")
+        detail = "; ".join(f"{k}: {_lookup(saved, k)!r} -> {_lookup(current, k)!r}"
+                           for k in changed[:6])
+        raise ValueError(f"the checkpoint in this workdir was made with other settings "
+                         f"({detail}); resume with the run's own config, or start a new "
+                         "--workdir (a longer run needs a new schedule, so a new workdir too)")
+
+
+def _lookup(config: dict, dotted: str):
+    value = config
+    for part in dotted.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
 
 
 def _trim_metrics_log(path: str, start_step: int) -> None:
@@ -168,7 +201,8 @@ def check_dataset(config: ml_collections.ConfigDict) -> None:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Trains (or resumes) in workdir; returns {"step", "validation", "state"}."""
+    """Trains (or resumes) in workdir; returns {"step", "validation", "state", "preempted"}
+    (preempted: stopped by a preemption notice before the end, see Preemption)."""
     check_dataset(config)  # before anything is written
     os.makedirs(workdir, exist_ok=True)
     is_chief = jax.process_index() == 0
@@ -250,7 +284,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             model_target={"params": target.params, "batch_stats": target.batch_stats},
             train_target={"opt_state": target.opt_state, "step": target.step, "rng": target.rng})
         if restored["dataset"]["sha256"] != fingerprint["sha256"]:
-            logging.warning("resuming on a dataset whose fingerprint differs from the checkpoint's")
+            raise ValueError(f"{config.dataset_dir}: not the dataset this run started on "
+                             f"(fingerprint of {restored['dataset']['dataset_dir']} differs); "
+                             "resume on the same dataset or start a new --workdir")
         state = TrainState(params=restored["model"]["params"],
                            batch_stats=restored["model"]["batch_stats"], **restored["train"])
         start_step = int(restored["input"]["step"])
@@ -324,7 +360,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # ---------------------------------------------------------------- loop ----------
     batches = input_pipeline.train_batches(readers[config.train_split], encoding, local_batch,
                                            seed=config.seed, start_step=start_step)
-    preemption = _PreemptionFlag()
+    preemption = Preemption(checkpointer.manager)
+    preempted = False
     # A batch job's log gets a line per log step instead of a bar redrawn with carriage returns.
     use_bar = config.progress_bar and sys.stderr.isatty()
     progress = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
@@ -365,9 +402,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             save(step)
 
         halted = config.halt_after_steps and step >= config.halt_after_steps
-        # Multi-process: agreeing on SIGTERM costs a collective, so only at log steps.
-        check_preemption = num_processes == 1 or step % config.log_every_steps == 0
-        if halted or (check_preemption and preemption.any_process()):
+        preempted = step < total_steps and preemption.reached(step)
+        if halted or preempted:
+            if preempted:
+                logging.warning("preempted: saving step %d and stopping", step)
             save(step)
             break
     progress.close()
@@ -385,4 +423,4 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         plot_dir = os.path.join(workdir, "plots")
         plots.write_confusion_matrices(confusions, encoding, plot_dir)
         print(f"confusion matrices: {plot_dir}")
-    return {"step": step, "validation": validation, "state": state}
+    return {"step": step, "validation": validation, "state": state, "preempted": preempted}

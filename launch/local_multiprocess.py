@@ -17,9 +17,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(num_processes: int, main_args: list[str], env: dict | None = None,
-           timeout: float | None = None) -> list[int]:
-    """Runs the processes to the end; returns their exit codes."""
+def start(num_processes: int, main_args: list[str], env: dict | None = None,
+          log_dir: str | None = None) -> list[subprocess.Popen]:
+    """Starts the processes; with log_dir, process i writes its output to log_dir/i.log."""
     coordinator = f"127.0.0.1:{free_port()}"
     env = dict(env or os.environ)
     env.setdefault("JAX_PLATFORMS", "cpu")
@@ -29,7 +29,20 @@ def launch(num_processes: int, main_args: list[str], env: dict | None = None,
                f"--config.distributed.coordinator={coordinator}",
                f"--config.distributed.num_processes={num_processes}",
                f"--config.distributed.process_id={index}"]
-        procs.append(subprocess.Popen(cmd, env=env))
+        out = None
+        if log_dir is not None:
+            out = open(os.path.join(log_dir, f"{index}.log"), "w")
+        procs.append(subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT
+                                      if out is not None else None))
+        if out is not None:
+            out.close()  # the child holds its own copy
+    return procs
+
+
+def launch(num_processes: int, main_args: list[str], env: dict | None = None,
+           timeout: float | None = None, log_dir: str | None = None) -> list[int]:
+    """Runs the processes to the end; returns their exit codes."""
+    procs = start(num_processes, main_args, env, log_dir)
     codes = []
     try:
         for proc in procs:

@@ -18,7 +18,7 @@ def _encoding(dataset_dir):
 
 
 def test_resumed_stream_repeats_the_uninterrupted_one(dataset_dir):
-    cfg = input_pipeline.InputConfig(augment=True)
+    cfg = input_pipeline.InputConfig(augment=True, logical_shards=8)
     reader = input_pipeline.SplitReader(dataset_dir, "train", cfg)
     enc = _encoding(dataset_dir)
     stream = input_pipeline.train_batches(reader, enc, 8, seed=3)

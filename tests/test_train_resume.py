@@ -1,4 +1,5 @@
 import json
+import re
 
 import jax
 import numpy as np
@@ -47,7 +48,20 @@ def test_killed_run_resumes_to_the_same_result(train_dataset_dir, tmp_path):
 
     # Resuming with a config that would change the run is refused, naming the fields.
     with pytest.raises(ValueError, match="batch_size"):
-        train.train_and_evaluate(tiny_config(dataset_dir, batch_size=8), str(tmp_path / "resumed"))
+        train.train_and_evaluate(tiny_config(dataset_dir, batch_size=32), str(tmp_path / "resumed"))
+    # ... so is any change of the optimiser, the schedule's length or the input settings.
+    for key, value, field in (("optim.learning_rate", 0.5, "optim.learning_rate: 0.003 -> 0.5"),
+                              ("num_epochs", 3, "num_epochs: 2 -> 3"),
+                              ("input.normalisation", "max", "input.normalisation"),
+                              ("input.logical_shards", 8, "input.logical_shards: 16 -> 8")):
+        config = tiny_config(dataset_dir)
+        config.update_from_flattened_dict({key: value})
+        with pytest.raises(ValueError, match=re.escape(field)):
+            train.train_and_evaluate(config, str(tmp_path / "resumed"))
+    # Settings that change no batch may change: the finished run reports again.
+    config = tiny_config(dataset_dir)
+    config.update_from_flattened_dict({"input.threads": 1, "input.cache": True})
+    assert train.train_and_evaluate(config, str(tmp_path / "resumed"))["step"] == 8
 
 
 @pytest.mark.usefixtures("compiled_programs_cache")

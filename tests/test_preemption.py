@@ -1,0 +1,96 @@
+"""Preemption and resume on another topology, with real processes joined by jax.distributed.
+
+A 2-process x 2-device training gets SIGTERM (in one process only: the notice reaches the
+other through JAX's preemption service); both save the same step and exit with the
+preempted status; the run resumes on 1 process x 4 devices and ends with the parameters of
+an uninterrupted 1 x 4 run.
+"""
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+
+from iap_jax.checkpoints import Checkpointer, restore_model
+from iap_jax.main import EXIT_PREEMPTED
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "launch"))
+import local_multiprocess  # noqa: E402
+
+EPOCHS = 6  # 64 examples, batch 16: 4 steps an epoch, 24 steps
+
+
+def _args(dataset_dir, workdir, devices: int) -> list[str]:
+    return [f"--config={REPO}/configs/synthetic_cpu.py:runlocal", f"--workdir={workdir}",
+            f"--config.dataset_dir={dataset_dir}", "--config.progress_bar=False",
+            f"--config.num_epochs={EPOCHS}", f"--config.cpu_devices={devices}",
+            "--config.log_every_steps=1", "--config.checkpoint.async_save=False"]
+
+
+def _env(cache_dir) -> dict:
+    env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu",
+               JAX_COMPILATION_CACHE_DIR=str(cache_dir))
+    env.pop("XLA_FLAGS", None)
+    return env
+
+
+def _single_process(dataset_dir, workdir, env, log) -> int:
+    with open(log, "w") as out:
+        return subprocess.run([sys.executable, "-m", "iap_jax.main",
+                               *_args(dataset_dir, workdir, 4)], env=env, stdout=out,
+                              stderr=subprocess.STDOUT, timeout=600).returncode
+
+
+def _wait_for_step(metrics, step: int, procs, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if os.path.exists(metrics):
+            with open(metrics) as f:
+                if sum('"train/loss"' in line for line in f) >= step:
+                    return
+        if any(p.poll() is not None for p in procs):
+            raise AssertionError("a training process ended before the preemption notice")
+        time.sleep(0.2)
+    raise AssertionError(f"no step {step} logged in {timeout}s")
+
+
+def test_preempted_two_process_run_resumes_on_one_process_exactly(train_dataset_dir, tmp_path):
+    env = _env(tmp_path / "jax_cache")
+    reference = tmp_path / "reference"
+    assert _single_process(train_dataset_dir, reference, env, tmp_path / "reference.log") == 0
+
+    run = tmp_path / "run"
+    logs = tmp_path / "logs"
+    run.mkdir()
+    logs.mkdir()
+    procs = local_multiprocess.start(2, _args(train_dataset_dir, run, 2), env=env,
+                                     log_dir=str(logs))
+    try:
+        _wait_for_step(run / "metrics.jsonl", 2, procs)
+        procs[1].send_signal(signal.SIGTERM)
+        codes = [p.wait(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    texts = [(logs / f"{i}.log").read_text() for i in range(2)]
+    assert codes == [EXIT_PREEMPTED] * 2, texts
+    stops = [re.findall(r"preempted: saving step (\d+)", text) for text in texts]
+    assert stops[0] == stops[1] and len(stops[0]) == 1, stops  # one step, agreed by both
+    stop = int(stops[0][0])
+    assert 2 <= stop < EPOCHS * 4
+    assert Checkpointer(str(run), read_only=True).latest_step() == stop
+
+    # Resumed on another topology: 1 process over 4 devices.
+    assert _single_process(train_dataset_dir, run, env, tmp_path / "resumed.log") == 0, \
+        (tmp_path / "resumed.log").read_text()
+    assert f"resumed from step {stop}" in (tmp_path / "resumed.log").read_text()
+    final, expected = (restore_model(str(w), step="latest") for w in (run, reference))
+    assert final["step"] == expected["step"] == EPOCHS * 4
+    for a, b in zip(jax.tree.leaves(final["params"]), jax.tree.leaves(expected["params"])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5)
