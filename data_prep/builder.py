@@ -26,9 +26,13 @@ stops, naming both fingerprints, unless overwrite=True (`iap-prep --overwrite`, 
 Many machines: with a Beam runner (`prepare(..., beam_runner="DirectRunner")`, or
 `iap-prep --beam-runner`, or `tfds build ... --beam_pipeline_options=...`), header
 discovery runs on the launching machine and pixel decoding, resizing and shard writing
-run as a Beam pipeline. On a cluster the DICOM root and data dir must be readable and
-writable by every worker (a shared file system or a gcsfuse mount), and the workers need
-this package installed:
+run as a Beam pipeline. The launching machine writes the selected slices as work-items
+files (JSON lines, a line per series) under <data_dir>/.beam_work.<config>/ and the
+pipeline starts from their paths alone, so its graph stays small however large the
+archive; the workers read the files and decode. The folder is removed when the build
+ends. On a cluster the DICOM root must be readable by every worker (a shared file system
+or a gcsfuse mount) and the data dir readable and writable (that, or a gs:// bucket), and
+the workers need this package installed:
     tfds build data_prep/builder.py --manual_dir /mnt/dicom --data_dir gs://bucket/tfds \
       --beam_pipeline_options="runner=DataflowRunner,project=P,region=R,\
 temp_location=gs://bucket/tmp,setup_file=./setup.py,num_workers=32"
@@ -54,22 +58,21 @@ import collections
 import dataclasses
 import functools
 import hashlib
+import itertools
 import json
 import os
-import shutil
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import tensorflow_datasets as tfds
 from etils import epath
 
 from data_prep import report as report_lib
-from data_prep.examples import SliceItem, make_example
+from data_prep.examples import SliceItem, items_of_line, make_example, series_line
+from data_prep.files import read_json, write_json_atomic
 from data_prep.splits import SPLIT_NAMES, parse_split, salted_hash, split_of
 from data_prep.stats import compute_stats, write_stats
-from iap_jax.atomic import write_json_atomic
 from iap_jax.dicom import DicomError
-from iap_jax.features import (DATASET_NAME, PREP_OPTIONS_FILE, STATS_FILE, example_features,
-                              load_iap_stats)
+from iap_jax.features import DATASET_NAME, PREP_OPTIONS_FILE, STATS_FILE, example_features
 from iap_jax.preprocess import RESIZE_MODES
 from iap_jax.progress import Progress
 from iap_jax.salt import resolve_salt
@@ -79,6 +82,9 @@ from iap_jax.workers import worker_pool
 
 REPORT_FILE = "prep_report.json"
 SKIP_TAG = "skips"
+# Series per work-items file of the Beam path: a few thousand slices per file, a few hundred
+# files for the whole Duke archive.
+WORK_SHARD_SERIES = 16
 
 
 @dataclasses.dataclass(eq=False)
@@ -164,6 +170,31 @@ def _work_plan(discovery: Discovery, config: IapDatasetConfig, dicom_root: str, 
     return plan
 
 
+def write_work_items(items: Sequence[SliceItem], folder: epath.Path, split: str,
+                     series_per_shard: int | None = None) -> list[str]:
+    """The split's slices as JSON-lines files (a line per series) for Beam workers to read,
+    so that the pipeline graph holds only these paths, not every slice of the archive.
+    Returns the paths, one per `series_per_shard` (default WORK_SHARD_SERIES) series."""
+    series_per_shard = series_per_shard or WORK_SHARD_SERIES
+    series = [list(group) for _, group in itertools.groupby(items, key=lambda i: i.series)]
+    shards = [series[i:i + series_per_shard] for i in range(0, len(series), series_per_shard)]
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index, shard in enumerate(shards):
+        path = folder / f"{split}-{index:05d}-of-{len(shards):05d}.jsonl"
+        path.write_text("".join(series_line(group) + "\n" for group in shard))
+        paths.append(os.fspath(path))
+    return paths
+
+
+def read_work_items(path: str) -> Iterable[SliceItem]:
+    """A work-items file's slices, read by a Beam worker."""
+    with epath.Path(path).open() as f:
+        for line in f:
+            if line.strip():
+                yield from items_of_line(line)
+
+
 def _beam_examples(item: SliceItem, image_size: int, resize_mode: str) -> Iterator[Any]:
     import apache_beam as beam
 
@@ -183,16 +214,17 @@ def _hashed_skips(skips: Sequence[Skip], salt: str) -> list[dict[str, Any]]:
                    for (path, reason), n in counts.items()), key=lambda s: (s["file"], s["reason"]))
 
 
-def remove_incomplete_dirs(dataset_dir: str) -> list[str]:
+def remove_incomplete_dirs(dataset_dir) -> list[str]:
     """Temporary dirs that TFDS left beside dataset_dir when a run was killed."""
-    parent, name = os.path.split(os.path.normpath(dataset_dir))
-    if not os.path.isdir(parent):
+    dataset_dir = epath.Path(dataset_dir)
+    parent = dataset_dir.parent
+    if not parent.is_dir():
         return []
     removed = []
-    for entry in sorted(os.listdir(parent)):
-        if entry.startswith("incomplete.") and entry.endswith(f"_{name}"):
-            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
-            removed.append(entry)
+    for entry in sorted(parent.iterdir(), key=lambda p: p.name):
+        if entry.name.startswith("incomplete.") and entry.name.endswith(f"_{dataset_dir.name}"):
+            entry.rmtree(missing_ok=True)
+            removed.append(entry.name)
     return removed
 
 
@@ -259,29 +291,38 @@ class IapDataset(tfds.core.GeneratorBasedBuilder):
         if len(empty) == len(SPLIT_NAMES):
             raise ValueError(f"{dicom_root}: no slices selected from {found.num_files} files "
                              f"(series left out: {dict(self._plan.rejected)}; see {self._report_path()})")
-        if self._use_beam:
-            self._beam_skips_dir().rmtree(missing_ok=True)  # left by a killed run
+        if self._use_beam:  # left by a killed run
+            self._beam_skips_dir().rmtree(missing_ok=True)
+            self._beam_work_dir().rmtree(missing_ok=True)
         return {name: self._generate_examples(items[name], name)
                 for name in SPLIT_NAMES if items[name]}
 
     def _generate_examples(self, items: Sequence[SliceItem], split: str):
         config = self.builder_config
         if self._use_beam:
-            return self._beam_transform(items, os.fspath(self._beam_skips_dir() / split))
+            return self._beam_transform(items, split)
         make = functools.partial(make_example, image_size=int(config.image_size),
                                  resize_mode=config.resize)
         return self._generate_locally(items, make)
 
-    def _beam_transform(self, items: Sequence[SliceItem], skips_prefix: str):
-        """Decoding as a Beam transform; failures go to a side output written as JSON lines."""
+    def _beam_transform(self, items: Sequence[SliceItem], split: str):
+        """Decoding as a Beam transform; failures go to a side output written as JSON lines.
+        The pipeline is created from the paths of the split's work-items files and the
+        workers read the slices from them: a graph holding every slice of an archive the
+        size of Duke's is too large for a runner (Dataflow) to accept. The reshuffle spreads
+        the slices of one file over the workers for decoding."""
         import apache_beam as beam
 
         config = self.builder_config
+        work_files = write_work_items(items, self._beam_work_dir(), split)
+        skips_prefix = os.fspath(self._beam_skips_dir() / split)
 
         @beam.ptransform_fn
         def examples(pipeline):
             results = (pipeline
-                       | "items" >> beam.Create(list(items))
+                       | "work_files" >> beam.Create(work_files)
+                       | "read_items" >> beam.FlatMap(read_work_items)
+                       | "spread" >> beam.Reshuffle()
                        | "decode" >> beam.FlatMap(_beam_examples, int(config.image_size),
                                                   config.resize).with_outputs(SKIP_TAG, main="examples"))
             _ = (results[SKIP_TAG]
@@ -293,6 +334,10 @@ class IapDataset(tfds.core.GeneratorBasedBuilder):
 
     def _beam_skips_dir(self) -> epath.Path:
         return epath.Path(self._data_dir_root) / f".beam_skips.{self.builder_config.name}"
+
+    def _beam_work_dir(self) -> epath.Path:
+        """The work-items files of a Beam run (write_work_items), removed when it ends."""
+        return epath.Path(self._data_dir_root) / f".beam_work.{self.builder_config.name}"
 
     def _collect_beam_skips(self) -> list[Skip]:
         folder = self._beam_skips_dir()
@@ -324,7 +369,11 @@ class IapDataset(tfds.core.GeneratorBasedBuilder):
             yield key, result
 
     def _download_and_prepare(self, dl_manager, download_config=None) -> None:
-        super()._download_and_prepare(dl_manager, download_config)
+        try:
+            super()._download_and_prepare(dl_manager, download_config)
+        finally:  # the pipeline has ended: its work-items files are no longer read
+            if self._use_beam:
+                self._beam_work_dir().rmtree(missing_ok=True)
         # Still inside TFDS's temporary dir, before the rename: the report is completed and
         # the metadata (which moves with the shards) keeps what a rerun needs to rebuild it.
         skips = self._decode_skips + self._collect_beam_skips()
@@ -347,16 +396,16 @@ class IapDataset(tfds.core.GeneratorBasedBuilder):
             self._check_existing(dicom_root, self._overwrite or
                                  download_config.download_mode.overwrite_dataset)
         super().download_and_prepare(download_config=download_config, **kwargs)
-        dataset_dir = os.fspath(self.data_dir)
+        dataset_dir = epath.Path(self.data_dir)
         report = self._load_report()
         if dicom_root and not self._report_is_current(report):
             print(f"rebuilding {self._report_path()} for {dataset_dir}")
             self._rebuild_report(dicom_root)
-        options_path = os.path.join(dataset_dir, PREP_OPTIONS_FILE)
-        if not os.path.exists(options_path):
+        options_path = dataset_dir / PREP_OPTIONS_FILE
+        if not options_path.exists():
             write_json_atomic(options_path, self.options())
-        stats_path = os.path.join(dataset_dir, STATS_FILE)
-        if not os.path.exists(stats_path):
+        stats_path = dataset_dir / STATS_FILE
+        if not stats_path.exists():
             stats = self.compute_stats()
             report = self._load_report()
             counts = report["skipped_by_reason"] if self._report_is_current(report) else {}
@@ -364,7 +413,7 @@ class IapDataset(tfds.core.GeneratorBasedBuilder):
             self.info.metadata.save_metadata(dataset_dir)
             write_stats(dataset_dir, stats)
         if self._progress:
-            print(report_lib.summary_table(load_iap_stats(dataset_dir), self._load_report()))
+            print(report_lib.summary_table(read_json(stats_path), self._load_report()))
             print(f"dataset: {dataset_dir}\nreport:  {self._report_path()}")
 
     def options(self) -> dict[str, Any]:
@@ -415,11 +464,11 @@ class IapDataset(tfds.core.GeneratorBasedBuilder):
                     for name in SPLIT_NAMES if name in self.info.splits}
         return compute_stats(by_split)
 
-    def _report_path(self) -> str:
-        return os.path.join(os.fspath(self._data_dir_root), REPORT_FILE)
+    def _report_path(self) -> epath.Path:
+        return epath.Path(self._data_dir_root) / REPORT_FILE
 
     def _write_report(self) -> None:
-        os.makedirs(os.path.dirname(self._report_path()), exist_ok=True)
+        self._report_path().parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(self._report_path(), self._report)
 
     def _load_report(self) -> dict[str, Any] | None:
@@ -432,9 +481,11 @@ def prepare(dicom_root: str, data_dir: str, *, series_filter: str | None = None,
             image_size: int = 224, slices: str = "all",
             split: str | Sequence[float] = (0.7, 0.15, 0.15), salt: str | None = None,
             workers: int = 1, resize: str = "resize", beam_runner: Any = None,
-            overwrite: bool = False, progress: bool = True) -> str:
+            beam_options: Any = None, overwrite: bool = False, progress: bool = True) -> str:
     """DICOM archive -> TFDS dataset; returns the dataset dir (for tfds.builder_from_directory).
-    salt None: $IAP_PREP_SALT, else the data dir's kept salt (iap_jax.salt)."""
+    salt None: $IAP_PREP_SALT, else the data dir's kept salt (iap_jax.salt). beam_runner or
+    beam_options (apache_beam PipelineOptions, e.g. the DirectRunner's direct_num_workers)
+    prepare with Beam."""
     if not os.path.isdir(dicom_root):
         raise FileNotFoundError(f"{dicom_root}: DICOM root is not a directory")
     config = make_config(series_filter=series_filter, phases=phases, image_size=image_size,
@@ -445,5 +496,5 @@ def prepare(dicom_root: str, data_dir: str, *, series_filter: str | None = None,
                          data_dir=data_dir, workers=workers, progress=progress, salt=salt,
                          overwrite=overwrite)
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        manual_dir=dicom_root, beam_runner=beam_runner))
+        manual_dir=dicom_root, beam_runner=beam_runner, beam_options=beam_options))
     return os.fspath(builder.data_dir)

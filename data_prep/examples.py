@@ -1,10 +1,12 @@
-"""Work items (one per slice) and the function that turns one into a dataset example.
+"""Work items (one per slice), their JSON lines (the Beam path's work-items files), and the
+function that turns one into a dataset example.
 
 Kept free of TensorFlow so that worker processes start fast and Beam workers can run it.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
 import numpy as np
@@ -25,6 +27,23 @@ class SliceItem:
     slice_index: int
     num_slices: int
     iaps: tuple[tuple[int, str, float], ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, fields: dict[str, Any]) -> "SliceItem":
+        """The item back from to_json (JSON turns the iaps tuples into lists)."""
+        return cls(**{**fields, "iaps": tuple(tuple(iap) for iap in fields["iaps"])})
+
+
+def series_line(items: list[SliceItem]) -> str:
+    """One series' items as a line of a work-items file (NaN numbers stay NaN)."""
+    return json.dumps([item.to_json() for item in items])
+
+
+def items_of_line(line: str) -> list[SliceItem]:
+    return [SliceItem.from_json(fields) for fields in json.loads(line)]
 
 
 def label_record(iaps: tuple[tuple[int, str, float], ...]) -> dict[str, dict[str, Any]]:

@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
-import os
 from typing import Any, Mapping, Sequence
 
+from data_prep.files import read_json
 from iap_jax.iaps import IAP_NAMES, SPECS, Kind
 
 
@@ -61,11 +60,8 @@ def finish_report(report: dict[str, Any], decode_skips: Sequence,
         collections.Counter(s["reason"] for s in report["skipped"]).items()))
 
 
-def load_report(path: str) -> dict[str, Any] | None:
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
+def load_report(path) -> dict[str, Any] | None:
+    return read_json(path)
 
 
 def _format_values(name: str, entry: Mapping[str, Any], top: int = 4) -> str:

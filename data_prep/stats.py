@@ -7,8 +7,9 @@ import os
 from typing import Any, Iterable, Mapping
 
 import numpy as np
+from etils import epath
 
-from iap_jax.atomic import write_json_atomic
+from data_prep.files import write_json_atomic
 from iap_jax.features import QUANTILES, STATS_FILE
 from iap_jax.iaps import IAP_NAMES, SPECS, LabelState
 
@@ -92,7 +93,7 @@ def compute_stats(examples_by_split: Mapping[str, Iterable[Mapping[str, Any]]]) 
     return stats
 
 
-def write_stats(dataset_dir: str, stats: Mapping[str, Any]) -> str:
-    path = os.path.join(dataset_dir, STATS_FILE)
+def write_stats(dataset_dir, stats: Mapping[str, Any]) -> str:
+    path = epath.Path(dataset_dir) / STATS_FILE
     write_json_atomic(path, stats)
-    return path
+    return os.fspath(path)
