@@ -8,6 +8,11 @@
 # The repository is expected at ~/iap-jax on every worker (copy it with
 # `gcloud compute tpus tpu-vm scp --recurse . TPU_NAME:~/iap-jax --worker=all`) and
 # installed with `pip install -e ~/iap-jax`.
+#
+# Preemption: a maintenance event or spot preemption sends SIGTERM; JAX's preemption service
+# makes every worker save the same step (Orbax's CheckpointManager.reached_preemption) and
+# exit with status 75. Run this command again, with the same arguments, to resume from the
+# checkpoint in WORKDIR on any pod shape whose worker count divides input.logical_shards.
 set -euo pipefail
 TPU_NAME=${1:?usage: tpu_pod.sh TPU_NAME ZONE DATASET_DIR WORKDIR [flags]}
 ZONE=${2:?}

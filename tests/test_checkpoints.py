@@ -19,7 +19,7 @@ TRAIN_ON_FOUR_DEVICES = textwrap.dedent("""
     from train_data import tiny_config
     dataset_dir, workdir = sys.argv[1:3]
     assert len(jax.devices()) == 4
-    config = tiny_config(dataset_dir, num_epochs=1)
+    config = tiny_config(dataset_dir, num_epochs=2, halt_after_steps=4)  # stopped half way
     config.mesh.data, config.mesh.fsdp = 2, 2
     config.sharding.tactic, config.sharding.fsdp_min_size = "fsdp", 0
     result = train.train_and_evaluate(config, workdir)
@@ -44,6 +44,6 @@ def test_checkpoint_from_four_device_fsdp_mesh_restores_on_one_device(train_data
     np.testing.assert_array_equal(np.asarray(model["params"]["stem_conv"]["kernel"]), expected)
     assert len(model["params"]["stem_conv"]["kernel"].sharding.device_set) == 1
 
-    # The whole training state resumes on this (1-device) process and trains on.
+    # The whole training state resumes on this (1-device) process and trains to the end.
     resumed = train.train_and_evaluate(tiny_config(dataset_dir, num_epochs=2), workdir)
     assert resumed["step"] == 8
