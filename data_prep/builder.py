@@ -68,7 +68,7 @@ from etils import epath
 
 from data_prep import report as report_lib
 from data_prep.examples import SliceItem, items_of_line, make_example, series_line
-from data_prep.files import read_json, write_json_atomic
+from iap_jax.atomic import read_json, write_json_atomic
 from data_prep.splits import SPLIT_NAMES, parse_split, salted_hash, split_of
 from data_prep.stats import compute_stats, write_stats
 from iap_jax.dicom import DicomError

@@ -9,7 +9,9 @@ import collections
 import dataclasses
 from typing import Any, Mapping, Sequence
 
-from data_prep.files import read_json
+from etils import epath
+
+from iap_jax.atomic import read_json
 from iap_jax.iaps import IAP_NAMES, SPECS, Kind
 
 
@@ -61,7 +63,8 @@ def finish_report(report: dict[str, Any], decode_skips: Sequence,
 
 
 def load_report(path) -> dict[str, Any] | None:
-    return read_json(path)
+    """The report at `path`, or None when there is none yet."""
+    return read_json(path) if epath.Path(path).exists() else None
 
 
 def _format_values(name: str, entry: Mapping[str, Any], top: int = 4) -> str:

@@ -9,7 +9,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 from etils import epath
 
-from data_prep.files import write_json_atomic
+from iap_jax.atomic import write_json_atomic
 from iap_jax.features import QUANTILES, STATS_FILE
 from iap_jax.iaps import IAP_NAMES, SPECS, LabelState
 

@@ -11,14 +11,14 @@ probability, and ECE = sum over bins of (share of slices) * |accuracy - mean con
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from typing import Any, Mapping
 
 import numpy as np
+from etils import epath
 
-from iap_jax.atomic import write_json_atomic
+from iap_jax.atomic import read_json, write_json_atomic
 
 CALIBRATION_FILE = "calibration.json"
 ECE_BINS = 15
@@ -86,10 +86,9 @@ def load_fitted(workdir: str, filename: str, step: int) -> dict | None:
     """A JSON fitted after training and kept in the workdir (the calibration, the OOD model),
     when it was fitted for this checkpoint step; else None."""
     path = os.path.join(workdir, filename)
-    if not os.path.exists(path):
+    if not epath.Path(path).exists():
         return None
-    with open(path) as f:
-        data = json.load(f)
+    data = read_json(path)
     return data if int(data.get("step", -1)) == int(step) else None
 
 

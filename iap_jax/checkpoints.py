@@ -21,8 +21,10 @@ from typing import Any, Mapping
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from orbax.checkpoint import checkpoint_managers
 
+from iap_jax import atomic
 from iap_jax.labels import LabelEncoding
 from iap_jax.preprocess import PixelSpec
 
@@ -42,7 +44,7 @@ class Checkpointer:
     def __init__(self, workdir: str, *, keep: int = 2, keep_best: int = 1,
                  best_metric: str = "mean_top1", best_mode: str = "max",
                  async_save: bool = True, read_only: bool = False):
-        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        self.directory = os.path.join(atomic.absolute(workdir), "checkpoints")
         self.best_metric = best_metric
 
         def metric(metrics: Mapping[str, float]) -> float:
@@ -135,7 +137,7 @@ def restore_model(workdir: str, mesh=None, step: int | str = "best") -> dict[str
     step: an int, "best" (by the validation metric; the latest if none) or "latest"."""
     from iap_jax import sharding as sharding_lib
 
-    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    if not (epath.Path(workdir) / "checkpoints").is_dir():
         raise FileNotFoundError(f"{workdir}: no checkpoints/ here; pass the training --workdir")
     checkpointer = Checkpointer(workdir, read_only=True)
     step = resolve_step(checkpointer, step)

@@ -21,18 +21,18 @@ from __future__ import annotations
 import argparse
 import base64
 import html
-import json
 import math
 import os
 import sys
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
+from etils import epath
 
 from iap_jax import calibration as calibration_lib
 from iap_jax import plots, predictions
-from iap_jax.atomic import write_json_atomic, write_text_atomic
+from iap_jax.atomic import (absolute, makedirs, read_json, relative, write_json_atomic,
+                            write_text_atomic)
 from iap_jax.labels import LabelEncoding
 
 INTERVAL = (2.5, 97.5)
@@ -66,12 +66,12 @@ def _by_group(values: np.ndarray, groups: np.ndarray, count: int) -> np.ndarray:
 def evaluate(pred_dir: str, resamples: int = 1000, seed: int = 0) -> dict[str, Any]:
     """Every number of the report, with the arrays the pictures need under "_plots"."""
     slices_path = os.path.join(pred_dir, "slices.parquet")
-    if not os.path.exists(slices_path):
+    if not epath.Path(slices_path).exists():
         raise FileNotFoundError(f"{pred_dir}: no slices.parquet; pass an iap-predict --out folder")
     metadata = predictions.read_metadata(slices_path)
     encoding = LabelEncoding.from_json(metadata["label_encoding"])
     temperatures = (metadata.get("calibration") or {}).get("temperatures", {})
-    table = pq.read_table(slices_path)
+    table = predictions.read_table(slices_path)
     if f"{encoding.heads[0].name}_header" not in table.column_names:
         raise ValueError(f"{pred_dir}: the input carried no headers, so there is nothing to score")
     rng = np.random.default_rng(seed)
@@ -82,7 +82,7 @@ def evaluate(pred_dir: str, resamples: int = 1000, seed: int = 0) -> dict[str, A
                                              return_inverse=True)
     num_patients = len(patient_names)
     series_patient = np.array([slice_patient[rows[0]] for rows in series_rows], np.int64)
-    result: dict[str, Any] = {"predictions": os.path.abspath(pred_dir), "step": metadata.get("step"),
+    result: dict[str, Any] = {"predictions": absolute(pred_dir), "step": metadata.get("step"),
                               "checkpoint": metadata.get("checkpoint"),
                               "calibrated": bool(temperatures), "temperatures": temperatures,
                               "slices": table.num_rows, "series": len(series_keys),
@@ -248,9 +248,9 @@ MAX_FLAGGED_SHOWN = 48
 def flagged_series(pred_dir: str) -> list[dict]:
     """Series of series.parquet with header-QA flags (none when it has no qa_flags)."""
     path = os.path.join(pred_dir, "series.parquet")
-    if not os.path.exists(path) or "qa_flags" not in pq.read_schema(path).names:
+    if not epath.Path(path).exists() or "qa_flags" not in predictions.read_schema(path).names:
         return []
-    rows = pq.read_table(path).to_pylist()
+    rows = predictions.read_table(path).to_pylist()
     return [r for r in rows if r["qa_flags"]]
 
 
@@ -265,10 +265,9 @@ def middle_slices(pred_dir: str, series_keys) -> dict[str, np.ndarray]:
     wanted = set(series_keys)
     if not wanted:
         return {}
-    with open(os.path.join(pred_dir, "predict_report.json")) as f:
-        report = json.load(f)
-    table = pq.read_table(os.path.join(pred_dir, "slices.parquet"),
-                          columns=["series_key", "slice_index", "source"])
+    report = read_json(os.path.join(pred_dir, "predict_report.json"))
+    table = predictions.read_table(os.path.join(pred_dir, "slices.parquet"),
+                                   columns=["series_key", "slice_index", "source"])
     by_series: dict[str, list] = {}
     for row in table.to_pylist():
         if row["series_key"] in wanted:
@@ -276,7 +275,7 @@ def middle_slices(pred_dir: str, series_keys) -> dict[str, np.ndarray]:
     middle = {k: sorted(rows, key=lambda r: r["slice_index"])[len(rows) // 2]
               for k, rows in by_series.items()}
     spec_text, kind = report["input"]["spec"], report["input"]["kind"]
-    root = spec_text if os.path.isdir(spec_text) else os.path.dirname(spec_text)
+    root = spec_text if epath.Path(spec_text).is_dir() else os.path.dirname(spec_text)
     spec = PixelSpec.from_json(report["checkpoint"]["pixel_spec"])
     images: dict[str, np.ndarray] = {}
     if kind == "tfrecord":
@@ -303,7 +302,7 @@ def middle_slices(pred_dir: str, series_keys) -> dict[str, np.ndarray]:
 
 
 def write_report(metrics: dict, out_dir: str, pred_dir: str | None = None) -> dict[str, str]:
-    os.makedirs(out_dir, exist_ok=True)
+    makedirs(out_dir)
     written = write_plots(metrics, out_dir)
     flagged = flagged_series(pred_dir) if pred_dir else []
     images = middle_slices(pred_dir, [r["series_key"] for r in flagged[:MAX_FLAGGED_SHOWN]])
@@ -331,7 +330,7 @@ def write_report(metrics: dict, out_dir: str, pred_dir: str | None = None) -> di
     if qa_rows:
         md += [_markdown_table(qa_header, qa_rows), ""]
     md += ["## Plots", ""]
-    md += [f"![{os.path.basename(p)}]({os.path.relpath(p, out_dir)})" for kind in written.values() for p in kind]
+    md += [f"![{os.path.basename(p)}]({relative(p, out_dir)})" for kind in written.values() for p in kind]
 
     write_text_atomic(os.path.join(out_dir, "report.md"), "\n".join(md) + "\n")
 
@@ -341,8 +340,7 @@ def write_report(metrics: dict, out_dir: str, pred_dir: str | None = None) -> di
         return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
     def image(path):
-        with open(path, "rb") as f:
-            data = base64.b64encode(f.read()).decode()
+        data = base64.b64encode(epath.Path(path).read_bytes()).decode()
         return f'<img src="data:image/png;base64,{data}" alt="{html.escape(os.path.basename(path))}">'
 
     qa_cards = "".join(
@@ -395,7 +393,7 @@ def fit_calibration(pred_dir: str, workdir: str | None = None, qa_iaps=QA_IAPS,
     metadata = predictions.read_metadata(slices_path)
     encoding = LabelEncoding.from_json(metadata["label_encoding"])
     workdir = workdir or os.path.dirname(os.path.dirname(metadata["checkpoint"]))
-    table = pq.read_table(slices_path)
+    table = predictions.read_table(slices_path)
     if f"{encoding.heads[0].name}_header" not in table.column_names:
         raise ValueError(f"{pred_dir}: the input carried no headers to calibrate against")
     temperatures, fitted = {}, {}
@@ -429,7 +427,7 @@ def fit_calibration(pred_dir: str, workdir: str | None = None, qa_iaps=QA_IAPS,
             "temperatures": temperatures,
             "qa": {"iaps": [h.name for h in qa_heads], "false_flag_rate": false_flag_rate,
                    "thresholds": thresholds, "series": len(series_rows)},
-            "fitted_on": {"predictions": os.path.abspath(pred_dir), "heads": fitted}}
+            "fitted_on": {"predictions": absolute(pred_dir), "heads": fitted}}
     return calibration_lib.save_calibration(workdir, data), data
 
 

@@ -25,12 +25,13 @@ Split statistics live beside the shards in STATS_FILE (JSON), per split:
 """
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 
+from iap_jax.atomic import read_json
 from iap_jax.iaps import IAP_NAMES
 
 DATASET_NAME = "iap_dataset"
@@ -67,18 +68,17 @@ def example_features(image_size: int) -> tfds.features.FeaturesDict:
 
 
 def load_iap_stats(dataset_dir: str) -> dict:
-    """Per-split statistics of a prepared dataset (the directory holding its shards)."""
-    path = os.path.join(dataset_dir, STATS_FILE)
-    if not os.path.exists(path):
+    """Per-split statistics of a prepared dataset (the directory holding its shards; local
+    or a URI)."""
+    path = os.path.join(os.fspath(dataset_dir), STATS_FILE)
+    if not epath.Path(path).exists():
         raise FileNotFoundError(f"{path}: no split statistics; was this dataset made by iap-prep?")
-    with open(path) as f:
-        return json.load(f)
+    return read_json(path)
 
 
 def load_prep_options(dataset_dir: str) -> dict | None:
     """The options iap-prep wrote this dataset with (None for a dataset made otherwise)."""
-    path = os.path.join(dataset_dir, PREP_OPTIONS_FILE)
-    if not os.path.exists(path):
+    path = os.path.join(os.fspath(dataset_dir), PREP_OPTIONS_FILE)
+    if not epath.Path(path).exists():
         return None
-    with open(path) as f:
-        return json.load(f)
+    return read_json(path)

@@ -31,7 +31,9 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
+from etils import epath
 
+from iap_jax import atomic
 from iap_jax.features import STATS_FILE, load_iap_stats, load_prep_options
 from iap_jax.iaps import IAP_NAMES
 from iap_jax.labels import LabelEncoding
@@ -89,7 +91,7 @@ class InputConfig:
 
 
 def load_builder(dataset_dir: str):
-    if not os.path.isdir(dataset_dir):
+    if not epath.Path(dataset_dir).is_dir():
         raise FileNotFoundError(f"{dataset_dir}: no such dataset directory")
     try:
         return tfds.builder_from_directory(dataset_dir)
@@ -102,11 +104,10 @@ def dataset_fingerprint(dataset_dir: str, builder: tfds.core.DatasetBuilder) -> 
     its metadata."""
     digest = hashlib.sha256()
     for name in ("dataset_info.json", "features.json", STATS_FILE):
-        path = os.path.join(dataset_dir, name)
-        if os.path.exists(path):
-            with open(path, "rb") as f:
-                digest.update(f.read())
-    return {"dataset_dir": os.path.abspath(dataset_dir), "sha256": digest.hexdigest(),
+        path = epath.Path(dataset_dir) / name
+        if path.exists():
+            digest.update(path.read_bytes())
+    return {"dataset_dir": atomic.absolute(dataset_dir), "sha256": digest.hexdigest(),
             "splits": {k: int(v.num_examples) for k, v in builder.info.splits.items()}}
 
 
@@ -194,11 +195,14 @@ class SplitReader:
                                      decoders={"image": tfds.decode.SkipDecoding()})
         return int(ds.filter(self._keep).reduce(0, lambda n, _: n + 1).numpy())
 
-    def records(self, split=None) -> tf.data.Dataset:
-        """The kept records of `split` (default: this process's evaluation share)."""
+    def records(self, split=None, decode: bool = True) -> tf.data.Dataset:
+        """The kept records of `split` (default: this process's evaluation share); with
+        decode=False the images stay encoded (decode_image decodes them)."""
         ds = self.builder.as_dataset(split=self.process_split if split is None else split,
                                      shuffle_files=False,
-                                     read_config=tfds.ReadConfig(try_autocache=False))
+                                     read_config=tfds.ReadConfig(try_autocache=False),
+                                     decoders=None if decode else {
+                                         "image": tfds.decode.SkipDecoding()})
         if self.cfg.exclude:
             ds = ds.filter(self._keep)
         options = tf.data.Options()
@@ -207,10 +211,31 @@ class SplitReader:
             options.threading.private_threadpool_size = self.cfg.threads
         return ds.with_options(options)
 
-    def shard_examples(self, shard: int) -> tf.data.Dataset:
+    def shard_examples(self, shard: int, decode: bool = True) -> tf.data.Dataset:
         """Logical shard `shard`'s examples as the training step reads them."""
-        return self.records(self.shard_splits[shard]).map(
+        return self.records(self.shard_splits[shard], decode).map(
             _raw_example, num_parallel_calls=tf.data.AUTOTUNE)
+
+    def cached_shards(self) -> list[tf.data.Dataset]:
+        """This process's shards from one in-memory cache of their decoded examples, filled
+        by one sequential read of the contiguous range they make up (reading each shard
+        on its own re-reads the start of a shared TFRecord file)."""
+        stored = [int(self.builder.info.splits[s].num_examples) for s in self.shard_splits]
+        start = sum(stored[:self.owned_shards[0]])
+        stop = start + sum(stored[k] for k in self.owned_shards)
+        union = self.records(f"{self.split}[{start}:{stop}]").map(
+            _raw_example, num_parallel_calls=tf.data.AUTOTUNE).cache()
+        union.reduce(0, lambda n, _: n + 1)  # the one read
+        shards, offset = [], 0
+        for k in self.owned_shards:
+            shards.append(union.skip(offset).take(self.shard_sizes[k]))
+            offset += self.shard_sizes[k]
+        return shards
+
+    def decode_image(self, example: dict) -> dict:
+        """An example of shard_examples(decode=False) with its image decoded."""
+        image = self.builder.info.features["image"].decode_example(example["image"])
+        return {**example, "image": image}
 
     def cache_fits(self) -> bool:
         """Whether this process's shards, decoded, fit in half of the free memory."""
@@ -242,10 +267,6 @@ def _shard_seed(seed: int, epoch: int, shard: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, shard]).generate_state(1)[0])
 
 
-def _concat_rows(*batches):
-    return tf.nest.map_structure(lambda *parts: tf.concat(parts, axis=0), *batches)
-
-
 def rows_per_shard(reader: SplitReader, local_batch_size: int) -> int:
     """Rows each logical shard gives to every batch (the same in every process)."""
     shards = len(reader.owned_shards)
@@ -267,20 +288,34 @@ def train_batches(reader: SplitReader, encoding: LabelEncoding, local_batch_size
                          f"{rows_per_shard(reader, local_batch_size)} rows")
     cfg = reader.cfg
     rows = rows_per_shard(reader, local_batch_size)
-    sources = [reader.shard_examples(k) for k in reader.owned_shards]
-    if cfg.cache and reader.cache_fits():
-        sources = [ds.cache() for ds in sources]
-        for ds in sources:  # one read fills the in-memory cache every later epoch reads
-            ds.reduce(0, lambda n, _: n + 1)
+    # Shards are shuffled encoded (a smaller buffer), then decoded in one parallel map after
+    # they are merged; the cache holds decoded images, read once.
+    cached = cfg.cache and reader.cache_fits()
+    if cached:
+        sources = reader.cached_shards()
+    else:
+        files = int(reader.builder.info.splits[reader.split].num_shards)
+        if files < cfg.logical_shards:
+            logging.warning(
+                "input: %d logical shards over %d TFRecord files: a shard that starts inside a "
+                "file reads that file from its start every epoch; use input.cache when the "
+                "split fits in memory, or a dataset written in at least as many files",
+                cfg.logical_shards, files)
+        sources = [reader.shard_examples(k, decode=False) for k in reader.owned_shards]
+    # Row r of a local batch comes from owned shard r // rows: shard 0's rows, then 1's...
+    order = tf.data.Dataset.from_tensor_slices(
+        np.repeat(np.arange(len(sources), dtype=np.int64), rows)).repeat()
     buffer = max(1, cfg.shuffle_buffer // cfg.logical_shards)
     epoch, skip = divmod(start_step, steps)
     while True:
-        shards = tuple(
-            ds.shuffle(max(1, min(buffer, reader.shard_sizes[k])),
-                       seed=_shard_seed(seed, epoch, k), reshuffle_each_iteration=False)
-            .take(steps * rows).batch(rows, drop_remainder=True)
-            for k, ds in zip(reader.owned_shards, sources))
-        ds = tf.data.Dataset.zip(shards).map(_concat_rows).skip(skip).prefetch(cfg.prefetch)
+        shards = [ds.shuffle(max(1, min(buffer, reader.shard_sizes[k])),
+                             seed=_shard_seed(seed, epoch, k), reshuffle_each_iteration=False)
+                  .take(steps * rows) for k, ds in zip(reader.owned_shards, sources)]
+        ds = tf.data.Dataset.choose_from_datasets(shards, order, stop_on_empty_dataset=True)
+        ds = ds.skip(skip * local_batch_size)
+        if not cached:
+            ds = ds.map(reader.decode_image, num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.batch(local_batch_size, drop_remainder=True).prefetch(cfg.prefetch)
         for batch in tfds.as_numpy(ds):
             yield _to_numpy_batch(batch, encoding)
         epoch, skip = epoch + 1, 0

@@ -1,11 +1,21 @@
-"""Pictures of results a person would rather look at than read."""
+"""Pictures of results a person would rather look at than read (PNG, to a local path or a
+URI)."""
 from __future__ import annotations
 
 import os
 
 import numpy as np
 
+from iap_jax.atomic import makedirs, open_file
 from iap_jax.labels import LabelEncoding
+
+
+def _save(fig, path: str, dpi: int) -> None:
+    """The figure as a PNG at `path` (its folder made), then closed."""
+    makedirs(os.path.dirname(path) or ".")
+    with open_file(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=dpi)
+    _pyplot().close(fig)
 
 
 def write_confusion_matrices(confusions: dict[str, np.ndarray], encoding: LabelEncoding,
@@ -13,7 +23,7 @@ def write_confusion_matrices(confusions: dict[str, np.ndarray], encoding: LabelE
     """One PNG per categorical head: rows are true classes, columns predictions, colour the
     share of each true class, numbers the counts. Returns the paths written."""
     plt = _pyplot()
-    os.makedirs(out_dir, exist_ok=True)
+    makedirs(out_dir)
     paths = []
     for head in encoding.heads:
         if not head.categorical or head.name not in confusions:
@@ -36,8 +46,7 @@ def write_confusion_matrices(confusions: dict[str, np.ndarray], encoding: LabelE
         fig.colorbar(image, ax=ax, fraction=0.046, label="share of the true class")
         fig.tight_layout()
         path = os.path.join(out_dir, f"confusion_{head.name}.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
+        _save(fig, path, dpi=110)
         paths.append(path)
     return paths
 
@@ -67,9 +76,7 @@ def write_scatter(true: np.ndarray, predicted: np.ndarray, name: str, unit: str,
     ax.set_ylabel(f"predicted {name} ({unit})")
     ax.set_title(title or name, fontsize=9)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path, dpi=110)
     return path
 
 
@@ -92,9 +99,7 @@ def write_reliability(curves: dict[str, tuple], name: str, path: str) -> str:
     ax.set_title(f"{name}: reliability", fontsize=9)
     ax.legend(loc="upper left", fontsize=7)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path, dpi=110)
     return path
 
 
@@ -107,7 +112,5 @@ def write_thumbnail(image: np.ndarray, path: str, size: float = 2.0) -> str:
     ax.imshow(image, cmap="gray", vmin=low, vmax=high if high > low else low + 1)
     ax.axis("off")
     fig.subplots_adjust(0, 0, 1, 1)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    _save(fig, path, dpi=80)
     return path

@@ -34,7 +34,9 @@ import threading
 import time
 from typing import Any, Iterator
 
-from iap_jax.atomic import write_json_atomic
+from etils import epath
+
+from iap_jax.atomic import absolute, makedirs, read_json, write_json_atomic
 
 PARTS = "parts"
 REPORT_FILE = "predict_report.json"
@@ -89,11 +91,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 # --- helpers ----------------------------------------------------------------------------
 
-def _read_json(path: str) -> Any:
-    with open(path) as f:
-        return json.load(f)
-
-
 def _sha256(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
@@ -109,13 +106,16 @@ def _barrier(name: str) -> None:
 def _training_salt(config: dict) -> str | None:
     """The salt kept beside the checkpoint's training data (iap-prep's data dir, three levels
     above <data_dir>/iap_dataset/<config>/<version>), if any."""
+    from iap_jax.atomic import is_remote
     from iap_jax.salt import kept_salt
 
     dataset_dir = config.get("dataset_dir") or ""
     if not dataset_dir:
         return None
-    data_dir = os.path.dirname(os.path.dirname(os.path.dirname(os.path.normpath(dataset_dir))))
-    return kept_salt(data_dir) if os.path.isdir(data_dir) else None
+    dataset_dir = (dataset_dir.rstrip("/") if is_remote(dataset_dir)
+                   else os.path.normpath(dataset_dir))
+    data_dir = os.path.dirname(os.path.dirname(os.path.dirname(dataset_dir)))
+    return kept_salt(data_dir) if data_dir and epath.Path(data_dir).is_dir() else None
 
 
 def resolve_salt(args, config: dict, out_dir: str) -> tuple[str, str]:
@@ -260,7 +260,7 @@ class _Reader(threading.Thread):
 def _run_signature(args, predictor: Predictor, source, spec, units, salt: str | None) -> dict:
     return {"checkpoint": predictor.directory, "step": predictor.step,
             "label_encoding_sha256": predictor.encoding_sha256(), "pixel_spec": spec.to_json(),
-            "input": os.path.abspath(args.input), "split": args.split, "kind": source.kind,
+            "input": absolute(args.input), "split": args.split, "kind": source.kind,
             "top_k": args.top_k,
             "salt_sha256": hashlib.sha256(salt.encode()).hexdigest() if salt else None,
             "plan_sha256": _sha256([[u.id, list(u.entries)] for u in units])}
@@ -268,8 +268,8 @@ def _run_signature(args, predictor: Predictor, source, spec, units, salt: str | 
 
 def _check_signature(parts_dir: str, signature: dict, overwrite: bool) -> None:
     path = os.path.join(parts_dir, "run.json")
-    if os.path.exists(path):
-        old = _read_json(path)
+    if epath.Path(path).exists():
+        old = read_json(path)
         # A key missing from an older signature counts as null (the same run).
         changed = sorted(k for k in set(old) | set(signature) if old.get(k) != signature.get(k))
         if not changed:
@@ -277,8 +277,8 @@ def _check_signature(parts_dir: str, signature: dict, overwrite: bool) -> None:
         if not overwrite:
             raise ValueError(f"{parts_dir} holds parts of another run (different {changed}); "
                              f"pass --overwrite to discard them, or use another --out")
-        for name in os.listdir(parts_dir):
-            os.remove(os.path.join(parts_dir, name))
+        for stale in epath.Path(parts_dir).iterdir():
+            stale.unlink()
     write_json_atomic(path, signature)
 
 
@@ -298,7 +298,7 @@ def predict(args) -> dict:
     chief = jax.process_index() == 0
     if args.top_k < 1:
         raise ValueError(f"--top-k {args.top_k}: must be at least 1")
-    os.makedirs(parts_dir, exist_ok=True)
+    makedirs(parts_dir)
 
     predictor = Predictor.from_checkpoint(args.workdir, args.step, args.batch_size,
                                           args.conv_impl, args.dtype)
@@ -332,13 +332,13 @@ def predict(args) -> dict:
     _barrier("iap_predict_plan")
     if not chief:
         units = [sources.Unit(uid, tuple(tuple(e) if isinstance(e, list) else e for e in entries))
-                 for uid, entries in _read_json(plan_path)["units"]]
+                 for uid, entries in read_json(plan_path)["units"]]
 
     def part_path(unit_id: str) -> str:
         return os.path.join(parts_dir, f"{unit_id}.parquet")
 
     mine = [u for i, u in enumerate(units) if i % jax.process_count() == jax.process_index()]
-    todo = [u for u in mine if not os.path.exists(part_path(u.id))]
+    todo = [u for u in mine if not epath.Path(part_path(u.id)).exists()]
     metadata = {"checkpoint": predictor.directory, "step": predictor.step,
                 "label_encoding": predictor.encoding.to_json(), "pixel_spec": spec.to_json(),
                 "calibration": calibration, "ood": ood.summary() if ood else None}
@@ -411,17 +411,17 @@ def predict(args) -> dict:
                                       ood.threshold if ood else None)
     predictions.write_parquet_atomic(series, series_path)
     if args.csv:
-        predictions.write_csv(predictions.pq.read_table(slices_path), os.path.join(out_dir, "slices.csv"))
+        predictions.write_csv(predictions.read_table(slices_path), os.path.join(out_dir, "slices.csv"))
         predictions.write_csv(series, os.path.join(out_dir, "series.csv"))
     skipped = [s.to_json() for s in source.plan_skips]
     for unit in units:
-        skipped += _read_json(part_path(unit.id) + ".skips.json")
-    processes = [_read_json(os.path.join(parts_dir, f"process-{i}.json"))
+        skipped += read_json(part_path(unit.id) + ".skips.json")
+    processes = [read_json(os.path.join(parts_dir, f"process-{i}.json"))
                  for i in range(jax.process_count())]
     images = sum(p["images"] for p in processes)
     seconds = max((p["seconds"] for p in processes), default=0.0)
     report = {
-        "checkpoint": {"workdir": os.path.abspath(args.workdir), "path": predictor.directory,
+        "checkpoint": {"workdir": absolute(args.workdir), "path": predictor.directory,
                        "step": predictor.step,
                        "label_encoding_sha256": predictor.encoding_sha256(),
                        "pixel_spec": spec.to_json(), "calibration": calibration,

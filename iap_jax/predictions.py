@@ -21,18 +21,24 @@ series.parquet, one row per series (series_key, patient, phase, num_slices, then
                      "missing_header:<IAP>" where a confident prediction fills a missing header)
 The schema metadata records the checkpoint, its step, the label encoding (vocabularies), the
 pixel spec and the calibration applied (null for none).
+
+Tables are read and written at local paths by pyarrow itself, and at URIs (gs://...)
+through etils.epath file objects (read_table, read_schema and the writers below), so that
+every path of the project goes through one file system layer.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from iap_jax.atomic import replacing
+from iap_jax.atomic import is_remote, open_file, replacing
 from iap_jax.iaps import IAP_NAMES, SPECS, LabelState
 from iap_jax.labels import ABSENT, EMPTY, OTHER, LabelEncoding
 
@@ -69,9 +75,76 @@ def _encode_metadata(metadata: Mapping[str, Any] | None) -> dict[bytes, bytes] |
     return {k.encode(): json.dumps(v, sort_keys=True).encode() for k, v in metadata.items()}
 
 
+class _Stream(io.RawIOBase):
+    """An epath file object (for gs://, a tf.io.gfile.GFile) as the file pyarrow reads or
+    writes: pyarrow also needs `closed`, which GFile lacks. Closing it leaves the file open
+    (its `with` block closes it)."""
+
+    def __init__(self, file, writable: bool):
+        super().__init__()
+        self._file, self._writable = file, writable
+
+    def readable(self) -> bool:
+        return not self._writable
+
+    def writable(self) -> bool:
+        return self._writable
+
+    def seekable(self) -> bool:
+        return not self._writable
+
+    def readinto(self, buffer) -> int:
+        data = self._file.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+    def write(self, data) -> int:
+        self._file.write(bytes(data))
+        return len(data)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self._file.seek(offset, whence)
+        return self._file.tell()
+
+    def tell(self) -> int:
+        return self._file.tell()
+
+
+@contextlib.contextmanager
+def _source(path: str) -> Iterator[Any]:
+    """What pyarrow reads: a local path as it is, a URI's file opened for reading."""
+    if not is_remote(path):
+        yield path
+        return
+    with open_file(path, "rb") as f:
+        yield _Stream(f, writable=False)
+
+
+@contextlib.contextmanager
+def _sink(path: str) -> Iterator[Any]:
+    """What pyarrow writes to: a local path as it is, a URI's file opened for writing."""
+    if not is_remote(path):
+        yield path
+        return
+    with open_file(path, "wb") as f:
+        yield _Stream(f, writable=True)
+
+
+def read_table(path: str, **kwargs) -> pa.Table:
+    """pq.read_table of a local path or a URI."""
+    with _source(path) as source:
+        return pq.read_table(source, **kwargs)
+
+
+def read_schema(path: str) -> pa.Schema:
+    """pq.read_schema of a local path or a URI."""
+    with _source(path) as source:
+        return pq.read_schema(source)
+
+
 def read_metadata(path: str) -> dict[str, Any]:
     """The JSON schema metadata of a predictions file."""
-    raw = pq.read_schema(path).metadata or {}
+    raw = read_schema(path).metadata or {}
     return {k.decode(): json.loads(v) for k, v in raw.items() if not k.startswith(b"ARROW")}
 
 
@@ -123,16 +196,16 @@ def slice_table(slices: Sequence, logits: Mapping[str, np.ndarray], encoding: La
 
 
 def write_parquet_atomic(table: pa.Table, path: str) -> None:
-    with replacing(path) as tmp:
-        pq.write_table(table, tmp)
+    with replacing(path) as tmp, _sink(tmp) as sink:
+        pq.write_table(table, sink)
 
 
 def merge_parts(parts: Sequence[str], path: str, schema: pa.Schema) -> int:
     """Concatenates part files (in the given order) into one file, atomically; returns rows."""
     rows = 0
-    with replacing(path) as tmp, pq.ParquetWriter(tmp, schema) as writer:
+    with replacing(path) as tmp, _sink(tmp) as sink, pq.ParquetWriter(sink, schema) as writer:
         for part in parts:
-            table = pq.read_table(part, schema=schema)
+            table = read_table(part, schema=schema)
             rows += table.num_rows
             if table.num_rows:
                 writer.write_table(table)
@@ -196,7 +269,7 @@ def series_table(slices_path: str, encoding: LabelEncoding,
                  ood_threshold: float | None = None) -> pa.Table:
     """Per-series answers from a slices file (see the module docstring)."""
     temperatures = temperatures or {}
-    table = pq.read_table(slices_path)
+    table = read_table(slices_path)
     has_headers = f"{encoding.heads[0].name}_header" in table.column_names
     unique, groups = series_groups(table)
     columns: dict[str, list] = {"series_key": list(unique)}
@@ -272,8 +345,8 @@ def accuracy(slices_path: str, series_path: str | None = None) -> dict[str, dict
     """Per IAP against the headers the input carried: categorical {count, top1, top2,
     series_count, series_top1}; continuous {count, mae, series_count, series_mae, unit}."""
     encoding = LabelEncoding.from_json(read_metadata(slices_path)["label_encoding"])
-    table = pq.read_table(slices_path)
-    series = pq.read_table(series_path) if series_path else None
+    table = read_table(slices_path)
+    series = read_table(series_path) if series_path else None
     result = {}
     for head in encoding.heads:
         if f"{head.name}_header" not in table.column_names:
@@ -340,5 +413,5 @@ def write_csv(table: pa.Table, path: str) -> None:
         if pa.types.is_list(column.type):
             column = pc.binary_join(pc.cast(column, pa.list_(pa.string())), "|")
         columns[name] = column
-    with replacing(path) as tmp:
-        pcsv.write_csv(pa.table(columns), tmp)
+    with replacing(path) as tmp, _sink(tmp) as sink:
+        pcsv.write_csv(pa.table(columns), sink)

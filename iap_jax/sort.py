@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import math
 import os
@@ -30,9 +31,10 @@ import re
 import sys
 from typing import Any
 
-import pyarrow.parquet as pq
+from etils import epath
 
-from iap_jax.atomic import replacing
+from iap_jax.atomic import absolute, is_remote, makedirs, read_json, write_text_atomic
+from iap_jax.predictions import read_table
 
 UNKNOWN = "unknown"
 DEFAULT_MIN_CONFIDENCE = 0.8
@@ -91,22 +93,26 @@ def assign(series: dict, rules: dict, min_confidence: float) -> tuple[str, str, 
 def _series_folders(pred_dir: str) -> tuple[dict[str, str], str | None]:
     """Each series' folder relative to the input root (common parent of its files), and the
     input root; empty for TFRecord inputs."""
-    with open(os.path.join(pred_dir, "predict_report.json")) as f:
-        report = json.load(f)
+    report = read_json(os.path.join(pred_dir, "predict_report.json"))
     if report["input"]["kind"] == "tfrecord":
         return {}, None
-    table = pq.read_table(os.path.join(pred_dir, "slices.parquet"), columns=["series_key", "source"])
+    table = read_table(os.path.join(pred_dir, "slices.parquet"), columns=["series_key", "source"])
     folders: dict[str, set] = {}
     for key, source in zip(table.column("series_key").to_pylist(), table.column("source").to_pylist()):
         folders.setdefault(key, set()).add(os.path.dirname(source) or ".")
     root = report["input"]["spec"]
-    root = root if os.path.isdir(root) else os.path.dirname(root)
+    root = root if epath.Path(root).is_dir() else os.path.dirname(root)
     return {k: os.path.commonpath(sorted(v)) if len(v) > 1 else next(iter(v))
-            for k, v in folders.items()}, os.path.abspath(root)
+            for k, v in folders.items()}, absolute(root)
 
 
 def link_into(manifest: list[dict], link_dir: str, root: str) -> dict[str, int]:
-    """DIR/<domain>/<series_key> -> the series folder; moves changed series, adds new ones."""
+    """DIR/<domain>/<series_key> -> the series folder; moves changed series, adds new ones.
+    Symbolic links are local: DIR, and the input they point into, are local folders."""
+    for folder in (link_dir, root):
+        if is_remote(folder):
+            raise ValueError(f"--link-into: {folder} is not local; symbolic links need a local "
+                             f"folder and a local input")
     wanted = {row["series_key"]: os.path.join(link_dir, _slug(row["domain"]), row["series_key"])
               for row in manifest if row["folder"]}
     counts = {"added": 0, "moved": 0, "kept": 0}
@@ -140,7 +146,7 @@ def link_into(manifest: list[dict], link_dir: str, root: str) -> dict[str, int]:
 
 def sort_series(pred_dir: str, rules: dict | None, out: str, min_confidence: float | None = None,
                 link_dir: str | None = None) -> dict[str, Any]:
-    table = pq.read_table(os.path.join(pred_dir, "series.parquet"))
+    table = read_table(os.path.join(pred_dir, "series.parquet"))
     rules = rules or default_rules()
     threshold = min_confidence if min_confidence is not None else rules.get(
         "min_confidence", DEFAULT_MIN_CONFIDENCE)
@@ -152,11 +158,12 @@ def sort_series(pred_dir: str, rules: dict | None, out: str, min_confidence: flo
                          "domain": domain, "model": model,
                          "confidence": "" if math.isnan(confidence) else f"{confidence:.4f}",
                          "reason": reason, "folder": folders.get(series["series_key"], "")})
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with replacing(out) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=MANIFEST_COLUMNS)
-        writer.writeheader()
-        writer.writerows(manifest)
+    makedirs(os.path.dirname(absolute(out)))
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=MANIFEST_COLUMNS)
+    writer.writeheader()
+    writer.writerows(manifest)
+    write_text_atomic(out, text.getvalue())
     summary = {"series": len(manifest), "domains": {}}
     for row in manifest:
         summary["domains"][row["domain"]] = summary["domains"].get(row["domain"], 0) + 1
@@ -179,8 +186,7 @@ def main(argv=None) -> int:
     try:
         rules = None
         if args.rules:
-            with open(args.rules) as f:
-                rules = json.load(f)
+            rules = read_json(args.rules)
             if not isinstance(rules.get("domains"), list):
                 raise ValueError(f"{args.rules}: expected {{\"domains\": [...]}}")
         summary = sort_series(args.predictions, rules, args.out, args.min_confidence, args.link_into)

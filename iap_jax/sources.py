@@ -13,6 +13,11 @@ square uint16 image with its scale and offset), so a slice predicted from its DI
 from its TFRecord is the same input. A unit is the resumable piece of work: one TFRecord
 shard, or a chunk of whole series or image files. What cannot be read is recorded as a
 skip (input, reason, detail, slices) and the rest goes on.
+
+TFRecord shards, TFDS dataset dirs and PNG / .npy images may also be URIs (gs://...), read
+through etils.epath and tf.data; a `**` glob is local only. DICOM folders are local only:
+their discovery walks and reads the files in place (copy a bucket's DICOM to a local
+disk first).
 """
 from __future__ import annotations
 
@@ -23,7 +28,9 @@ import os
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
+from etils import epath
 
+from iap_jax.atomic import is_remote, open_file, relative as relative_path
 from iap_jax.dicom import DicomError, read_prepared_frame
 from iap_jax.iaps import IAP_NAMES
 from iap_jax.preprocess import PixelSpec, preprocess_slice
@@ -92,7 +99,7 @@ class Source:
         pass
 
     def _relative(self, path: str) -> str:
-        return os.path.relpath(path, self.root)
+        return relative_path(path, self.root)
 
 
 # --- TFRecord shards ----------------------------------------------------------------
@@ -214,7 +221,7 @@ def tfds_source(dataset_dir: str, split: str | None, spec: PixelSpec, threads: i
         raise ValueError(f"{dataset_dir}: no split {split!r} (has {sorted(splits)})")
     info = splits[split]
     files = [os.fspath(p) for p in info.filepaths]
-    counts = {os.path.relpath(f, dataset_dir): int(n) for f, n in zip(files, info.shard_lengths)}
+    counts = {relative_path(f, dataset_dir): int(n) for f, n in zip(files, info.shard_lengths)}
     return TfrecordSource(dataset_dir, files, spec, counts, threads)
 
 
@@ -299,15 +306,23 @@ class DicomSource(Source):
 # --- PNG / NumPy images ---------------------------------------------------------------
 
 def _load_image(path: str) -> np.ndarray:
-    """A PNG (8 or 16 bit grayscale) or .npy array as float32; raises ValueError."""
+    """A PNG (8 or 16 bit grayscale) or .npy array as float32, from a local path or a URI;
+    raises ValueError."""
+    if is_remote(path):
+        with open_file(path, "rb") as f:
+            return _decode_image(f, path)
+    return _decode_image(path, path)
+
+
+def _decode_image(file, path: str) -> np.ndarray:
     if path.endswith(".npy"):
-        array = np.load(path, allow_pickle=False)
+        array = np.load(file, allow_pickle=False)
         if array.dtype.kind not in "uif":
             raise ValueError(f"array of dtype {array.dtype}, not numbers")
         return array.astype(np.float32)
     from PIL import Image
 
-    with Image.open(path) as image:
+    with Image.open(file) as image:
         if image.mode not in ("L", "I", "I;16", "I;16B", "I;16L", "F"):
             raise ValueError(f"PNG mode {image.mode}, not grayscale")
         return np.asarray(image).astype(np.float32)
@@ -370,12 +385,26 @@ def _glob_root(pattern: str) -> str:
             break
         fixed.append(part)
     root = os.sep.join(fixed) or "."
-    return root if os.path.isdir(root) else os.path.dirname(root) or "."
+    return root if epath.Path(root).is_dir() else os.path.dirname(root) or "."
+
+
+def _glob(pattern: str) -> list[str]:
+    """The files (not folders) a glob matches, sorted."""
+    if not is_remote(pattern):
+        return sorted(f for f in glob.glob(pattern, recursive=True) if os.path.isfile(f))
+    if "**" in pattern:
+        raise ValueError(f"{pattern}: `**` globs are for local paths only (each level of a "
+                         f"bucket would be listed); spell the levels out with `*`")
+    root = _glob_root(pattern)
+    return sorted(os.fspath(p) for p in epath.Path(root).glob(relative_path(pattern, root))
+                  if not p.is_dir())
 
 
 def _files_under(folder: str) -> list[str]:
     found = []
-    for parent, dirs, files in os.walk(folder):
+    walk = os.walk(folder) if not is_remote(folder) else (
+        (os.fspath(parent), dirs, files) for parent, dirs, files in epath.Path(folder).walk())
+    for parent, dirs, files in walk:
         dirs.sort()
         found.extend(os.path.join(parent, name) for name in files)
     return sorted(found)
@@ -384,24 +413,32 @@ def _files_under(folder: str) -> list[str]:
 def open_source(spec_text: str, pixel_spec: PixelSpec, *, split: str | None = None,
                 salt: Callable[[], str] | None = None, workers: int = 1, threads: int = 0,
                 progress: bool = True) -> Source:
-    """The source a SPEC names. `salt` is asked for only by DICOM input."""
+    """The source a SPEC names (a local path or a URI). `salt` is asked for only by DICOM
+    input."""
     path = spec_text.rstrip(os.sep) or os.sep
-    if os.path.isdir(path):
-        if os.path.exists(os.path.join(path, "dataset_info.json")):
+    where = epath.Path(path)
+    kind = ("folder" if where.is_dir() else "file" if where.exists() else
+            "glob" if glob.has_magic(path) else "")
+    if kind == "folder":
+        if epath.Path(path, "dataset_info.json").exists():
             return tfds_source(path, split, pixel_spec, threads)
         files = [f for f in _files_under(path) if not os.path.basename(f).startswith(".")]
         if files and all(_is_image(f) for f in files):
             return ImageSource(path, files, pixel_spec)
+        if is_remote(path):
+            raise ValueError(f"{path}: neither a TFDS dataset dir nor a folder of PNG / .npy "
+                             f"images; a DICOM folder must be local (its files are discovered "
+                             f"and decoded in place): copy it to a local disk first")
         if salt is None:
             raise ValueError(f"{path}: a DICOM folder needs a salt for its series keys")
         return DicomSource(path, pixel_spec, salt(), workers, progress)
-    if os.path.isfile(path):
+    if kind == "file":
         root = os.path.dirname(path) or "."
         if _is_image(path):
             return ImageSource(root, [path], pixel_spec)
         return TfrecordSource(root, [path], pixel_spec, threads=threads)
-    if glob.has_magic(path):
-        files = sorted(f for f in glob.glob(path, recursive=True) if os.path.isfile(f))
+    if kind == "glob":
+        files = _glob(path)
         if not files:
             raise FileNotFoundError(f"{spec_text}: no file matches")
         root = _glob_root(path)

@@ -23,9 +23,11 @@ import numpy as np
 import optax
 import tensorflow as tf
 from absl import logging
+from etils import epath
 from tensorflow.core.framework import summary_pb2
 from tqdm import tqdm
 
+from iap_jax import atomic
 from iap_jax import checkpoints as checkpoints_lib
 from iap_jax import input_pipeline
 from iap_jax import losses
@@ -168,15 +170,36 @@ def _lookup(config: dict, dotted: str):
     return value
 
 
-def _trim_metrics_log(path: str, start_step: int) -> None:
-    """Drops rows logged after the checkpoint a run resumes from: they will be logged again."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        rows = [line for line in f if line.strip() and json.loads(line)["step"] <= start_step]
-    with open(path + ".tmp", "w") as f:
-        f.writelines(rows)
-    os.replace(path + ".tmp", path)
+class MetricsLog:
+    """metrics.jsonl, written by process 0: a JSON row per log step and evaluation.
+
+    Opening it drops the rows logged after the step the run starts from (they will be
+    logged again). Locally each row is appended as it comes. A bucket (gs://) has no
+    appends: the file is rewritten whole at every checkpoint and at the end, which loses
+    nothing a resume would keep."""
+
+    def __init__(self, path: str, start_step: int):
+        self.path = path
+        self.remote = atomic.is_remote(path)
+        self.lines: list[str] = []
+        if epath.Path(path).exists():
+            with atomic.open_file(path) as f:
+                self.lines = [line for line in f
+                              if line.strip() and json.loads(line)["step"] <= start_step]
+        atomic.write_text_atomic(path, "".join(self.lines))
+
+    def write(self, step: int, scalars: dict) -> None:
+        row = {k: None if np.isnan(v) else v for k, v in scalars.items()}  # strict JSON
+        line = json.dumps({"step": step, **row}) + "\n"
+        if self.remote:
+            self.lines.append(line)
+        else:
+            with open(self.path, "a") as f:
+                f.write(line)
+
+    def flush(self) -> None:
+        if self.remote:
+            atomic.write_text_atomic(self.path, "".join(self.lines))
 
 
 def _format_summary(summary: dict, baseline: dict) -> str:
@@ -204,7 +227,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains (or resumes) in workdir; returns {"step", "validation", "state", "preempted"}
     (preempted: stopped by a preemption notice before the end, see Preemption)."""
     check_dataset(config)  # before anything is written
-    os.makedirs(workdir, exist_ok=True)
+    atomic.makedirs(workdir)
     is_chief = jax.process_index() == 0
 
     # ---------------------------------------------------------------- mesh ----------
@@ -290,20 +313,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         state = TrainState(params=restored["model"]["params"],
                            batch_stats=restored["model"]["batch_stats"], **restored["train"])
         start_step = int(restored["input"]["step"])
-        if is_chief:
-            _trim_metrics_log(os.path.join(workdir, "metrics.jsonl"), start_step)
         logging.info("resumed from step %d", start_step)
     else:
         state = jax.jit(init_fn, out_shardings=state_shardings)(jax.random.PRNGKey(config.seed))
-        start_step = 0
-        if is_chief:  # rows of a run killed before its first checkpoint are logged again
-            _trim_metrics_log(os.path.join(workdir, "metrics.jsonl"), start_step)
+        start_step = 0  # rows of a run killed before its first checkpoint are logged again
+    metrics_log = MetricsLog(os.path.join(workdir, "metrics.jsonl"), start_step) if is_chief else None
 
     def save(step: int, metrics: dict | None = None) -> None:
         checkpointer.save(step, model={"params": state.params, "batch_stats": state.batch_stats},
                           train={"opt_state": state.opt_state, "step": state.step, "rng": state.rng},
                           config=config_json, encoding=encoding, pixel_spec=spec,
                           dataset=fingerprint, input_position={"step": step}, metrics=metrics)
+        if metrics_log is not None:
+            metrics_log.flush()
 
     # ---------------------------------------------------------------- AOT compile ---
     stored = (config.batch_size, spec.stored_size, spec.stored_size)
@@ -343,9 +365,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     def write_metrics(step: int, scalars: dict) -> None:
         if not is_chief:
             return
-        with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
-            row = {k: None if np.isnan(v) else v for k, v in scalars.items()}  # strict JSON
-            f.write(json.dumps({"step": step, **row}) + "\n")
+        metrics_log.write(step, scalars)
         with summary_writer.as_default(step=step):
             for key, value in scalars.items():
                 tf.summary.write(key, tf.constant(value, tf.float32), metadata=_SCALAR_METADATA)
@@ -412,6 +432,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if step == total_steps and not validation:  # a finished run started again: report
         validation = evaluate()
     checkpointer.close()
+    if metrics_log is not None:
+        metrics_log.flush()
 
     # ---------------------------------------------------------------- summary -------
     if is_chief and validation:

@@ -71,3 +71,45 @@ def test_excluded_values_leave_every_split_and_the_counts(dataset_dir):
     with pytest.raises(ValueError, match="unknown IAPs"):
         input_pipeline.SplitReader(dataset_dir, "train", input_pipeline.InputConfig(
             exclude=(("Colour", ("red",)),)))
+
+
+def _steps(stream, n):
+    return [next(stream) for _ in range(n)]
+
+
+@pytest.mark.parametrize("exclude", [(), (("Manufacturer", ("SIEMENS",)),)])
+def test_global_batches_are_the_same_on_any_process_count_and_with_the_cache(dataset_dir, exclude):
+    enc = _encoding(dataset_dir)
+    base = dict(logical_shards=4, augment=True, exclude=exclude)
+    one = input_pipeline.SplitReader(dataset_dir, "train", input_pipeline.InputConfig(**base))
+    steps = input_pipeline.steps_per_epoch(one, 8)
+    reference = _steps(input_pipeline.train_batches(one, enc, 8, seed=5), 2 * steps + 1)
+    for processes, cache in ((1, True), (2, False), (4, True), (2, True)):
+        cfg = input_pipeline.InputConfig(**base, cache=cache)
+        readers = [input_pipeline.SplitReader(dataset_dir, "train", cfg, process_index=i,
+                                              process_count=processes) for i in range(processes)]
+        assert {input_pipeline.steps_per_epoch(r, 8 // processes) for r in readers} == {steps}
+        streams = [input_pipeline.train_batches(r, enc, 8 // processes, seed=5, start_step=1)
+                   for r in readers]
+        for expected in reference[1:]:  # resumed at step 1, across two epoch ends
+            parts = [next(s) for s in streams]
+            for key in ("image", "scale", "offset"):
+                np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]),
+                                              expected[key])
+            np.testing.assert_array_equal(
+                np.concatenate([p["targets"]["Manufacturer"] for p in parts]),
+                expected["targets"]["Manufacturer"])
+    # Every kept example of an epoch appears at most once; epochs differ in order.
+    first = np.concatenate([b["image"] for b in reference[:steps]])
+    assert len({x.tobytes() for x in first}) == len(first)
+    assert not np.array_equal(reference[0]["image"], reference[steps]["image"])
+
+
+def test_logical_shards_must_fit_processes_and_batch(dataset_dir):
+    enc = _encoding(dataset_dir)
+    with pytest.raises(ValueError, match="multiple of the process count"):
+        input_pipeline.SplitReader(dataset_dir, "train", input_pipeline.InputConfig(logical_shards=4),
+                                   process_index=0, process_count=3)
+    reader = input_pipeline.SplitReader(dataset_dir, "train", input_pipeline.InputConfig(logical_shards=4))
+    with pytest.raises(ValueError, match="logical_shards=4"):
+        next(input_pipeline.train_batches(reader, enc, 6, seed=0))

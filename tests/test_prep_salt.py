@@ -84,8 +84,6 @@ def test_salt_sources_and_conflicts(tmp_path, monkeypatch):
     assert resolve_salt(str(tmp_path / "b"), kept, quiet) == kept
     with pytest.raises(ValueError, match="prep_salt"):
         resolve_salt(str(tmp_path / "b"), "another", quiet)
-    with pytest.raises(ValueError, match="not local"):
-        resolve_salt("gs://bucket/tfds", None, quiet)
     (tmp_path / "b" / SALT_FILE).write_text("")
     with pytest.raises(ValueError, match="empty"):
         resolve_salt(str(tmp_path / "b"), None, quiet)
