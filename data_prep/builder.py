@@ -72,7 +72,8 @@ from iap_jax.atomic import read_json, write_json_atomic
 from data_prep.splits import SPLIT_NAMES, parse_split, salted_hash, split_of
 from data_prep.stats import compute_stats, write_stats
 from iap_jax.dicom import DicomError
-from iap_jax.features import DATASET_NAME, PREP_OPTIONS_FILE, STATS_FILE, example_features
+from iap_jax.features import (DATASET_NAME, IMAGE_ENCODINGS, PREP_OPTIONS_FILE, STATS_FILE,
+                              example_features)
 from iap_jax.preprocess import RESIZE_MODES
 from iap_jax.progress import Progress
 from iap_jax.salt import resolve_salt
@@ -97,6 +98,7 @@ class IapDatasetConfig(tfds.core.BuilderConfig):
     slices: str = "all"
     split: tuple[float, float, float] = (0.7, 0.15, 0.15)
     resize: str = "resize"
+    image_encoding: str = "zlib"  # features.IMAGE_ENCODINGS
 
     def validate(self) -> None:
         SeriesSelection(self.series_filter, self.phases)
@@ -104,17 +106,22 @@ class IapDatasetConfig(tfds.core.BuilderConfig):
         parse_split(self.split)
         if self.resize not in RESIZE_MODES:
             raise ValueError(f"resize {self.resize!r} is not one of {RESIZE_MODES}")
+        if self.image_encoding not in IMAGE_ENCODINGS:
+            raise ValueError(f"image encoding {self.image_encoding!r} is not one of "
+                             f"{sorted(IMAGE_ENCODINGS)}")
         if not 8 <= int(self.image_size) <= 4096:
             raise ValueError(f"image_size {self.image_size} outside 8..4096")
 
 
 def make_config(*, series_filter=None, phases="pre", image_size=224, slices="all",
-                split=(0.7, 0.15, 0.15), resize="resize") -> IapDatasetConfig:
+                split=(0.7, 0.15, 0.15), resize="resize", image_encoding="zlib") -> IapDatasetConfig:
     """A config named `<phases>_<size>`, plus a digest of the other options when not default.
     The salt is not an option here: nothing derived from it may name a dataset."""
     options = dict(series_filter=series_filter, phases=phases, image_size=int(image_size),
-                   slices=slices, split=parse_split(split), resize=resize)
-    defaults = dict(series_filter=None, slices="all", split=(0.7, 0.15, 0.15), resize="resize")
+                   slices=slices, split=parse_split(split), resize=resize,
+                   image_encoding=image_encoding)
+    defaults = dict(series_filter=None, slices="all", split=(0.7, 0.15, 0.15), resize="resize",
+                    image_encoding="zlib")
     name = f"{phases}_{int(image_size)}"
     if any(options[k] != v for k, v in defaults.items()):
         digest = hashlib.sha256(repr(sorted(options.items())).encode()).hexdigest()[:8]
@@ -260,7 +267,8 @@ class IapDataset(tfds.core.GeneratorBasedBuilder):
 
     def _info(self) -> tfds.core.DatasetInfo:
         return self.dataset_info_from_configs(
-            features=example_features(int(self.builder_config.image_size)),
+            features=example_features(int(self.builder_config.image_size),
+                                      self.builder_config.image_encoding),
             description=("MR slices labelled with the image acquisition parameters (IAPs) read "
                          "from their own DICOM headers; identifiers are salted hashes."),
             metadata=tfds.core.MetadataDict(),
@@ -421,7 +429,8 @@ class IapDataset(tfds.core.GeneratorBasedBuilder):
         config = self.builder_config
         return {"series_filter": config.series_filter, "phases": config.phases,
                 "slices": config.slices, "image_size": int(config.image_size),
-                "resize": config.resize, "split": list(parse_split(config.split))}
+                "resize": config.resize, "split": list(parse_split(config.split)),
+                "image_encoding": config.image_encoding}
 
     def _check_existing(self, dicom_root: str, overwrite: bool) -> None:
         """Stops (or, with overwrite, removes the dataset) when the archive has changed."""
@@ -480,7 +489,8 @@ class IapDataset(tfds.core.GeneratorBasedBuilder):
 def prepare(dicom_root: str, data_dir: str, *, series_filter: str | None = None, phases: str = "pre",
             image_size: int = 224, slices: str = "all",
             split: str | Sequence[float] = (0.7, 0.15, 0.15), salt: str | None = None,
-            workers: int = 1, resize: str = "resize", beam_runner: Any = None,
+            workers: int = 1, resize: str = "resize", image_encoding: str = "zlib",
+            beam_runner: Any = None,
             beam_options: Any = None, overwrite: bool = False, progress: bool = True) -> str:
     """DICOM archive -> TFDS dataset; returns the dataset dir (for tfds.builder_from_directory).
     salt None: $IAP_PREP_SALT, else the data dir's kept salt (iap_jax.salt). beam_runner or
@@ -489,7 +499,7 @@ def prepare(dicom_root: str, data_dir: str, *, series_filter: str | None = None,
     if not os.path.isdir(dicom_root):
         raise FileNotFoundError(f"{dicom_root}: DICOM root is not a directory")
     config = make_config(series_filter=series_filter, phases=phases, image_size=image_size,
-                         slices=slices, split=split, resize=resize)
+                         slices=slices, split=split, resize=resize, image_encoding=image_encoding)
     # The predefined configs (for `tfds build --config`) must be passed by name.
     predefined = {c.name for c in IapDataset.BUILDER_CONFIGS}
     builder = IapDataset(config=config.name if config.name in predefined else config,

@@ -2,7 +2,7 @@
 
   iap-prep --dicom-root DIR --data-dir OUT [--series-filter REGEX] [--phases pre|all]
            [--image-size 224] [--slices all|central:F|stride:K] [--split 0.7,0.15,0.15]
-           [--salt S] [--workers N] [--resize resize|pad] [--beam-runner DirectRunner]
+           [--salt S] [--workers N] [--resize resize|pad] [--image-encoding zlib|none] [--beam-runner DirectRunner]
            [--overwrite]
 
 Prints the dataset dir (for tfds.builder_from_directory) last on stdout. Exit status 2
@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--resize", choices=("resize", "pad"), default="resize",
                         help="resize: stretch to a square (the paper); pad: keep the aspect ratio")
+    parser.add_argument("--image-encoding", choices=("zlib", "none"), default="zlib",
+                        help="zlib: compressed images (smaller files); none: raw uint16, half "
+                             "the CPU per image to decode for more bytes (bench/input.py)")
     parser.add_argument("--beam-runner", default=None,
                         help="prepare with Apache Beam on this runner (e.g. DirectRunner)")
     parser.add_argument("--overwrite", action="store_true",
@@ -51,7 +54,8 @@ def main(argv=None) -> int:
         dataset_dir = prepare(args.dicom_root, args.data_dir, series_filter=args.series_filter,
                               phases=args.phases, image_size=args.image_size, slices=args.slices,
                               split=args.split, salt=args.salt, workers=args.workers,
-                              resize=args.resize, beam_runner=args.beam_runner,
+                              resize=args.resize, image_encoding=args.image_encoding,
+                              beam_runner=args.beam_runner,
                               overwrite=args.overwrite)
     except ValueError as err:
         print(f"iap-prep: error: {err}", file=sys.stderr)

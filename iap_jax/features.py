@@ -51,10 +51,18 @@ def label_features() -> tfds.features.FeaturesDict:
     })
 
 
-def example_features(image_size: int) -> tfds.features.FeaturesDict:
+# How iap-prep stores the uint16 image of a record (--image-encoding): zlib-compressed bytes
+# (the default: smaller files) or the raw bytes (half the CPU per image to decode, more
+# bytes; bench/input.py measures both). A reader tells them apart by the byte count.
+IMAGE_ENCODINGS = {"zlib": tfds.features.Encoding.ZLIB, "none": tfds.features.Encoding.BYTES}
+
+
+def example_features(image_size: int, image_encoding: str = "zlib") -> tfds.features.FeaturesDict:
+    if image_encoding not in IMAGE_ENCODINGS:
+        raise ValueError(f"image encoding {image_encoding!r} is not one of {sorted(IMAGE_ENCODINGS)}")
     return tfds.features.FeaturesDict({
         "image": tfds.features.Tensor(shape=(image_size, image_size), dtype=np.uint16,
-                                      encoding=tfds.features.Encoding.ZLIB),
+                                      encoding=IMAGE_ENCODINGS[image_encoding]),
         "intensity_scale": np.float32,
         "intensity_offset": np.float32,
         "patient": tfds.features.Text(),

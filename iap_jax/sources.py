@@ -129,15 +129,21 @@ class TfrecordSource(Source):
 
         from iap_jax.features import example_features
 
-        # The image is serialized as zlib bytes whatever its size, so one parser reads any
-        # size; the size is checked per record instead of failing the whole shard.
+        # The image is serialized as bytes whatever its size and encoding, so one parser reads
+        # any size; the size is checked per record instead of failing the whole shard. Raw
+        # images (iap-prep --image-encoding none) hold exactly 2 * size**2 bytes; zlib adds a
+        # header and a checksum to any stream, so a zlib image never has that length... except
+        # by a coincidence of its compressed length, which the size check then catches.
         features = example_features(self.spec.stored_size)
         size = self.spec.stored_size
 
         def parse(serialized):
             ex = features.deserialize_example(serialized,
                                               decoders={"image": tfds.decode.SkipDecoding()})
-            raw = tf.io.decode_raw(tf.io.decode_compressed(ex["image"], "ZLIB"), tf.uint16)
+            data = ex["image"]
+            data = tf.cond(tf.strings.length(data) == 2 * size * size, lambda: data,
+                           lambda: tf.io.decode_compressed(data, "ZLIB"))
+            raw = tf.io.decode_raw(data, tf.uint16)
             pixels = tf.size(raw)
             image = tf.cond(pixels == size * size, lambda: tf.reshape(raw, [size, size]),
                             lambda: tf.zeros([size, size], tf.uint16))

@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from data_prep.builder import prepare
 from iap_jax import input_pipeline, sources
 from iap_jax.checkpoints import restore_model
 from iap_jax.features import example_features
@@ -149,3 +150,29 @@ def test_nothing_predictable_exits_non_zero(trained_run, tmp_path, capsys):
     report = json.load(open(tmp_path / "out" / "predict_report.json"))
     assert report["counts"]["slices"] == 0 and report["skipped"][0]["input"] == "line.npy"
     assert "wrong_image_shape" in capsys.readouterr().out
+
+
+def test_raw_image_records_give_the_zlib_records_images_and_predictions(trained_run, tmp_path):
+    """iap-prep --image-encoding none: the same examples, read by training's input and by
+    the predictor's TFRecord source, as the default zlib records."""
+    raw = prepare(trained_run.dicom_root, str(tmp_path / "data"), image_size=32, workers=1,
+                  salt=SALT, progress=False, image_encoding="none")
+    zlib_files = sorted(p for p in os.listdir(trained_run.dataset_dir) if ".tfrecord" in p)
+    raw_files = sorted(p for p in os.listdir(raw) if ".tfrecord" in p)
+    assert [p.split(".tfrecord")[0] for p in raw_files] == [p.split(".tfrecord")[0] for p in zlib_files]
+    assert sum(os.path.getsize(os.path.join(raw, p)) for p in raw_files) > sum(
+        os.path.getsize(os.path.join(trained_run.dataset_dir, p)) for p in zlib_files)
+    for split in ("train", "test"):
+        readers = [input_pipeline.SplitReader(d, split, input_pipeline.InputConfig())
+                   for d in (trained_run.dataset_dir, raw)]
+        a, b = (list(tfds.as_numpy(r.records())) for r in readers)
+        assert len(a) == len(b) > 0
+        for x, y in zip(a, b):
+            np.testing.assert_array_equal(x["image"], y["image"])
+            assert x["series"] == y["series"] and x["slice_index"] == y["slice_index"]
+    tables = []
+    for name, folder in (("zlib", trained_run.dataset_dir), ("raw", raw)):
+        out = str(tmp_path / name)
+        run_predict(trained_run, out, "--input", os.path.join(folder, "*test.tfrecord*"))
+        tables.append(pq.read_table(os.path.join(out, "slices.parquet")).drop(["source"]))
+    assert tables[0].num_rows > 0 and tables[0].equals(tables[1])
