@@ -40,6 +40,7 @@ CASES = [
     ((2, 11, 11, 3), (3, 3, 3, 5), (2, 2), ((1, 1), (1, 1))),  # 3x3 stride 2, odd input
     ((2, 19, 19, 1), (7, 7, 1, 4), (2, 2), ((3, 3), (3, 3))),  # the 7x7 stem on one channel
     ((2, 8, 8, 4), (1, 1, 4, 6), (2, 2), ((0, 0), (0, 0))),  # 1x1 projection, stride 2
+    ((2, 9, 9, 4), (1, 1, 4, 6), (2, 2), ((0, 0), (0, 0))),  # 1x1 stride 2, odd input
     ((2, 8, 8, 4), (1, 1, 4, 6), (1, 1), "VALID"),  # 1x1, pure matmul
     ((2, 2, 2, 8), (3, 3, 8, 8), (1, 1), ((1, 1), (1, 1))),  # tiny spatial map
     ((2, 4, 4, 6), (3, 3, 6, 5), (2, 2), ((1, 1), (1, 1))),  # strided, output smaller than the kernel
@@ -63,6 +64,19 @@ def test_conv_matches_xla_values_and_gradients(x_shape, k_shape, strides, paddin
     np.testing.assert_allclose(got, want, **TOL)
     for got_grad, want_grad in zip(got_grads, want_grads):
         np.testing.assert_allclose(got_grad, want_grad, **TOL)
+
+
+@needs_onednn
+def test_strided_1x1_weight_gradient_at_a_shape_onednn_itself_gets_wrong():
+    """oneDNN 3.2's own strided 1x1 weight gradient corrupts the heap (the process aborts)
+    at this shape; ours takes every other pixel and an unstrided gradient instead."""
+    kx, kg = jax.random.split(jax.random.PRNGKey(1))
+    x = jax.random.normal(kx, (4, 56, 56, 8))
+    dy = jax.random.normal(kg, (4, 28, 28, 16))
+    got = onednn.weight_grad(x, dy, (1, 1, 8, 16), (2, 2), ((0, 0), (0, 0)))
+    want = jax.grad(lambda k: jnp.sum(_reference_conv(x, k, (2, 2), ((0, 0), (0, 0))) * dy))(
+        jnp.zeros((1, 1, 8, 16)))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)  # sums of 3136 products
 
 
 @pytest.mark.parametrize("strides", [(1, 1), (2, 2)])
