@@ -9,7 +9,7 @@ PATIENTS ?= 1000
 SLICES ?= 5
 WORKERS ?= 2
 
-.PHONY: install sysdeps demo synth prep train predict-validation calibrate predict evaluate sort test bench bench-synth bench-prep bench-train bench-predict bench-qa bench-ood clean
+.PHONY: install sysdeps demo synth prep train predict-validation calibrate predict evaluate sort test bench bench-synth bench-prep bench-train bench-predict bench-input bench-gpu-check bench-qa bench-ood clean
 
 # Builds (once per machine, cached) the oneDNN convolution library, or says why it cannot.
 install: $(VENV)/.installed sysdeps
@@ -88,6 +88,17 @@ bench-train: install $(VENV)/.torch
 bench-predict: install $(VENV)/.torch
 	$(BIN)/python bench/predict.py
 
+# Training-input images/s per CPU core at 224 px (today's records, uncompressed, ArrayRecord;
+# with and without the in-memory cache), on a dataset made once with iap-synth + iap-prep.
+bench-input: install
+	$(BIN)/python bench/input.py
+
+# On a GPU machine, in an environment with jax[cuda12] and a CUDA PyTorch (PYTHON=.../python,
+# default .venv/bin/python): one JSON of training, prediction and input speed in under
+# 8 minutes. SMOKE=1: the same code paths on the CPU in under 3.
+bench-gpu-check:
+	bash bench/gpu_check.sh $(if $(SMOKE),--smoke)
+
 # Need the demo's run (make demo): header QA on altered held-out series, and unknown-domain
 # detection with a scanner model held out of a new training run.
 bench-qa: install
@@ -96,7 +107,7 @@ bench-qa: install
 bench-ood: install
 	$(BIN)/python bench/ood.py
 
-bench: bench-synth bench-prep bench-train bench-predict
+bench: bench-synth bench-prep bench-train bench-predict bench-input
 
 clean:
 	rm -rf $(RUN)

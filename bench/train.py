@@ -1,27 +1,48 @@
-"""Train-step throughput of the multi-task ResNet-18: JAX (XLA and CPU-fast convolutions)
-beside a PyTorch ResNet-18 of the same shape, batch, loss and optimizer.
+"""Train-step throughput of the multi-task ResNet-18: the project's own step beside a
+PyTorch ResNet-18 of the same shape, batch, loss and optimizer.
 
-Variants: jax_xla (XLA's own convolutions), jax_cpu_fast (iap_jax/models/conv.py's custom
-gradients), jax_cpu_fast_2dev (the same, data parallel over two host devices), jax_onednn
-(oneDNN convolutions as XLA custom calls; needs libdnnl-dev), torch.
+The JAX variants time `iap_jax.train.make_train_step` (preprocess.model_input on the stored
+uint16 batch, the masked multi-task loss of losses.make_loss_fn, the optimizer of
+optim.make_optimizer) for the model of models.factory.build_model, jitted with the state
+laid out by sharding.tree_shardings on the mesh sharding.make_mesh builds from the config
+(--config, default configs/paper_dbc.py: the paper's Adam with coupled L2, sum of CE + MSE,
+per-image max scaling), fed by sharding.global_batch:
 
-Each (framework, variant, image size) runs in its own subprocess so that compile time and
-peak resident memory belong to that configuration alone. Prints a table and writes JSON.
+  jax_xla            XLA's own convolutions (the accelerator path)
+  jax_cpu_fast       iap_jax/models/conv.py's custom gradients
+  jax_cpu_fast_2dev  the same, data parallel over two host devices
+  jax_onednn         oneDNN convolutions as XLA custom calls
+  jax_e2e            the training loop's input too: input_pipeline.train_batches over a
+                     prepared TFRecord dataset (--dataset; default: bench/input.py's
+                     224 px synthetic one), global_batch and the step (conv_impl "auto")
+  torch              eager PyTorch: channels-last, bf16 autocast with --dtype bfloat16,
+                     cuDNN autotuning on a GPU; the same restore + max scaling of the
+                     stored batch, masked losses and Adam with coupled L2
+  torch_compile      the same model through torch.compile (where it works)
+
+Each (variant, size, batch) runs in its own subprocess so that compile time and peak memory
+belong to that configuration alone; repeats are interleaved and each keeps its best run.
+Prints a table (img/s, ratio to eager PyTorch, the step's FLOPs from XLA's cost analysis
+and, on a card listed in PEAK_TFLOPS, its model FLOP utilisation) and writes JSON.
 
   python bench/train.py --sizes 64,128,224 --batch 32 --steps 5 --repeats 3
+  (on a GPU: --sizes 224 --batch 256,512 --dtype bfloat16 --variants jax_xla,jax_e2e,torch,torch_compile)
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
+import re
 import resource
-import statistics
+import runpy
 import subprocess
 import sys
 import time
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The paper's twelve heads with its class counts (Manufacturer 3, model 8, scan options 9,
 # position 2, field 4, agent 6, matrix 10, slice thickness 21, flip angle 4, FOV 27);
 # TE and TR are regressed (one output each).
@@ -39,20 +60,40 @@ HEAD_SIZES = {
     "EchoTime": 1,
     "RepetitionTime": 1,
 }
-LEARNING_RATE = 1e-3
+DEFAULT_CONFIG = os.path.join("configs", "paper_dbc.py")
 DEFAULT_OUT = os.path.join("bench", "results", "train.json")
+MASKED_SHARE = 0.1  # of every head's labels, masked in the synthetic batch
+
+# Dense bf16 matrix peak per chip, TFLOP/s (the with-sparsity figures halved): NVIDIA's
+# H100 and H200 datasheets (H100 SXM 1,979 / PCIe 1,513 / NVL 1,671 with sparsity; H200 SXM
+# the same 1,979, H200 NVL 1,671), NVIDIA's A100 datasheet (312 dense), and Google Cloud's
+# TPU system-architecture pages (v4 275, v5e 197, v5p 459, v6e 918). Matched in order
+# against the device name (nvidia-smi / jax.devices()[0].device_kind).
+PEAK_TFLOPS = (
+    ("H100 NVL", 835.0), ("H100 PCIe", 756.0), ("H100", 989.4),
+    ("H200 NVL", 835.0), ("H200", 989.4),
+    ("A100", 312.0),
+    ("TPU v4", 275.0), ("TPU v5 lite", 197.0), ("TPU v5e", 197.0), ("TPU v5p", 459.0),
+    ("TPU v5", 459.0), ("TPU v6 lite", 918.0), ("TPU v6e", 918.0),
+)
 
 
-def _synthetic_batch(batch: int, size: int):
-    import numpy as np
+def peak_tflops(device_name: str) -> float | None:
+    for key, peak in PEAK_TFLOPS:
+        if key.lower() in device_name.lower():
+            return peak
+    return None
 
-    rng = np.random.default_rng(0)
-    images = rng.random((batch, size, size, 1), dtype=np.float32)
-    labels = {
-        name: (rng.standard_normal(batch).astype(np.float32) if n == 1 else rng.integers(0, n, batch))
-        for name, n in HEAD_SIZES.items()
-    }
-    return images, labels
+
+def load_config(path: str, model: str = ""):
+    """The config file's get_config(), with the model replaced by `model` ("NAME" or
+    "NAME:WIDTH") where given."""
+    config = runpy.run_path(os.path.join(REPO, path) if not os.path.isabs(path) else path)["get_config"]("")
+    if model:
+        name, _, width = model.partition(":")
+        config.model.name = name
+        config.model.width = int(width) if width else (8 if name == "tiny" else 64)
+    return config
 
 
 def _max_rss_mib() -> float:
@@ -60,82 +101,193 @@ def _max_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _synthetic_encoding(loss_mode: str):
+    """A label encoding with HEAD_SIZES' heads (continuous heads raw for the paper loss)."""
+    from iap_jax.labels import HeadEncoding, LabelEncoding
+
+    transform = "raw" if loss_mode == "paper" else "log"
+    return LabelEncoding(tuple(
+        HeadEncoding(name, "categorical", classes=tuple(f"c{i}" for i in range(n))) if n > 1
+        else HeadEncoding(name, "continuous", unit="ms", transform=transform)
+        for name, n in HEAD_SIZES.items()))
+
+
+def synthetic_batch(batch: int, size: int, seed: int = 0) -> dict:
+    """A stored batch as the input pipeline yields it: uint16 images, intensity scales and
+    offsets, targets and masks (MASKED_SHARE of each head's labels masked)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    targets, masks = {}, {}
+    for name, n in HEAD_SIZES.items():
+        targets[name] = (rng.standard_normal(batch).astype(np.float32) if n == 1
+                         else rng.integers(0, n, batch).astype(np.int32))
+        masks[name] = (rng.random(batch) >= MASKED_SHARE).astype(np.float32)
+    return {"image": rng.integers(0, 65536, (batch, size, size)).astype(np.uint16),
+            "scale": rng.uniform(0.01, 0.1, batch).astype(np.float32),
+            "offset": rng.uniform(-10.0, 10.0, batch).astype(np.float32),
+            "targets": targets, "masks": masks}
+
+
+def _flops(stage) -> float | None:
+    """FLOPs of a lowered or compiled computation from XLA's cost analysis (None if absent)."""
+    try:
+        analysis = stage.cost_analysis()
+    except Exception:  # some backends do not implement it
+        return None
+    if isinstance(analysis, (list, tuple)):
+        analysis = analysis[0] if analysis else None
+    flops = (analysis or {}).get("flops")
+    return float(flops) if flops and flops > 0 else None
+
+
 # ----------------------------------------------------------------------------- JAX
 
 
-def _run_jax(conv_impl: str, size: int, batch: int, steps: int, dtype: str,
-             cpu_devices: int = 1) -> dict:
+def _run_jax(conv_impl: str, size: int, batch: int, steps: int, dtype: str, config_path: str,
+             model_name: str = "", cpu_devices: int = 1, dataset: str | None = None,
+             input_cache: str = "config") -> dict:
+    """The project's train step on the project's mesh, timed over `steps` steps after a
+    warm-up step; with `dataset`, fed by the training input pipeline."""
     import jax
-    import jax.numpy as jnp
-    import optax
-    from jax.sharding import NamedSharding, PartitionSpec
 
     if cpu_devices > 1:  # data parallel over host devices, as iap_jax.main does on the CPU
         jax.config.update("jax_num_cpu_devices", cpu_devices)
 
-    from iap_jax.models.resnet import make_model
+    from iap_jax import input_pipeline, losses, optim
+    from iap_jax import sharding as sharding_lib
+    from iap_jax.models.factory import build_model, describe_convolutions
+    from iap_jax.preprocess import PixelSpec
+    from iap_jax.train import make_init_fn, make_train_step
 
-    images, labels = _synthetic_batch(batch, size)
-    images, labels = jnp.asarray(images), {k: jnp.asarray(v) for k, v in labels.items()}
-    model = make_model("resnet18", HEAD_SIZES, conv_impl=conv_impl, dtype=jnp.dtype(dtype))
-    variables = model.init(jax.random.PRNGKey(0), images[:1], train=False)
-    optimizer = optax.adam(LEARNING_RATE)
-    state = (variables["params"], variables["batch_stats"], optimizer.init(variables["params"]))
+    config = load_config(config_path, model_name)
+    config.model.dtype, config.model.conv_impl = dtype, conv_impl
+    if dataset and input_cache in ("on", "off"):
+        if "cache" not in config.input:
+            raise ValueError("--input-cache: this checkout's config.input has no `cache` field")
+        config.input.cache = input_cache == "on"
+    mesh = sharding_lib.make_mesh(dict(config.mesh))
+    reader = None
+    if dataset:
+        from iap_jax.labels import LabelEncoding
 
-    # Images and labels are step arguments, not closed-over constants, so XLA cannot
-    # precompute anything from them at compile time.
-    def loss_fn(params, batch_stats, images, labels):
-        outputs, updates = model.apply(
-            {"params": params, "batch_stats": batch_stats}, images, train=True, mutable=["batch_stats"]
-        )
-        loss = 0.0
-        for name, n in HEAD_SIZES.items():
-            if n == 1:
-                loss += jnp.mean((outputs[name][:, 0] - labels[name]) ** 2)
-            else:
-                loss += optax.softmax_cross_entropy_with_integer_labels(outputs[name], labels[name]).mean()
-        return loss, updates["batch_stats"]
+        input_pipeline.configure_tensorflow(config.input.threads)
+        if "logical_shards" in config.input and batch % config.input.logical_shards:
+            config.input.logical_shards = math.gcd(batch, config.input.logical_shards)
+        reader = input_pipeline.SplitReader(dataset, "train", input_pipeline.InputConfig.from_config(config.input))
+        spec = input_pipeline.pixel_spec(reader)
+        labels = config.labels
+        encoding = LabelEncoding.from_stats(
+            input_pipeline.load_split_stats(dataset, "train"), kinds=dict(labels.kinds),
+            transforms=dict(labels.transforms), min_count=labels.min_count,
+            always_other=labels.always_other, aliases=bool(labels.get("aliases", False)))
+        steps_per_epoch = input_pipeline.steps_per_epoch(reader, batch)
+        if steps_per_epoch == 0:
+            raise ValueError(f"{dataset}: the train split is smaller than one batch of {batch}")
+        stream = input_pipeline.train_batches(reader, encoding, batch, seed=0)
+        first = next(stream)
+    else:
+        spec = PixelSpec(stored_size=size, normalisation=config.input.normalisation,
+                         percentiles=tuple(config.input.percentiles))
+        encoding = _synthetic_encoding(config.loss.mode)
+        first = synthetic_batch(batch, size)
 
-    def train_step(state, images, labels):
-        params, batch_stats, opt_state = state
-        (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch_stats, images, labels)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return (optax.apply_updates(params, updates), batch_stats, opt_state), loss
+    model = build_model(config.model, encoding.head_sizes())
+    tx = optim.make_optimizer(config.optim, total_steps=steps + 2)
+    init_fn = make_init_fn(model, tx, spec.input_size)
+    abstract_state = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
+    state_shardings = sharding_lib.tree_shardings(abstract_state, mesh, config.sharding.tactic,
+                                                  config.sharding.fsdp_min_size)
+    loss_fn = losses.make_loss_fn(encoding, mode=config.loss.mode, weights=dict(config.loss.weights),
+                                  huber_delta=config.loss.huber_delta)
+    train_step = jax.jit(make_train_step(model, tx, loss_fn, spec, bool(config.input.augment)),
+                         in_shardings=(state_shardings, sharding_lib.batch_sharding(mesh)),
+                         out_shardings=(state_shardings, sharding_lib.replicated(mesh)),
+                         donate_argnums=0)
 
     rss_before = _max_rss_mib()
     start = time.perf_counter()
-    mesh = jax.make_mesh((len(jax.devices()),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-    split, whole = NamedSharding(mesh, PartitionSpec("data")), NamedSharding(mesh, PartitionSpec())
-    state = jax.device_put(state, whole)
-    images, labels = jax.device_put(images, split), jax.device_put(labels, split)
-    compiled = jax.jit(train_step, in_shardings=(whole, split, split), out_shardings=(whole, whole),
-                       donate_argnums=0).lower(state, images, labels).compile()
+    state = jax.block_until_ready(
+        jax.jit(init_fn, out_shardings=state_shardings)(jax.random.PRNGKey(0)))
+    init_s = time.perf_counter() - start
+    start = time.perf_counter()
+    device_batch = sharding_lib.global_batch(first, mesh)
+    lowered = train_step.lower(state, device_batch)
+    compiled = lowered.compile()
     compile_s = time.perf_counter() - start
-    step_times, losses = [], []
-    for _ in range(steps + 1):  # the first executed step warms caches and is not timed
-        start = time.perf_counter()
-        state, loss = compiled(state, images, labels)
-        losses.append(float(loss))
-        step_times.append(time.perf_counter() - start)
+    flops_lowered, flops_compiled = _flops(lowered), _flops(compiled)
+    if describe_convolutions(conv_impl, dtype).split()[0] != "xla":
+        # Custom-call convolutions are opaque to XLA's cost analysis: count the same step
+        # with XLA's convolutions (lowered only, not compiled).
+        twin = build_model({**config.model.to_dict(), "conv_impl": "xla"}, encoding.head_sizes())
+        twin_step = jax.jit(make_train_step(twin, tx, loss_fn, spec, bool(config.input.augment)),
+                            in_shardings=(state_shardings, sharding_lib.batch_sharding(mesh)),
+                            out_shardings=(state_shardings, sharding_lib.replicated(mesh)))
+        flops_lowered = _flops(twin_step.lower(state, device_batch))
+
+    losses_seen = []
+    state, logs = compiled(state, device_batch)  # warm-up, not timed
+    losses_seen.append(logs["loss"])
+    jax.block_until_ready(state)
+    input_wait = epoch_start_wait = 0.0
+    epoch_starts = 0
+    start = time.perf_counter()
+    for index in range(1, steps + 1):  # the warm-up step took batch 0 of the stream
+        if reader is not None:
+            before = time.perf_counter()
+            device_batch = sharding_lib.global_batch(next(stream), mesh)
+            waited = time.perf_counter() - before
+            input_wait += waited
+            if index % steps_per_epoch == 0:  # an epoch's first batch: the pipeline's rebuild
+                epoch_start_wait += waited
+                epoch_starts += 1
+        state, logs = compiled(state, device_batch)
+        losses_seen.append(logs["loss"])
+    jax.block_until_ready(state)
+    elapsed = time.perf_counter() - start
     device_stats = jax.devices()[0].memory_stats() or {}
-    return dict(
+    result = dict(
         compile_s=compile_s,
-        step_s=step_times[1:],
-        losses=losses,
+        init_s=init_s,
+        step_s=elapsed / steps,
+        images_per_s=steps * batch / elapsed,
+        losses=[float(x) for x in jax.device_get(losses_seen)],
+        flops_per_step=flops_lowered or flops_compiled,
+        flops_per_step_compiled=flops_compiled,
         peak_rss_delta_mib=_max_rss_mib() - rss_before,
         peak_device_mib=device_stats.get("peak_bytes_in_use", 0) / 2**20,
         backend=jax.default_backend(),
         device=f"{jax.devices()[0].device_kind} x{len(jax.devices())}",
+        detail=f"{describe_convolutions(conv_impl, dtype)}, mesh {dict(mesh.shape)}, "
+               f"{os.path.basename(config_path)}",
         version=jax.__version__,
     )
+    if reader is not None:
+        # The input pipeline is rebuilt at every epoch start: the rate between those, an
+        # estimate of a long epoch's (a Duke-sized split has hundreds of steps per epoch).
+        within = (steps - epoch_starts) * batch / max(elapsed - epoch_start_wait, 1e-9)
+        result.update(input_wait_share=input_wait / elapsed, steps_per_epoch=steps_per_epoch,
+                      epoch_starts=epoch_starts, epoch_start_wait_s=epoch_start_wait,
+                      images_per_s_between_epoch_starts=within if steps > epoch_starts else None,
+                      train_examples=reader.split_size,
+                      input_cache=bool(config.input.get("cache", False)))
+    return result
 
 
 # ------------------------------------------------------------------------- PyTorch
 
 
-def _torch_resnet18(heads: dict):
+# Basic-block ResNets by name, as iap_jax/models/resnet.py's ARCHITECTURES spells them.
+TORCH_STAGES = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3), "tiny": (1, 1)}
+
+
+def _torch_resnet18(heads: dict, name: str = "resnet18", width: int = 64):
+    """The PyTorch twin of the Flax ResNet (1 input channel, a head per IAP)."""
     import torch
     from torch import nn
+
+    if name not in TORCH_STAGES:
+        raise ValueError(f"no PyTorch twin of model {name!r} (have {sorted(TORCH_STAGES)})")
 
     class BasicBlock(nn.Module):
         def __init__(self, cin, cout, stride):
@@ -153,97 +305,132 @@ def _torch_resnet18(heads: dict):
             y = self.bn2(self.conv2(y))
             return torch.relu(y + (x if self.proj is None else self.proj(x)))
 
-    class ResNet18(nn.Module):
+    class ResNet(nn.Module):
         def __init__(self):
             super().__init__()
             self.stem = nn.Sequential(
-                nn.Conv2d(1, 64, 7, 2, 3, bias=False),
-                nn.BatchNorm2d(64),
+                nn.Conv2d(1, width, 7, 2, 3, bias=False),
+                nn.BatchNorm2d(width),
                 nn.ReLU(inplace=True),
                 nn.MaxPool2d(3, 2, 1),
             )
-            blocks, cin = [], 64
-            for stage, cout in enumerate((64, 128, 256, 512)):
-                for index in range(2):
+            blocks, cin = [], width
+            for stage, count in enumerate(TORCH_STAGES[name]):
+                cout = width * 2 ** stage
+                for index in range(count):
                     blocks.append(BasicBlock(cin, cout, 2 if stage > 0 and index == 0 else 1))
                     cin = cout
             self.blocks = nn.Sequential(*blocks)
-            self.heads = nn.ModuleDict({name: nn.Linear(512, n) for name, n in heads.items()})
+            self.heads = nn.ModuleDict({head: nn.Linear(cin, n) for head, n in heads.items()})
 
         def forward(self, x):
             features = self.blocks(self.stem(x)).mean(dim=(2, 3))
-            return {name: head(features) for name, head in self.heads.items()}
+            return {head: layer(features) for head, layer in self.heads.items()}
 
-    return ResNet18()
+    return ResNet()
 
 
-def _run_torch(size: int, batch: int, steps: int, dtype: str) -> dict:
+def _run_torch(size: int, batch: int, steps: int, dtype: str, config_path: str,
+               model_name: str = "", compiled: bool = False) -> dict:
     import contextlib
 
     import torch
     import torch.nn.functional as F
 
+    config = load_config(config_path, model_name)
     torch.manual_seed(0)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    images, labels = _synthetic_batch(batch, size)
-    images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device)
-    labels = {k: torch.from_numpy(v).to(device) for k, v in labels.items()}
-    model = _torch_resnet18(HEAD_SIZES).train().to(device)
-    if device.type == "cuda":  # PyTorch's fast GPU path: cuDNN autotuning, NHWC
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    host = synthetic_batch(batch, size)
+    # uint16 has few kernels in PyTorch: the stored integers travel as int32.
+    stored = torch.from_numpy(host["image"].astype("int32"))[:, None].to(device)
+    scale = torch.from_numpy(host["scale"]).to(device)[:, None, None, None]
+    offset = torch.from_numpy(host["offset"]).to(device)[:, None, None, None]
+    targets = {k: torch.from_numpy(v).to(device) for k, v in host["targets"].items()}
+    masks = {k: torch.from_numpy(v).to(device) for k, v in host["masks"].items()}
+    model = _torch_resnet18(HEAD_SIZES, config.model.name, config.model.width).train().to(device)
+    model = model.to(memory_format=torch.channels_last)
+    if cuda:  # PyTorch's fast GPU path: cuDNN autotuning, NHWC
         torch.backends.cudnn.benchmark = True
-        model = model.to(memory_format=torch.channels_last)
-        images = images.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
+    forward = torch.compile(model) if compiled else model
+    optim_config = config.optim
+    if optim_config.name == "paper":  # Adam with coupled L2, as the paper's code
+        optimizer = torch.optim.Adam(model.parameters(), lr=optim_config.learning_rate,
+                                     betas=(optim_config.b1, optim_config.b2),
+                                     weight_decay=optim_config.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=optim_config.learning_rate,
+                                      betas=(optim_config.b1, optim_config.b2),
+                                      weight_decay=optim_config.weight_decay)
+    clip = float(optim_config.clip_norm or 0.0)
     # Mixed precision like the JAX model's bf16 compute with f32 parameters.
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16"
                 else contextlib.nullcontext())
 
     def train_step():
         optimizer.zero_grad(set_to_none=True)
+        # preprocess.model_input's restore and per-image max scaling to [0, 255]
+        x = stored.float() * scale + offset
+        x = x - torch.clamp(x.amin(dim=(1, 2, 3), keepdim=True), max=0.0)
+        x = x / torch.clamp(x.amax(dim=(1, 2, 3), keepdim=True), min=1e-6) * 255.0
+        x = x.contiguous(memory_format=torch.channels_last)
         with autocast:
-            outputs = model(images)
-        outputs = {k: v.float() for k, v in outputs.items()}
+            outputs = forward(x)
         loss = 0.0
         for name, n in HEAD_SIZES.items():
+            out, mask = outputs[name].float(), masks[name]
             if n == 1:
-                loss = loss + F.mse_loss(outputs[name][:, 0], labels[name])
+                per_example = (out[:, 0] - targets[name]) ** 2
             else:
-                loss = loss + F.cross_entropy(outputs[name], labels[name])
+                per_example = F.cross_entropy(out, targets[name].long(), reduction="none")
+            loss = loss + (per_example * mask).sum() / mask.sum().clamp(min=1.0)
         loss.backward()
+        if clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         optimizer.step()
-        return float(loss)
+        return loss.detach()
 
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     rss_before = _max_rss_mib()
-    step_times, losses = [], []
-    for _ in range(steps + 1):
-        start = time.perf_counter()
-        losses.append(train_step())
-        step_times.append(time.perf_counter() - start)
+    start = time.perf_counter()
+    losses_seen = [train_step()]  # warm-up (and torch.compile's compile), not timed
+    sync()
+    compile_s = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(steps):
+        losses_seen.append(train_step())
+    sync()
+    elapsed = time.perf_counter() - start
     return dict(
-        compile_s=0.0,
-        step_s=step_times[1:],
-        losses=losses,
+        compile_s=compile_s,
+        step_s=elapsed / steps,
+        images_per_s=steps * batch / elapsed,
+        losses=[float(x) for x in losses_seen],
         peak_rss_delta_mib=_max_rss_mib() - rss_before,
-        peak_device_mib=(torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else 0.0),
+        peak_device_mib=(torch.cuda.max_memory_allocated() / 2**20 if cuda else 0.0),
         backend=device.type,
-        device=(torch.cuda.get_device_name() if device.type == "cuda" else "cpu"),
+        device=(torch.cuda.get_device_name() if cuda else "cpu"),
+        detail=f"torch {torch.__version__}, {'torch.compile' if compiled else 'eager'}, "
+               f"channels-last{', bf16 autocast' if dtype == 'bfloat16' else ''}, "
+               f"{torch.get_num_threads()} threads",
         version=torch.__version__,
-        threads=torch.get_num_threads(),
     )
 
 
 # ------------------------------------------------------------------------- driver
 
 VARIANTS = {
-    "jax_xla": lambda size, batch, steps, dtype: _run_jax("xla", size, batch, steps, dtype),
-    "jax_cpu_fast": lambda size, batch, steps, dtype: _run_jax("cpu_fast", size, batch, steps, dtype),
+    "jax_xla": lambda a: _run_jax("xla", *a),
+    "jax_cpu_fast": lambda a: _run_jax("cpu_fast", *a),
     # The trainer's CPU default without oneDNN: the CPU conv, data parallel over 2 host devices.
-    "jax_cpu_fast_2dev": lambda size, batch, steps, dtype: _run_jax("cpu_fast", size, batch, steps,
-                                                                     dtype, cpu_devices=2),
+    "jax_cpu_fast_2dev": lambda a: _run_jax("cpu_fast", *a, cpu_devices=2),
     # The trainer's CPU default where oneDNN is installed: one device, oneDNN's threads.
-    "jax_onednn": lambda size, batch, steps, dtype: _run_jax("onednn", size, batch, steps, dtype),
-    "torch": _run_torch,
+    "jax_onednn": lambda a: _run_jax("onednn", *a),
+    "jax_e2e": None,  # needs the dataset: see _worker
+    "torch": lambda a: _run_torch(*a),
+    "torch_compile": lambda a: _run_torch(*a, compiled=True),
 }
+DEFAULT_VARIANTS = "jax_xla,jax_cpu_fast,jax_cpu_fast_2dev,jax_onednn,torch"
 
 
 def _torch_available() -> bool:
@@ -254,97 +441,177 @@ def _torch_available() -> bool:
     return True
 
 
-def _run_in_subprocess(variant: str, size: int, batch: int, steps: int, dtype: str) -> dict:
-    command = [sys.executable, __file__, "--worker", variant, "--sizes", str(size), "--batch", str(batch),
-               "--steps", str(steps), "--dtype", dtype]
-    repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [repo_root, os.environ.get("PYTHONPATH")])))
+def _worker(args) -> dict:
+    size, batch = int(args.sizes), int(args.batch)
+    common = (size, batch, args.steps, args.dtype, args.config, args.model)
+    if args.worker == "jax_e2e":
+        return _run_jax("auto", *common, dataset=args.dataset, input_cache=args.input_cache)
+    return VARIANTS[args.worker](common)
+
+
+def _default_dataset(size: int) -> str:
+    """bench/input.py's synthetic dataset at this size (made once, then reused)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import input as input_bench  # bench/input.py
+
+    return input_bench.dataset_dirs(os.path.join(REPO, input_bench.DEFAULT_DATA), 64, 10, size)["zlib"]
+
+
+def _run_in_subprocess(variant: str, size: int, batch: int, args, dataset: str | None) -> dict:
+    command = [sys.executable, os.path.abspath(__file__), "--worker", variant, "--sizes", str(size),
+               "--batch", str(batch), "--steps", str(args.steps), "--dtype", args.dtype,
+               "--config", args.config, "--model", args.model]
+    if dataset:
+        command += ["--dataset", dataset, "--input-cache", args.input_cache]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])),
+               TF_CPP_MIN_LOG_LEVEL="2")
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
-        raise RuntimeError(f"{variant} at {size}px failed:\n{done.stderr[-3000:]}")
+        lines = done.stderr.strip().splitlines()
+        return {"error": next((l for l in reversed(lines) if "Error" in l or "error" in l),
+                              lines[-1] if lines else f"exit {done.returncode}")[:300]}
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _print_table(rows: list[dict]) -> None:
-    header = (f"{'size':>5} {'variant':>13} {'device':>22} {'img/s':>8} {'vs torch':>9} "
-              f"{'compile s':>10} {'peak MiB':>9} {'loss[0]':>9}")
+def add_ratios(rows: list[dict]) -> None:
+    """ratio_vs_torch (eager, same size and batch), TFLOP/s and MFU against PEAK_TFLOPS."""
+    for row in rows:
+        if "error" in row:
+            continue
+        torch_row = next((r for r in rows if r["variant"] == "torch" and r["size"] == row["size"]
+                          and r["batch"] == row["batch"] and "error" not in r), None)
+        row["ratio_vs_torch"] = row["images_per_s"] / torch_row["images_per_s"] if torch_row else None
+        flops = row.get("flops_per_step")
+        if not flops:  # PyTorch rows: the same network's FLOPs, counted on a JAX row
+            twin = next((r for r in rows if r.get("flops_per_step") and r["size"] == row["size"]
+                         and "error" not in r), None)
+            flops = twin["flops_per_step"] / twin["batch"] * row["batch"] if twin else None
+        row["tflops"] = flops / row["step_s"] / 1e12 if flops else None
+        peak = peak_tflops(row.get("device", ""))
+        row["peak_bf16_tflops"] = peak
+        count = re.search(r" x(\d+)$", row.get("device", ""))  # JAX rows: "<kind> x<devices>"
+        row["mfu"] = (row["tflops"] / (peak * (int(count.group(1)) if count else 1))
+                      if row["tflops"] and peak else None)
+
+
+def print_table(rows: list[dict]) -> None:
+    header = (f"{'size':>5} {'batch':>5} {'variant':>17} {'device':>24} {'img/s':>9} {'vs torch':>9} "
+              f"{'compile s':>10} {'peak MiB':>9} {'TFLOP/s':>8} {'MFU':>6} {'loss[0]':>9}")
     print(header)
     print("-" * len(header))
     for row in rows:
+        if "error" in row:
+            print(f"{row['size']:>5} {row['batch']:>5} {row['variant']:>17}  failed: {row['error'][:100]}")
+            continue
         ratio = f"{row['ratio_vs_torch']:.2f}x" if row.get("ratio_vs_torch") else "-"
         # Host RSS growth on the CPU; the allocator's peak on an accelerator.
         peak = row.get("peak_device_mib") or row["peak_rss_delta_mib"]
-        print(f"{row['size']:>5} {row['variant']:>13} {row.get('device', '')[:22]:>22} "
-              f"{row['images_per_s']:>8.1f} {ratio:>9} {row['compile_s']:>10.1f} {peak:>9.0f} "
-              f"{row['losses'][0]:>9.4f}")
+        tflops = f"{row['tflops']:.2f}" if row.get("tflops") else "-"
+        mfu = f"{row['mfu']:.1%}" if row.get("mfu") else "-"
+        print(f"{row['size']:>5} {row['batch']:>5} {row['variant']:>17} {row.get('device', '')[:24]:>24} "
+              f"{row['images_per_s']:>9.1f} {ratio:>9} {row['compile_s']:>10.1f} {peak:>9.0f} "
+              f"{tflops:>8} {mfu:>6} {row['losses'][0]:>9.4f}")
+    waits = [r for r in rows if "input_wait_share" in r]
+    for row in waits:
+        between = row.get("images_per_s_between_epoch_starts")
+        print(f"jax_e2e {row['size']} px batch {row['batch']}: the loop waited for input "
+              f"{row['input_wait_share']:.0%} of the time ({row['train_examples']} train examples, "
+              f"{row['steps_per_epoch']} steps per epoch, cache {row['input_cache']}); "
+              f"{row['epoch_starts']} epoch starts waited {row['epoch_start_wait_s']:.1f} s; "
+              + (f"{between:.1f} img/s between them" if between else "no step between them"))
 
 
-def main() -> None:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="64,128,224", help="comma-separated image sizes in pixels")
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--batch", default="32", help="comma-separated global batch sizes")
     parser.add_argument("--steps", type=int, default=5, help="timed steps after one untimed warm-up step")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"subset of {','.join(VARIANTS)}")
+    parser.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"subset of {','.join(VARIANTS)}")
     parser.add_argument("--repeats", type=int, default=1,
                         help="run every variant this many times, interleaved, and keep each one's best "
                              "(on a shared machine, the run least disturbed by other jobs)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="compute dtype (parameters stay float32); bfloat16 on accelerators")
+    parser.add_argument("--config", default=DEFAULT_CONFIG,
+                        help="training config whose optimizer, loss, normalisation, mesh and "
+                             "sharding the step uses (model dtype / conv from --dtype / variant)")
+    parser.add_argument("--model", default="resnet18",
+                        help="NAME[:WIDTH] of iap_jax/models/resnet.py (and its PyTorch twin); "
+                             "'' keeps the config's")
+    parser.add_argument("--dataset", default=None,
+                        help="prepared dataset (TFDS dir) for jax_e2e; default: bench/input.py's "
+                             "synthetic one at the size, made on first use")
+    parser.add_argument("--input-cache", choices=("config", "on", "off"), default="config",
+                        help="jax_e2e: config.input.cache as the config sets it, or on / off")
     parser.add_argument("--out", default=DEFAULT_OUT)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    sizes = [int(s) for s in args.sizes.split(",")]
+    args = parser.parse_args(argv)
 
     if args.worker:
-        print(json.dumps(VARIANTS[args.worker](sizes[0], args.batch, args.steps, args.dtype)))
-        return
+        print(json.dumps(_worker(args)))
+        return 0
 
+    sizes = [int(s) for s in args.sizes.split(",")]
+    batches = [int(b) for b in args.batch.split(",")]
     variants = [v for v in args.variants.split(",") if v]
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {sorted(VARIANTS)}")
-    if "torch" in variants and not _torch_available():
+    if any(v.startswith("torch") for v in variants) and not _torch_available():
         print("torch not installed, skipping baseline (pip install 'iap-jax[bench]')")
-        variants.remove("torch")
+        variants = [v for v in variants if not v.startswith("torch")]
+    datasets = {size: (args.dataset or _default_dataset(size)) if "jax_e2e" in variants else None
+                for size in sizes}
 
-    rows = []
-    for size in sizes:
-        best: dict[str, dict] = {}
-        for repeat in range(args.repeats):
-            for variant in variants:
-                result = _run_in_subprocess(variant, size, args.batch, args.steps, args.dtype)
-                result.update(variant=variant, size=size, batch=args.batch,
-                              images_per_s=args.batch / statistics.median(result["step_s"]))
-                print(f"{size}px {variant} (run {repeat + 1}): {result['images_per_s']:.1f} img/s", flush=True)
-                runs = best.get(variant, {}).get("runs_images_per_s", []) + [result["images_per_s"]]
-                if variant not in best or result["images_per_s"] > best[variant]["images_per_s"]:
-                    best[variant] = result
-                best[variant]["runs_images_per_s"] = runs
-        size_rows = [best[v] for v in variants]
-        torch_row = next((r for r in size_rows if r["variant"] == "torch"), None)
-        for row in size_rows:
-            row["ratio_vs_torch"] = row["images_per_s"] / torch_row["images_per_s"] if torch_row else None
-        rows.extend(size_rows)
-
+    best: dict[tuple, dict] = {}
+    for repeat in range(args.repeats):  # interleaved: a noisy neighbour hits every variant alike
+        for size in sizes:
+            for batch in batches:
+                for variant in variants:
+                    result = _run_in_subprocess(variant, size, batch, args,
+                                                datasets[size] if variant == "jax_e2e" else None)
+                    key = (size, batch, variant)
+                    result.update(variant=variant, size=size, batch=batch)
+                    shown = result.get("error") or f"{result['images_per_s']:.1f} img/s"
+                    print(f"{size}px batch {batch} {variant} (run {repeat + 1}): {shown}", flush=True)
+                    if "error" in result:
+                        best.setdefault(key, result)
+                        continue
+                    runs = best.get(key, {}).get("runs_images_per_s", []) + [result["images_per_s"]]
+                    if key not in best or "error" in best[key] or result["images_per_s"] > best[key]["images_per_s"]:
+                        best[key] = result
+                    best[key]["runs_images_per_s"] = runs
+                    _write_report(args, batches, list(best.values()))  # a cut-short run keeps its rows
+    rows = [best[(s, b, v)] for s in sizes for b in batches for v in variants]
+    add_ratios(rows)
     print()
-    _print_table(rows)
+    print_table(rows)
+    _write_report(args, batches, rows)
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+def _write_report(args, batches: list[int], rows: list[dict]) -> None:
     report = dict(
         benchmark="train_step_resnet18",
-        batch=args.batch,
+        batches=batches,
         steps=args.steps,
         dtype=args.dtype,
+        config=args.config,
+        model=args.model,
         head_sizes=HEAD_SIZES,
         machine=dict(platform=platform.platform(), cpus=os.cpu_count(), python=platform.python_version()),
         repeats=args.repeats,
-        note="img/s from the median timed step of a run, best of the repeats; JAX and PyTorch ran "
-             "side by side, interleaved, in this run",
+        note="img/s over the timed steps of a run (one sync at the end), best of the repeats; "
+             "JAX and PyTorch ran side by side, interleaved, in this run; flops_per_step from "
+             "XLA's cost analysis of the lowered step; mfu against PEAK_TFLOPS (dense bf16)",
         results=rows,
     )
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
+    with open(args.out + ".tmp", "w") as f:
         json.dump(report, f, indent=2)
-    print(f"\nwrote {args.out}")
+    os.replace(args.out + ".tmp", args.out)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
