@@ -197,24 +197,30 @@ class LabelEncoding:
 
     @staticmethod
     def _encode_classes(head: HeadEncoding, raw, state: np.ndarray):
+        """Class ids and masks; each distinct value of the batch is canonicalised once (a
+        batch holds a few dozen at most), so the cost per example is numpy's."""
         index = {c: i for i, c in enumerate(head.classes)}
         other = index.get(OTHER)
-        ids = np.zeros(state.shape, np.int32)
-        mask = np.zeros(state.shape, np.float32)
-        for i, (s, value) in enumerate(zip(state.reshape(-1), np.asarray(raw["value"]).reshape(-1))):
-            if s == LabelState.PRESENT:
-                text = head.canonical(value.decode() if isinstance(value, bytes) else str(value))
-                label = index.get(text, other)
-            elif s == LabelState.ABSENT:
-                label = index.get(ABSENT)
-            elif s == LabelState.EMPTY:
-                label = index.get(EMPTY)
-            else:
-                label = None
-            if label is not None:
-                ids.flat[i] = label
-                mask.flat[i] = 1.0
-        return ids, mask
+        flat_state = state.reshape(-1)
+        ids = np.zeros(flat_state.shape, np.int32)
+        mask = np.zeros(flat_state.shape, np.float32)
+        present = flat_state == LabelState.PRESENT
+        if present.any():
+            values = np.asarray(raw["value"]).reshape(-1)[present]
+            distinct, inverse = np.unique(values, return_inverse=True)
+            labels = np.array([index.get(head.canonical(
+                v.decode() if isinstance(v, bytes) else str(v)), other) for v in distinct],
+                dtype=object)[inverse.reshape(-1)]
+            known = np.array([label is not None for label in labels], bool)
+            where = np.flatnonzero(present)[known]
+            ids[where] = labels[known].astype(np.int32)
+            mask[where] = 1.0
+        for label_state, name in ((LabelState.ABSENT, ABSENT), (LabelState.EMPTY, EMPTY)):
+            if name in index:
+                chosen = flat_state == label_state
+                ids[chosen] = index[name]
+                mask[chosen] = 1.0
+        return ids.reshape(state.shape), mask.reshape(state.shape)
 
     # --- decode ---------------------------------------------------------------------
 

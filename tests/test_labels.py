@@ -61,6 +61,14 @@ def test_encode_targets_and_masks():
     np.testing.assert_allclose(targets["EchoTime"], [0.0, math.log(2) / 0.25, 0.0, 0.0], atol=1e-6)
     np.testing.assert_array_equal(masks["EchoTime"], [1, 1, 0, 0])  # log of 0 is masked
     assert all(np.isfinite(t).all() for t in targets.values())
+    # Without an <other> class an unseen value is unlabelled; repeated values map alike.
+    strict = LabelEncoding.from_stats(_stats(), min_count=1, always_other=False)
+    assert OTHER not in strict.head("Manufacturer").classes
+    targets, masks = strict.encode(_batch(Manufacturer=[
+        (P, "TOSHIBA", math.nan), (P, "SIEMENS", math.nan), (P, "PHILIPS", math.nan),
+        (P, "SIEMENS", math.nan)]))
+    np.testing.assert_array_equal(masks["Manufacturer"], [0, 1, 1, 1])
+    np.testing.assert_array_equal(targets["Manufacturer"], [0, 2, 1, 2])
 
 
 def test_config_can_make_numeric_iap_continuous_and_decode_real_units():
