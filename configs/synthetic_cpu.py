@@ -15,8 +15,6 @@ def get_config(arg: str = ""):
     config.input.image_size = 64
     # Robust percentiles rather than the paper's max: measured better on every head here.
     config.input.normalisation = "percentile"
-    # The demo's train split (a few MB at 64 px) is read once, then from memory.
-    config.input.cache = True
     config.batch_size = config.eval_batch_size = 32
     config.num_epochs = 12
     config.optim.learning_rate = 3e-3
