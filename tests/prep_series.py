@@ -4,8 +4,10 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, RLELossless, generate_uid
+from pydicom.uid import (ExplicitVRLittleEndian, JPEG2000Lossless, MRImageStorage, RLELossless,
+                        generate_uid)
 
 SIEMENS = dict(Manufacturer="SIEMENS", ManufacturerModelName="Avanto", MagneticFieldStrength="1.494",
                ScanOptions="PFP\\FS", RepetitionTime="5.53", EchoTime="2.81", FlipAngle="10",
@@ -99,3 +101,11 @@ def write_duke_cohort(root: str, num_patients: int, num_slices: int = 4, first: 
             folders.append(folder)
         cohort[patient_id] = (vendor, folders)
     return cohort
+
+
+def corrupt_pixels(path: str) -> None:
+    """A corrupt JPEG 2000 stream in place of the file's pixels: it fails at decode only."""
+    ds = pydicom.dcmread(path)
+    ds.PixelData = pydicom.encaps.encapsulate([b"\xff\x4f\xff\x51" + b"\x00" * 64])
+    ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
+    ds.save_as(path)

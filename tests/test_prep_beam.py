@@ -7,13 +7,12 @@ import os
 
 import apache_beam as beam
 import numpy as np
-import pydicom
 import pytest
 import tensorflow_datasets as tfds
 from apache_beam.options.pipeline_options import PipelineOptions
 from etils import epath
-from pydicom.uid import JPEG2000Lossless
 
+import prep_series
 from data_prep import builder as builder_lib
 from data_prep.builder import REPORT_FILE, IapDataset, make_config, prepare, read_work_items
 from data_prep.examples import SliceItem
@@ -25,14 +24,6 @@ OPTIONS = dict(phases="all", image_size=16, split=(0.5, 0.25, 0.25), salt="beam 
                progress=False)
 
 
-def corrupt_pixels(path):
-    """A corrupt JPEG 2000 stream in place of the pixels: the file fails at decode only."""
-    ds = pydicom.dcmread(path)
-    ds.PixelData = pydicom.encaps.encapsulate([b"\xff\x4f\xff\x51" + b"\x00" * 64])
-    ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
-    ds.save_as(path)
-
-
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("synthetic"))
@@ -41,7 +32,7 @@ def archive(tmp_path_factory):
     dce = [r for r in rows if int(r["fat_suppressed"])]
     folder = os.path.join(root, dce[0]["series_dir"])
     broken = os.path.join(dce[0]["series_dir"], sorted(os.listdir(folder))[0])
-    corrupt_pixels(os.path.join(root, broken))
+    prep_series.corrupt_pixels(os.path.join(root, broken))
     return root, len(dce), broken
 
 

@@ -10,10 +10,8 @@ import time
 
 import apache_beam  # noqa: F401  (the dev extra installs it: the Beam path is always tested)
 import numpy as np
-import pydicom
 import pytest
 import tensorflow_datasets as tfds
-from pydicom.uid import JPEG2000Lossless
 
 import prep_series
 from data_prep.builder import REPORT_FILE, prepare
@@ -28,10 +26,7 @@ def write_undecodable_series(root):
     path = prep_series.write_series(os.path.join(root, os.path.dirname(UNDECODABLE)),
                                     patient_id="Breast_MRI_000", description="ax dyn pre",
                                     num_slices=1)[0]
-    ds = pydicom.dcmread(path)
-    ds.PixelData = pydicom.encaps.encapsulate([b"\xff\x4f\xff\x51" + b"\x00" * 64])
-    ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
-    ds.save_as(path)
+    prep_series.corrupt_pixels(path)
 
 
 @pytest.fixture(scope="module")
