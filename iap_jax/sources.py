@@ -129,20 +129,20 @@ class TfrecordSource(Source):
 
         from iap_jax.features import example_features
 
-        # The image is serialized as bytes whatever its size and encoding, so one parser reads
-        # any size; the size is checked per record instead of failing the whole shard. Raw
-        # images (iap-prep --image-encoding none) hold exactly 2 * size**2 bytes; zlib adds a
-        # header and a checksum to any stream, so a zlib image never has that length... except
-        # by a coincidence of its compressed length, which the size check then catches.
+        # The image is serialized as bytes whatever its size, so one parser reads any size;
+        # the size is checked per record instead of failing the whole shard. Its encoding
+        # (zlib, or raw for iap-prep --image-encoding none) is the one the features.json
+        # beside the shards names; shards without one are read as zlib (the default).
         features = example_features(self.spec.stored_size)
         size = self.spec.stored_size
+        compressed = self._image_encoding() == "zlib"
 
         def parse(serialized):
             ex = features.deserialize_example(serialized,
                                               decoders={"image": tfds.decode.SkipDecoding()})
             data = ex["image"]
-            data = tf.cond(tf.strings.length(data) == 2 * size * size, lambda: data,
-                           lambda: tf.io.decode_compressed(data, "ZLIB"))
+            if compressed:
+                data = tf.io.decode_compressed(data, "ZLIB")
             raw = tf.io.decode_raw(data, tf.uint16)
             pixels = tf.size(raw)
             image = tf.cond(pixels == size * size, lambda: tf.reshape(raw, [size, size]),
@@ -154,6 +154,22 @@ class TfrecordSource(Source):
                     "patient": ex["patient"], "phase": ex["phase"],
                     "slice_index": ex["slice_index"], "labels": labels}
         return parse
+
+    def _image_encoding(self) -> str:
+        """"zlib" or "none": from the features.json of the shards' folders (TFDS writes one
+        beside every dataset), "zlib" where there is none; folders that disagree are refused."""
+        import tensorflow_datasets as tfds
+        from etils import epath
+
+        found = {}
+        for folder in sorted({os.path.dirname(path) for path in self.files}):
+            if (epath.Path(folder) / "features.json").exists():
+                image = tfds.features.FeatureConnector.from_config(folder)["image"]
+                found[folder] = "none" if image._encoding == tfds.features.Encoding.BYTES else "zlib"
+        if len(set(found.values())) > 1:
+            raise ValueError(f"{self.root}: shards of different image encodings {found}: "
+                             "predict each dataset on its own")
+        return next(iter(found.values()), "zlib")
 
     def _dataset(self, path: str, skip: int, batch: int):
         import tensorflow as tf
