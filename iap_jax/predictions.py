@@ -111,34 +111,25 @@ class _Stream(io.RawIOBase):
 
 
 @contextlib.contextmanager
-def _source(path: str) -> Iterator[Any]:
-    """What pyarrow reads: a local path as it is, a URI's file opened for reading."""
+def _arrow_file(path: str, mode: str) -> Iterator[Any]:
+    """What pyarrow reads ("rb") or writes ("wb"): a local path as it is, a URI's file opened
+    in that mode."""
     if not is_remote(path):
         yield path
         return
-    with open_file(path, "rb") as f:
-        yield _Stream(f, writable=False)
-
-
-@contextlib.contextmanager
-def _sink(path: str) -> Iterator[Any]:
-    """What pyarrow writes to: a local path as it is, a URI's file opened for writing."""
-    if not is_remote(path):
-        yield path
-        return
-    with open_file(path, "wb") as f:
-        yield _Stream(f, writable=True)
+    with open_file(path, mode) as f:
+        yield _Stream(f, writable=mode == "wb")
 
 
 def read_table(path: str, **kwargs) -> pa.Table:
     """pq.read_table of a local path or a URI."""
-    with _source(path) as source:
+    with _arrow_file(path, "rb") as source:
         return pq.read_table(source, **kwargs)
 
 
 def read_schema(path: str) -> pa.Schema:
     """pq.read_schema of a local path or a URI."""
-    with _source(path) as source:
+    with _arrow_file(path, "rb") as source:
         return pq.read_schema(source)
 
 
@@ -196,14 +187,14 @@ def slice_table(slices: Sequence, logits: Mapping[str, np.ndarray], encoding: La
 
 
 def write_parquet_atomic(table: pa.Table, path: str) -> None:
-    with replacing(path) as tmp, _sink(tmp) as sink:
+    with replacing(path) as tmp, _arrow_file(tmp, "wb") as sink:
         pq.write_table(table, sink)
 
 
 def merge_parts(parts: Sequence[str], path: str, schema: pa.Schema) -> int:
     """Concatenates part files (in the given order) into one file, atomically; returns rows."""
     rows = 0
-    with replacing(path) as tmp, _sink(tmp) as sink, pq.ParquetWriter(sink, schema) as writer:
+    with replacing(path) as tmp, _arrow_file(tmp, "wb") as sink, pq.ParquetWriter(sink, schema) as writer:
         for part in parts:
             table = read_table(part, schema=schema)
             rows += table.num_rows
@@ -413,5 +404,5 @@ def write_csv(table: pa.Table, path: str) -> None:
         if pa.types.is_list(column.type):
             column = pc.binary_join(pc.cast(column, pa.list_(pa.string())), "|")
         columns[name] = column
-    with replacing(path) as tmp, _sink(tmp) as sink:
+    with replacing(path) as tmp, _arrow_file(tmp, "wb") as sink:
         pcsv.write_csv(pa.table(columns), sink)
