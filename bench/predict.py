@@ -3,7 +3,10 @@ PyTorch inference of the same network and batch, and iap-predict end to end from
 
 Variants (each size in its own subprocess, interleaved, best of --repeats):
   jax        iap_jax.predict.Predictor: stored uint16 images in, the pixel path and the
-             forward in one compiled program (oneDNN convolutions on a CPU, XLA elsewhere)
+             forward in one compiled program (oneDNN convolutions on a CPU, XLA elsewhere;
+             there each BatchNorm folded into its convolution, which adds the residual and
+             applies the ReLU in the same call)
+  jax_unfolded   the same with BatchNorm, residual and ReLU as XLA passes of their own
   torch      eval mode, torch.inference_mode, channels-last, float32 input already normalised
   torch_compile   the same through torch.compile (where it works on this machine)
   e2e        the whole command over a TFRecord shard of the size: images/s and the share of
@@ -61,14 +64,15 @@ def _images(batch: int, size: int):
             rng.uniform(0.01, 0.1, batch).astype(np.float32), np.zeros(batch, np.float32))
 
 
-def _run_jax(size: int, batch: int, batches: int, dtype: str) -> dict:
+def _run_jax(size: int, batch: int, batches: int, dtype: str, fold_norms: bool = True) -> dict:
     import jax
 
     from iap_jax import sharding
     from iap_jax.predict import Predictor
 
     mesh = sharding.make_mesh({"data": -1}, devices=jax.local_devices())
-    predictor = Predictor(_restored(size, dtype, mesh), mesh, batch, dtype=None if dtype == "float32" else dtype)
+    predictor = Predictor(_restored(size, dtype, mesh), mesh, batch, fold_norms=fold_norms,
+                          dtype=None if dtype == "float32" else dtype)
     arrays = _images(predictor.batch_size, size)
     jax.block_until_ready(predictor(*arrays))
     start = time.perf_counter()
@@ -150,7 +154,8 @@ def _run_e2e(size: int, batch: int, batches: int, dtype: str) -> dict:
             "detail": run["convolutions"]}
 
 
-VARIANTS = {"jax": _run_jax, "torch": _run_torch,
+VARIANTS = {"jax": _run_jax, "jax_unfolded": lambda *a: _run_jax(*a, fold_norms=False),
+            "torch": _run_torch,
             "torch_compile": lambda *a: _run_torch(*a, compiled=True), "e2e": _run_e2e}
 
 
@@ -174,7 +179,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    parser.add_argument("--variants", default="jax,torch,torch_compile,e2e")
+    parser.add_argument("--variants", default="jax,jax_unfolded,torch,torch_compile,e2e")
     parser.add_argument("--out", default=DEFAULT_OUT)
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -140,8 +140,9 @@ class Predictor:
     """A model as one compiled forward over a fixed global batch on this process's devices."""
 
     def __init__(self, restored: dict, mesh, batch_size: int = 256, conv_impl: str | None = None,
-                 dtype: str | None = None):
-        """restored: checkpoints.restore_model's dict (arrays placed on `mesh`)."""
+                 dtype: str | None = None, fold_norms: bool = True):
+        """restored: checkpoints.restore_model's dict (arrays placed on `mesh`); fold_norms:
+        see models.factory.build_model."""
         import jax
         import jax.numpy as jnp
 
@@ -158,7 +159,7 @@ class Predictor:
         self.conv_impl, self.dtype = inference_settings(self.config["model"], conv_impl, dtype)
         self.convolutions = describe_convolutions(self.conv_impl, self.dtype)
         model = build_model(self.config["model"], self.encoding.head_sizes(),
-                            conv_impl=self.conv_impl, dtype=self.dtype)
+                            conv_impl=self.conv_impl, dtype=self.dtype, fold_norms=fold_norms)
         devices = self.mesh.size
         self.batch_size = -(-max(int(batch_size), 1) // devices) * devices
         variables = {"params": restored["params"], "batch_stats": restored["batch_stats"]}

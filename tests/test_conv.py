@@ -243,3 +243,36 @@ def test_a_cached_library_others_can_write_is_not_trusted(tmp_path):
     link = tmp_path / "link.so"
     os.symlink(library, link)
     assert not onednn._trusted(link) and not onednn._trusted(tmp_path / "missing.so")
+
+
+@needs_onednn
+@pytest.mark.parametrize("x_shape,k_shape,strides,padding", [c for c in CASES if not isinstance(c[3], str)])
+def test_fused_inference_convolution_matches_conv_bias_residual_relu(x_shape, k_shape, strides, padding):
+    kx, kk, kb, kr = jax.random.split(jax.random.PRNGKey(1), 4)
+    x = jax.random.normal(kx, x_shape)
+    kernel = jax.random.normal(kk, k_shape)
+    bias = jax.random.normal(kb, k_shape[3:])
+    plain = _reference_conv(x, kernel, strides, padding) + bias
+    residual = jax.random.normal(kr, plain.shape)
+    out_hw = plain.shape[1:3]
+    for relu in (False, True):
+        for extra in (None, residual):
+            got = jax.jit(lambda a, k, b, r: onednn.inference(a, k, b, strides, padding, out_hw, relu, r))(
+                x, kernel, bias, extra)
+            want = plain if extra is None else plain + extra
+            np.testing.assert_allclose(got, jnp.maximum(want, 0) if relu else want, **TOL)
+
+
+@needs_onednn
+def test_fused_inference_leaves_a_residual_that_is_still_needed_intact():
+    # The residual's buffer becomes the output; XLA must copy it first when it is used later.
+    x = jax.random.normal(jax.random.PRNGKey(2), (2, 6, 6, 4))
+    kernel = jax.random.normal(jax.random.PRNGKey(3), (3, 3, 4, 4))
+    residual = jax.random.normal(jax.random.PRNGKey(4), (2, 6, 6, 4))
+    pads = ((1, 1), (1, 1))
+    y, later = jax.jit(lambda a, k, r: (onednn.inference(a, k, jnp.zeros(4), (1, 1), pads, (6, 6), False, r),
+                                        r * 2.0))(x, kernel, residual)
+    np.testing.assert_allclose(later, residual * 2.0)
+    np.testing.assert_allclose(y, _reference_conv(x, kernel, (1, 1), pads) + residual, **TOL)
+    with pytest.raises(ValueError, match="residual"):
+        onednn.inference(x, kernel, jnp.zeros(4), (1, 1), pads, (6, 6), False, residual[:1])

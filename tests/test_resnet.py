@@ -76,6 +76,44 @@ def test_xla_and_cpu_convolutions_agree_on_outputs_and_gradients(impl):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
+def _trained_statistics(model, variables, x, steps=3):
+    """Running BatchNorm averages away from their initial values (so that folding shows)."""
+    for i in range(steps):
+        _, updates = model.apply(variables, x * (i + 2.0), train=True, mutable=["batch_stats"])
+        variables = {"params": variables["params"], "batch_stats": updates["batch_stats"]}
+    return variables
+
+
+@pytest.mark.skipif(not onednn.available(), reason=f"oneDNN: {onednn.unavailable_reason()}")
+@pytest.mark.parametrize("block", ["basic", "bottleneck"])
+def test_inference_folds_batchnorm_residual_and_relu_into_the_onednn_convolutions(block):
+    from iap_jax.models.resnet import ResNet
+
+    x = _images(batch=3, size=40)
+    model = ResNet(head_sizes=HEADS, stage_sizes=(1, 1), block=block, width=8, conv_impl="onednn")
+    unfolded = model.clone(fold_norms=False)
+    variables = _trained_statistics(model, _init(model, x), x)
+    assert jax.tree.structure(_init(unfolded, x)) == jax.tree.structure(variables)
+    want = jax.jit(lambda v, a: unfolded.apply(v, a, train=False))(variables, x)
+    xla = jax.jit(lambda v, a: model.clone(conv_impl="xla").apply(v, a, train=False))(variables, x)
+    forward = jax.jit(lambda v, a: model.apply(v, a, train=False))
+    got = forward(variables, x)
+    for name in HEADS:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(got[name], xla[name], rtol=1e-4, atol=1e-5)
+    # Every convolution is one fused call: none runs alone, and no BatchNorm rsqrt is left
+    # on the activations (only the folding of the kernels remains).
+    hlo = forward.lower(variables, x).as_text()
+    convolutions = len(jax.tree.leaves(variables["params"])) - 2 * len(HEADS)
+    convolutions //= 3  # kernel, scale, bias per convolution and its norm
+    assert hlo.count("iap_onednn_IapConvInference") == convolutions
+    assert "iap_onednn_IapConvForward" not in hlo
+    # Training still runs convolution, BatchNorm and ReLU apart (and their gradients).
+    train_hlo = jax.jit(lambda v, a: model.apply(v, a, train=True, mutable=["batch_stats"])).lower(
+        variables, x).as_text()
+    assert "IapConvInference" not in train_hlo and "iap_onednn_IapConvForward" in train_hlo
+
+
 def test_batchnorm_uses_batch_statistics_in_training_and_running_ones_in_eval():
     model = make_model("tiny", HEADS)
     x = _images(batch=6)

@@ -274,7 +274,10 @@ class Conv(nn.Module):
     impl: str = "auto"
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    def __call__(self, x: jnp.ndarray, affine=None, residual=None, relu: bool = False) -> jnp.ndarray:
+        """conv(x) [* multiplier + shift] [+ residual] [then ReLU]; affine = (multiplier,
+        shift) per output channel, a folded BatchNorm. With oneDNN that is one call with
+        the affine folded into kernel and bias (forward only: for prediction)."""
         kernel_hw = tuple(self.kernel_size)
         strides = tuple(self.strides)
         kernel = self.param(
@@ -284,6 +287,12 @@ class Conv(nn.Module):
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         pads = explicit_padding(x.shape[1:3], kernel_hw, strides, self.padding)
         impl = resolve_conv_impl(self.impl, x.dtype)
+        if impl == "onednn" and affine is not None:
+            multiplier, shift = affine
+            folded_bias = shift if bias is None else bias * multiplier + shift
+            out_hw = _output_hw(x.shape[1:3], kernel_hw, strides, pads)
+            return onednn.inference(x, kernel * multiplier, folded_bias, strides, pads, out_hw,
+                                    relu, residual)
         if impl == "onednn":
             y = _onednn_conv2d(x, kernel, strides, pads)
         elif impl == "cpu_fast":
@@ -292,7 +301,12 @@ class Conv(nn.Module):
             y = _xla_conv(x, kernel, strides, pads)
         if bias is not None:
             y = y + bias
-        return y
+        if affine is not None:
+            multiplier, shift = affine
+            y = (y * multiplier + shift).astype(y.dtype)
+        if residual is not None:
+            y = y + residual
+        return nn.relu(y) if relu else y
 
 
 # 3x3 stride-2 max pooling (the ResNet stem). XLA's CPU gradient of reduce_window is a

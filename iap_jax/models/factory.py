@@ -17,12 +17,15 @@ from iap_jax.models.resnet import ResNet, make_model
 
 
 def build_model(model_config: Mapping[str, Any], head_sizes: Mapping[str, int], *,
-                conv_impl: str | None = None, dtype: str | None = None) -> ResNet:
+                conv_impl: str | None = None, dtype: str | None = None,
+                fold_norms: bool = True) -> ResNet:
     """The ResNet named by a model config ({name, width, dtype, conv_impl}), with its
-    convolution and dtype optionally replaced."""
-    return make_model(model_config["name"], head_sizes, width=model_config["width"],
-                      dtype=jnp.dtype(dtype or model_config["dtype"]),
-                      conv_impl=conv_impl or model_config["conv_impl"])
+    convolution and dtype optionally replaced. fold_norms=False keeps BatchNorm a pass of
+    its own at inference with oneDNN (the same numbers within float rounding, slower)."""
+    model = make_model(model_config["name"], head_sizes, width=model_config["width"],
+                       dtype=jnp.dtype(dtype or model_config["dtype"]),
+                       conv_impl=conv_impl or model_config["conv_impl"])
+    return model if fold_norms else model.clone(fold_norms=False)
 
 
 def describe_convolutions(conv_impl: str, dtype: str) -> str:

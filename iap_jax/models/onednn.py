@@ -29,7 +29,7 @@ import numpy as np
 
 SOURCE = Path(__file__).resolve().parents[1] / "native" / "onednn_conv.cc"
 TARGETS = {"forward": "IapConvForward", "input_grad": "IapConvInputGrad",
-           "weight_grad": "IapConvWeightGrad"}
+           "weight_grad": "IapConvWeightGrad", "inference": "IapConvInference"}
 _FFI_PREFIX = "iap_onednn_"
 
 class OnednnUnavailable(RuntimeError):
@@ -139,20 +139,41 @@ def _attributes(strides, padding) -> dict:
     return {k: np.int64(v) for k, v in values.items()}
 
 
-def _call(target: str, shape, a, b, strides, padding, *extra):
+def _call(target: str, shape, a, b, strides, padding, *extra, aliases=None, **attributes):
     reason = _load()
     if reason is not None:
         raise OnednnUnavailable(f"oneDNN convolutions unavailable: {reason}")
     if a.dtype != jnp.float32 or b.dtype != jnp.float32:
         raise TypeError(f"oneDNN convolutions take float32, got {a.dtype} and {b.dtype}")
     result = jax.ShapeDtypeStruct(tuple(shape), jnp.float32)
-    return jax.ffi.ffi_call(_FFI_PREFIX + TARGETS[target], result, vmap_method="sequential")(
-        a, b, *extra, **_attributes(strides, padding))
+    attributes = {k: np.int64(v) for k, v in attributes.items()}
+    return jax.ffi.ffi_call(_FFI_PREFIX + TARGETS[target], result, vmap_method="sequential",
+                            input_output_aliases=aliases)(
+        a, b, *extra, **_attributes(strides, padding), **attributes)
 
 
 def forward(x, kernel, strides, padding, out_hw):
     shape = (x.shape[0], *out_hw, kernel.shape[3])
     return _call("forward", shape, x, kernel, strides, padding)
+
+
+def inference(x, kernel, bias, strides, padding, out_hw, relu: bool, residual=None):
+    """relu(conv(x, kernel) + bias [+ residual]) in one oneDNN call (forward only: for
+    prediction, with BatchNorm folded into kernel and bias). The residual's buffer becomes
+    the output (XLA copies it first where it is still needed)."""
+    shape = (x.shape[0], *out_hw, kernel.shape[3])
+    if bias.shape != (kernel.shape[3],):
+        raise ValueError(f"expected a bias of shape {(kernel.shape[3],)}, got {bias.shape}")
+    extra = (bias.astype(jnp.float32),)
+    aliases = None
+    if residual is not None:
+        if tuple(residual.shape) != shape or residual.dtype != jnp.float32:
+            raise ValueError(f"the residual must be float32 of shape {shape}, got "
+                             f"{residual.dtype} {tuple(residual.shape)}")
+        extra += (residual,)
+        aliases = {3: 0}
+    return _call("inference", shape, x, kernel, strides, padding, *extra, aliases=aliases,
+                 relu=bool(relu))
 
 
 def input_grad(dy, kernel, x_shape, strides, padding, after):

@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from iap_jax.models.conv import Conv, max_pool_3x3_stride2, resolve_conv_impl
@@ -28,6 +29,9 @@ class _Layers(nn.Module):
 
     dtype: Any = jnp.float32
     conv_impl: str = "auto"
+    # At inference with oneDNN, each BatchNorm folds into its convolution, which also adds
+    # the residual and applies the ReLU (one call, no pass over the activations between).
+    fold_norms: bool = True
 
     def conv(self, features: int, kernel: int, stride: int = 1, name: str | None = None) -> Conv:
         pad = kernel // 2
@@ -55,41 +59,52 @@ class _Layers(nn.Module):
         )
 
 
-class BasicBlock(_Layers):
+    def conv_norm(self, x, train: bool, features: int, kernel: int, stride: int = 1, *,
+                  relu: bool = True, residual=None, names=(None, None)) -> jnp.ndarray:
+        """[ReLU](norm(conv(x)) [+ residual]): a convolution and its BatchNorm (variables
+        named as when built apart), folded into one oneDNN call at inference."""
+        conv = self.conv(features, kernel, stride, name=names[0])
+        norm = self.norm(train, name=names[1])
+        if self.fold_norms and not train and resolve_conv_impl(self.conv_impl, self.dtype) == "onednn":
+            affine = norm(jax.ShapeDtypeStruct((features,), jnp.float32), fold=True)
+            return conv(x, affine=affine, residual=residual, relu=relu)
+        y = norm(conv(x))
+        if residual is not None:
+            y = y + residual
+        return nn.relu(y) if relu else y
+
+
+class _Block(_Layers):
+    features: int = 64
+    stride: int = 1
+
+    def shortcut(self, x, train: bool, out_features: int) -> jnp.ndarray:
+        """x, or its 1x1 projection where the block changes the map's size or width."""
+        if self.stride == 1 and x.shape[-1] == out_features:
+            return x
+        return self.conv_norm(x, train, out_features, 1, self.stride, relu=False,
+                              names=("proj_conv", "proj_norm"))
+
+
+class BasicBlock(_Block):
     """Two 3x3 convolutions (ResNet-18/34)."""
 
-    features: int = 64
-    stride: int = 1
-
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
-        residual = x
-        y = self.conv(self.features, 3, self.stride)(x)
-        y = nn.relu(self.norm(train)(y))
-        y = self.conv(self.features, 3)(y)
-        y = self.norm(train)(y)
-        if residual.shape != y.shape:
-            residual = self.conv(self.features, 1, self.stride, name="proj_conv")(residual)
-            residual = self.norm(train, name="proj_norm")(residual)
-        return nn.relu(y + residual)
+        residual = self.shortcut(x, train, self.features)
+        y = self.conv_norm(x, train, self.features, 3, self.stride)
+        return self.conv_norm(y, train, self.features, 3, residual=residual)
 
 
-class BottleneckBlock(_Layers):
+class BottleneckBlock(_Block):
     """1x1 reduce, 3x3 (carrying the stride: v1.5), 1x1 expand by 4 (ResNet-50)."""
 
-    features: int = 64
-    stride: int = 1
-
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
-        residual = x
-        y = nn.relu(self.norm(train)(self.conv(self.features, 1)(x)))
-        y = nn.relu(self.norm(train)(self.conv(self.features, 3, self.stride)(y)))
-        y = self.norm(train)(self.conv(self.features * 4, 1)(y))
-        if residual.shape != y.shape:
-            residual = self.conv(self.features * 4, 1, self.stride, name="proj_conv")(residual)
-            residual = self.norm(train, name="proj_norm")(residual)
-        return nn.relu(y + residual)
+        residual = self.shortcut(x, train, self.features * 4)
+        y = self.conv_norm(x, train, self.features, 1)
+        y = self.conv_norm(y, train, self.features, 3, self.stride)
+        return self.conv_norm(y, train, self.features * 4, 1, residual=residual)
 
 
 BLOCKS = {"basic": BasicBlock, "bottleneck": BottleneckBlock}
@@ -118,8 +133,7 @@ class ResNet(_Layers):
             raise ValueError(f"block must be one of {sorted(BLOCKS)}, got {self.block!r}")
         block_cls = BLOCKS[self.block]
         x = jnp.asarray(x, self.dtype)
-        x = self.conv(self.width, 7, 2, name="stem_conv")(x)
-        x = nn.relu(self.norm(train, name="stem_norm")(x))
+        x = self.conv_norm(x, train, self.width, 7, 2, names=("stem_conv", "stem_norm"))
         x = max_pool_3x3_stride2(x, self.conv_impl)
         for stage, num_blocks in enumerate(self.stage_sizes):
             for index in range(num_blocks):
@@ -128,6 +142,7 @@ class ResNet(_Layers):
                     stride=2 if stage > 0 and index == 0 else 1,
                     dtype=self.dtype,
                     conv_impl=self.conv_impl,
+                    fold_norms=self.fold_norms,
                     name=f"stage{stage + 1}_block{index + 1}",
                 )(x, train)
         # Pooling and heads in float32: bf16 would round logits and regression outputs.

@@ -1,11 +1,14 @@
 // 2-D convolution forward, input gradient and weight gradient on the CPU through oneDNN,
-// exposed to XLA as typed FFI custom calls (see iap_jax/models/onednn.py).
+// and an inference forward with bias, residual sum and ReLU fused in, exposed to XLA as
+// typed FFI custom calls (see iap_jax/models/onednn.py).
 //
 // Layouts are the model's: activations NHWC, kernels HWIO, float32. Activations are
 // handed to oneDNN in place (oneDNN's direct convolutions read and write NHWC); only the
 // kernel is reordered to the blocked layout oneDNN picks, and back for its gradient.
 // Written against oneDNN 2.x and 3.x (their primitive-descriptor APIs differ).
 #include <cstdint>
+#include <cstring>
+#include <map>
 #include <mutex>
 #include <string>
 
@@ -116,6 +119,91 @@ ffi::Error ConvForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
   });
 }
 
+// Inference: the convolution with its bias (BatchNorm folded in by the caller) and, as
+// oneDNN post-ops, the residual sum (`dst` already holds the residual) and a ReLU, so no
+// separate pass over the activations follows. The primitive descriptor (its implementation
+// search) is made once per geometry and kept; oneDNN's own cache keeps the primitive.
+struct InferencePrimitive {
+  dnnl::convolution_forward::primitive_desc pd;
+  dnnl::convolution_forward primitive;
+};
+
+const InferencePrimitive& Inference(const Geometry& g, bool sum, bool relu) {
+  static std::mutex mutex;
+  static std::map<std::string, InferencePrimitive> cache;
+  std::string key = std::to_string(sum) + std::to_string(relu);
+  for (const auto* dims : {&g.src, &g.wei, &g.dst, &g.strides, &g.pad_l, &g.pad_r}) {
+    for (auto d : *dims) key += "," + std::to_string(d);
+    key += ";";
+  }
+  std::lock_guard<std::mutex> lock(mutex);
+  auto found = cache.find(key);
+  if (found != cache.end()) return found->second;
+  dnnl::post_ops ops;
+  if (sum) ops.append_sum(1.f);
+#if DNNL_VERSION_MAJOR >= 3
+  if (relu) ops.append_eltwise(dnnl::algorithm::eltwise_relu, 0.f, 0.f);
+#else
+  if (relu) ops.append_eltwise(1.f, dnnl::algorithm::eltwise_relu, 0.f, 0.f);
+#endif
+  dnnl::primitive_attr attr;
+  attr.set_post_ops(ops);
+  memory::desc bias = Plain({g.dst[1]}, tag::a);
+#if DNNL_VERSION_MAJOR >= 3
+  dnnl::convolution_forward::primitive_desc pd(
+      Engine(), dnnl::prop_kind::forward_inference, dnnl::algorithm::convolution_direct,
+      Plain(g.src, tag::nhwc), Any(g.wei), bias, Plain(g.dst, tag::nhwc), g.strides, g.pad_l,
+      g.pad_r, attr);
+#else
+  dnnl::convolution_forward::desc desc(
+      dnnl::prop_kind::forward_inference, dnnl::algorithm::convolution_direct,
+      Plain(g.src, tag::nhwc), Any(g.wei), bias, Plain(g.dst, tag::nhwc), g.strides, g.pad_l,
+      g.pad_r);
+  dnnl::convolution_forward::primitive_desc pd(desc, attr, Engine());
+#endif
+  return cache.emplace(key, InferencePrimitive{pd, dnnl::convolution_forward(pd)}).first->second;
+}
+
+ffi::Error ConvInferenceImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                             ffi::Buffer<ffi::F32> b, ffi::RemainingArgs rest,
+                             ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t pt,
+                             int64_t pb, int64_t pl, int64_t pr, int64_t relu) {
+  Geometry g;
+  if (auto err = MakeGeometry(x.dimensions(), w.dimensions(), y->dimensions(), sh, sw, pt, pb,
+                              pl, pr, &g); !err.success()) {
+    return err;
+  }
+  if (b.element_count() != static_cast<size_t>(g.dst[1]) || rest.size() > 1) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      "expected one bias per output channel and at most one residual");
+  }
+  float* residual = nullptr;
+  if (rest.size() == 1) {
+    auto r = rest.get<ffi::Buffer<ffi::F32>>(0);
+    if (!r.has_value() || r->element_count() != y->element_count()) {
+      return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                        "the residual must be a float32 array of the output's shape");
+    }
+    residual = r->typed_data();
+  }
+  return Guarded("convolution inference", [&] {
+    const InferencePrimitive& p = Inference(g, residual != nullptr, relu != 0);
+    dnnl::stream stream(Engine());
+    // With the residual aliased to the output (as iap_jax asks XLA) there is nothing to copy.
+    if (residual != nullptr && residual != y->typed_data()) {
+      std::memcpy(y->typed_data(), residual, y->size_bytes());
+    }
+    memory src(p.pd.src_desc(), Engine(), x.typed_data());
+    memory dst(p.pd.dst_desc(), Engine(), y->typed_data());
+    memory bias(p.pd.bias_desc(), Engine(), b.typed_data());
+    memory wei_user(Plain(g.wei, tag::hwio), Engine(), w.typed_data());
+    memory wei = Reordered(wei_user, p.pd.weights_desc(), stream);
+    p.primitive.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, wei},
+                                 {DNNL_ARG_BIAS, bias}, {DNNL_ARG_DST, dst}});
+    stream.wait();
+  });
+}
+
 void RunInputGrad(const Geometry& g, float* dy, float* w, float* dx, dnnl::stream& stream) {
   auto pd = BackwardPd<dnnl::convolution_backward_data>(g);
   memory diff_dst(pd.diff_dst_desc(), Engine(), dy);
@@ -197,6 +285,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(IapConvInputGrad, ConvInputGradImpl,
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::F32>>() IAP_CONV_ATTRIBUTES);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(IapConvWeightGrad, ConvWeightGradImpl, IAP_CONV_BINDING);
+// Inference x, w, bias[, residual] -> y (see ConvInferenceImpl).
+XLA_FFI_DEFINE_HANDLER_SYMBOL(IapConvInference, ConvInferenceImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .RemainingArgs()
+                                  .Ret<ffi::Buffer<ffi::F32>>() IAP_CONV_ATTRIBUTES
+                                  .Attr<int64_t>("relu"));
 
 
 extern "C" int iap_onednn_version() {
