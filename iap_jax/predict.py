@@ -147,6 +147,7 @@ class Predictor:
         import jax.numpy as jnp
 
         from iap_jax import sharding as sharding_lib
+        from iap_jax.models.conv import pack_for_inference
         from iap_jax.models.factory import build_model, describe_convolutions, inference_settings
         from iap_jax.preprocess import model_input
 
@@ -164,6 +165,9 @@ class Predictor:
         self.batch_size = -(-max(int(batch_size), 1) // devices) * devices
         variables = {"params": restored["params"], "batch_stats": restored["batch_stats"]}
         spec = self.spec
+        # With oneDNN: every kernel folded with its BatchNorm and packed once, here.
+        variables = pack_for_inference(model, variables,
+                                       (self.batch_size, spec.input_size, spec.input_size, 1))
 
         def forward(variables, images, scales, offsets):
             outputs, state = model.apply(variables, model_input(images, scales, offsets, spec),

@@ -276,3 +276,25 @@ def test_fused_inference_leaves_a_residual_that_is_still_needed_intact():
     np.testing.assert_allclose(y, _reference_conv(x, kernel, (1, 1), pads) + residual, **TOL)
     with pytest.raises(ValueError, match="residual"):
         onednn.inference(x, kernel, jnp.zeros(4), (1, 1), pads, (6, 6), False, residual[:1])
+
+
+@needs_onednn
+@pytest.mark.parametrize("x_shape,k_shape,strides,padding", [CASES[2], CASES[4], CASES[5]])
+def test_packed_weights_give_the_same_fused_convolution(x_shape, k_shape, strides, padding):
+    kx, kk, kb, kr = jax.random.split(jax.random.PRNGKey(5), 4)
+    x, kernel = jax.random.normal(kx, x_shape), jax.random.normal(kk, k_shape)
+    bias = jax.random.normal(kb, k_shape[3:])
+    want = jnp.maximum(_reference_conv(x, kernel, strides, padding) + bias, 0)
+    residual = jax.random.normal(kr, want.shape)
+    out_hw = want.shape[1:3]
+    for extra in (None, residual):
+        packed = jax.jit(lambda k: onednn.pack_weights(k, x.shape, strides, padding, out_hw, True,
+                                                       extra is not None))(kernel)
+        assert packed.ndim == 1 and packed.size >= kernel.size
+        got = jax.jit(lambda a, p, b, r: onednn.inference(a, p, b, strides, padding, out_hw, True, r,
+                                                          kernel_shape=k_shape))(x, packed, bias, extra)
+        expected = jnp.maximum(_reference_conv(x, kernel, strides, padding) + bias
+                               + (0 if extra is None else extra), 0)
+        np.testing.assert_allclose(got, expected, **TOL)
+    with pytest.raises(ValueError, match="packed weights of shape"):
+        onednn.inference(x, packed[1:], bias, strides, padding, out_hw, True, residual, kernel_shape=k_shape)

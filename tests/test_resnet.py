@@ -108,6 +108,23 @@ def test_inference_folds_batchnorm_residual_and_relu_into_the_onednn_convolution
     convolutions //= 3  # kernel, scale, bias per convolution and its norm
     assert hlo.count("iap_onednn_IapConvInference") == convolutions
     assert "iap_onednn_IapConvForward" not in hlo
+    # Packed once for prediction: the same outputs, and the forward neither packs nor folds.
+    from iap_jax.models.conv import PACKED, pack_for_inference
+
+    packed = pack_for_inference(model, variables, x.shape)
+    assert set(packed) == {"params", "batch_stats", PACKED}
+    packed_forward = jax.jit(lambda v, a: model.apply(v, a, train=False))
+    got_packed = packed_forward(packed, x)
+    for name in HEADS:
+        np.testing.assert_allclose(got_packed[name], got[name], rtol=1e-5, atol=1e-6)
+    packed_hlo = packed_forward.lower(packed, x).as_text()
+    assert packed_hlo.count("iap_onednn_IapConvInference") == convolutions
+    assert "IapConvPackWeights" not in packed_hlo
+    assert "rsqrt" in hlo and "rsqrt" not in packed_hlo  # folding BatchNorm: once, not per call
+    with pytest.raises(ValueError, match="packed for input"):
+        model.apply(packed, x[:2], train=False)
+    # Without oneDNN inference convolutions there is nothing to pack.
+    assert set(pack_for_inference(unfolded, variables, x.shape)) == {"params", "batch_stats"}
     # Training still runs convolution, BatchNorm and ReLU apart (and their gradients).
     train_hlo = jax.jit(lambda v, a: model.apply(v, a, train=True, mutable=["batch_stats"])).lower(
         variables, x).as_text()

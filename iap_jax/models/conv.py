@@ -254,6 +254,27 @@ def conv2d_onednn(x: jnp.ndarray, kernel: jnp.ndarray, strides=(1, 1), padding: 
     return _onednn_conv2d(x, kernel, strides, pads)
 
 
+# The variable collection of kernels folded and packed for oneDNN inference: made from a
+# checkpoint's variables on the predicting machine, for one batch shape, never saved.
+PACKED = "packed_inference"
+
+
+def pack_for_inference(model: nn.Module, variables, input_shape) -> dict:
+    """`variables` plus the PACKED collection for `model.apply(..., train=False)` on inputs of
+    `input_shape`: every oneDNN inference convolution's kernel folded with its BatchNorm
+    and reordered once, instead of at every call. Where nothing is packed (other
+    convolutions, or BatchNorm not folded) the variables come back as they were."""
+    dummy = jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32)
+
+    def packed(variables):
+        # Only the packing is kept: the forward's convolutions are unused and dropped.
+        return model.apply(variables, jnp.zeros(dummy.shape, dummy.dtype), train=False,
+                           mutable=[PACKED])[1].get(PACKED, {})
+
+    collection = jax.jit(packed)(variables)
+    return {**variables, PACKED: collection} if collection else dict(variables)
+
+
 class Conv(nn.Module):
     """`flax.linen.Conv` subset (2-D, NHWC, no dilation or groups) with a selectable backend.
 
@@ -289,10 +310,25 @@ class Conv(nn.Module):
         impl = resolve_conv_impl(self.impl, x.dtype)
         if impl == "onednn" and affine is not None:
             multiplier, shift = affine
-            folded_bias = shift if bias is None else bias * multiplier + shift
             out_hw = _output_hw(x.shape[1:3], kernel_hw, strides, pads)
-            return onednn.inference(x, kernel * multiplier, folded_bias, strides, pads, out_hw,
-                                    relu, residual)
+
+            def folded():
+                return kernel * multiplier, shift if bias is None else bias * multiplier + shift
+
+            if not (self.is_mutable_collection(PACKED) or self.has_variable(PACKED, "kernel")):
+                return onednn.inference(x, *folded(), strides, pads, out_hw, relu, residual)
+            # Prediction: the folded kernel packed once (see `pack_for_inference`).
+            packed = self.variable(PACKED, "kernel", lambda: onednn.pack_weights(
+                folded()[0], x.shape, strides, pads, out_hw, relu, residual is not None))
+            packed_bias = self.variable(PACKED, "bias", lambda: folded()[1])
+            # The layout belongs to the input shape it was packed for, which this empty
+            # array's shape records.
+            packed_for = self.variable(PACKED, "input_shape", lambda: jnp.zeros((*x.shape, 0)))
+            if tuple(packed_for.value.shape[:-1]) != tuple(x.shape):
+                raise ValueError(f"{self.name}: kernels packed for input {packed_for.value.shape[:-1]} "
+                                 f"applied to {tuple(x.shape)}; pack them for this shape")
+            return onednn.inference(x, packed.value, packed_bias.value, strides, pads, out_hw,
+                                    relu, residual, kernel_shape=kernel.shape)
         if impl == "onednn":
             y = _onednn_conv2d(x, kernel, strides, pads)
         elif impl == "cpu_fast":

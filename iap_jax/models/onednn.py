@@ -29,7 +29,8 @@ import numpy as np
 
 SOURCE = Path(__file__).resolve().parents[1] / "native" / "onednn_conv.cc"
 TARGETS = {"forward": "IapConvForward", "input_grad": "IapConvInputGrad",
-           "weight_grad": "IapConvWeightGrad", "inference": "IapConvInference"}
+           "weight_grad": "IapConvWeightGrad", "inference": "IapConvInference",
+           "pack": "IapConvPackWeights"}
 _FFI_PREFIX = "iap_onednn_"
 
 class OnednnUnavailable(RuntimeError):
@@ -106,6 +107,9 @@ def _trusted(path: Path) -> bool:
             and not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH))
 
 
+_LIBRARY: dict = {}
+
+
 @functools.cache
 def _load() -> str | None:
     """Builds (once per machine), loads and registers the library; None or why it failed."""
@@ -116,6 +120,10 @@ def _load() -> str | None:
         if not path.exists() or not _trusted(path):
             build(path)
         library = ctypes.cdll.LoadLibrary(str(path))
+        size_query = library.iap_onednn_packed_weight_bytes
+        size_query.restype = ctypes.c_int64
+        size_query.argtypes = [ctypes.POINTER(ctypes.c_int64)] * 3 + [ctypes.c_int64] * 8
+        _LIBRARY["packed_weight_bytes"] = size_query
         for name in TARGETS.values():
             jax.ffi.register_ffi_target(_FFI_PREFIX + name, jax.ffi.pycapsule(getattr(library, name)),
                                         platform="cpu")
@@ -146,7 +154,7 @@ def _call(target: str, shape, a, b, strides, padding, *extra, aliases=None, **at
     if a.dtype != jnp.float32 or b.dtype != jnp.float32:
         raise TypeError(f"oneDNN convolutions take float32, got {a.dtype} and {b.dtype}")
     result = jax.ShapeDtypeStruct(tuple(shape), jnp.float32)
-    attributes = {k: np.int64(v) for k, v in attributes.items()}
+    attributes = {k: v if isinstance(v, np.ndarray) else np.int64(v) for k, v in attributes.items()}
     return jax.ffi.ffi_call(_FFI_PREFIX + TARGETS[target], result, vmap_method="sequential",
                             input_output_aliases=aliases)(
         a, b, *extra, **_attributes(strides, padding), **attributes)
@@ -157,13 +165,57 @@ def forward(x, kernel, strides, padding, out_hw):
     return _call("forward", shape, x, kernel, strides, padding)
 
 
-def inference(x, kernel, bias, strides, padding, out_hw, relu: bool, residual=None):
+def _inference_geometry(x_shape, kernel_shape, strides, padding, out_hw):
+    return (tuple(int(d) for d in x_shape), tuple(int(d) for d in kernel_shape),
+            (int(x_shape[0]), *map(int, out_hw), int(kernel_shape[3])))
+
+
+def packed_weight_size(x_shape, kernel_shape, strides, padding, out_hw, relu: bool,
+                       residual: bool) -> int:
+    """Float32 elements of a kernel packed (`pack_weights`) for an inference geometry."""
+    reason = _load()
+    if reason is not None:
+        raise OnednnUnavailable(f"oneDNN convolutions unavailable: {reason}")
+    x, w, y = _inference_geometry(x_shape, kernel_shape, strides, padding, out_hw)
+    (top, bottom), (left, right) = padding
+    arrays = [(ctypes.c_int64 * 4)(*dims) for dims in (x, w, y)]
+    size = _LIBRARY["packed_weight_bytes"](*arrays, strides[0], strides[1], top, bottom, left,
+                                           right, int(bool(residual)), int(bool(relu)))
+    if size < 0:
+        raise OnednnUnavailable(f"oneDNN has no inference convolution for input {x}, kernel {w}")
+    return size // 4
+
+
+def pack_weights(kernel, x_shape, strides, padding, out_hw, relu: bool, residual: bool):
+    """An HWIO kernel reordered once into the layout `inference(..., packed=True)` reads for
+    this geometry (a 1-D float32 array; valid in this process, for this geometry only)."""
+    x, w, y = _inference_geometry(x_shape, kernel.shape, strides, padding, out_hw)
+    size = packed_weight_size(x, w, strides, padding, out_hw, relu, residual)
+    if kernel.dtype != jnp.float32:
+        raise TypeError(f"oneDNN convolutions take float32, got {kernel.dtype}")
+    result = jax.ShapeDtypeStruct((size,), jnp.float32)
+    return jax.ffi.ffi_call(_FFI_PREFIX + TARGETS["pack"], result, vmap_method="sequential")(
+        kernel, src=np.asarray(x, np.int64), dst=np.asarray(y, np.int64),
+        **_attributes(strides, padding), sum=np.int64(bool(residual)), relu=np.int64(bool(relu)))
+
+
+def inference(x, kernel, bias, strides, padding, out_hw, relu: bool, residual=None,
+              kernel_shape=None):
     """relu(conv(x, kernel) + bias [+ residual]) in one oneDNN call (forward only: for
     prediction, with BatchNorm folded into kernel and bias). The residual's buffer becomes
-    the output (XLA copies it first where it is still needed)."""
-    shape = (x.shape[0], *out_hw, kernel.shape[3])
-    if bias.shape != (kernel.shape[3],):
-        raise ValueError(f"expected a bias of shape {(kernel.shape[3],)}, got {bias.shape}")
+    the output (XLA copies it first where it is still needed). With kernel_shape (HWIO),
+    `kernel` is `pack_weights`' 1-D array for this geometry instead of the kernel."""
+    packed = kernel_shape is not None
+    kernel_shape = tuple(int(d) for d in (kernel_shape if packed else kernel.shape))
+    shape = (x.shape[0], *out_hw, kernel_shape[3])
+    if bias.shape != (kernel_shape[3],):
+        raise ValueError(f"expected a bias of shape {(kernel_shape[3],)}, got {bias.shape}")
+    if packed:
+        want = packed_weight_size(x.shape, kernel_shape, strides, padding, out_hw, relu,
+                                  residual is not None)
+        if kernel.shape != (want,):
+            raise ValueError(f"packed weights of shape {kernel.shape} are not the ({want},) this "
+                             f"geometry reads: pack them for input {tuple(x.shape)}")
     extra = (bias.astype(jnp.float32),)
     aliases = None
     if residual is not None:
@@ -173,7 +225,7 @@ def inference(x, kernel, bias, strides, padding, out_hw, relu: bool, residual=No
         extra += (residual,)
         aliases = {3: 0}
     return _call("inference", shape, x, kernel, strides, padding, *extra, aliases=aliases,
-                 relu=bool(relu))
+                 kernel=np.asarray(kernel_shape, np.int64), packed=packed, relu=bool(relu))
 
 
 def input_grad(dy, kernel, x_shape, strides, padding, after):

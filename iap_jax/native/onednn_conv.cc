@@ -164,13 +164,40 @@ const InferencePrimitive& Inference(const Geometry& g, bool sum, bool relu) {
   return cache.emplace(key, InferencePrimitive{pd, dnnl::convolution_forward(pd)}).first->second;
 }
 
+// A prediction's kernels are constant: PackWeights reorders one (folded) HWIO kernel once
+// into the blocked layout the inference primitive of that geometry reads, so that the
+// forward can skip the reorder; PackedWeightBytes tells the caller the buffer's size.
+ffi::Error PackWeightsImpl(ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> packed,
+                           ffi::Span<const int64_t> x, ffi::Span<const int64_t> y, int64_t sh,
+                           int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr,
+                           int64_t sum, int64_t relu) {
+  Geometry g;
+  if (auto err = MakeGeometry(x, w.dimensions(), y, sh, sw, pt, pb, pl, pr, &g); !err.success()) {
+    return err;
+  }
+  return Guarded("packing convolution weights", [&] {
+    const InferencePrimitive& p = Inference(g, sum != 0, relu != 0);
+    if (packed->size_bytes() != p.pd.weights_desc().get_size()) {
+      throw dnnl::error(dnnl_invalid_arguments, "packed weight buffer of the wrong size");
+    }
+    dnnl::stream stream(Engine());
+    memory wei_user(Plain(g.wei, tag::hwio), Engine(), w.typed_data());
+    memory wei(p.pd.weights_desc(), Engine(), packed->typed_data());
+    dnnl::reorder(wei_user, wei).execute(stream, wei_user, wei);
+    stream.wait();
+  });
+}
+
+// `w` is the HWIO kernel, or (packed != 0) PackWeights' buffer for this geometry; `kernel`
+// is the HWIO shape either way.
 ffi::Error ConvInferenceImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                              ffi::Buffer<ffi::F32> b, ffi::RemainingArgs rest,
                              ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t pt,
-                             int64_t pb, int64_t pl, int64_t pr, int64_t relu) {
+                             int64_t pb, int64_t pl, int64_t pr, ffi::Span<const int64_t> kernel,
+                             int64_t packed, int64_t relu) {
   Geometry g;
-  if (auto err = MakeGeometry(x.dimensions(), w.dimensions(), y->dimensions(), sh, sw, pt, pb,
-                              pl, pr, &g); !err.success()) {
+  if (auto err = MakeGeometry(x.dimensions(), kernel, y->dimensions(), sh, sw, pt, pb, pl, pr,
+                              &g); !err.success()) {
     return err;
   }
   if (b.element_count() != static_cast<size_t>(g.dst[1]) || rest.size() > 1) {
@@ -196,8 +223,16 @@ ffi::Error ConvInferenceImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
     memory src(p.pd.src_desc(), Engine(), x.typed_data());
     memory dst(p.pd.dst_desc(), Engine(), y->typed_data());
     memory bias(p.pd.bias_desc(), Engine(), b.typed_data());
-    memory wei_user(Plain(g.wei, tag::hwio), Engine(), w.typed_data());
-    memory wei = Reordered(wei_user, p.pd.weights_desc(), stream);
+    memory wei;
+    if (packed) {
+      if (w.size_bytes() != p.pd.weights_desc().get_size()) {
+        throw dnnl::error(dnnl_invalid_arguments, "packed weights of another geometry");
+      }
+      wei = memory(p.pd.weights_desc(), Engine(), w.typed_data());
+    } else {
+      wei = Reordered(memory(Plain(g.wei, tag::hwio), Engine(), w.typed_data()),
+                      p.pd.weights_desc(), stream);
+    }
     p.primitive.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, wei},
                                  {DNNL_ARG_BIAS, bias}, {DNNL_ARG_DST, dst}});
     stream.wait();
@@ -293,7 +328,36 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(IapConvInference, ConvInferenceImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .RemainingArgs()
                                   .Ret<ffi::Buffer<ffi::F32>>() IAP_CONV_ATTRIBUTES
+                                  .Attr<ffi::Span<const int64_t>>("kernel")
+                                  .Attr<int64_t>("packed")
                                   .Attr<int64_t>("relu"));
+// Packing w -> packed (see PackWeightsImpl).
+XLA_FFI_DEFINE_HANDLER_SYMBOL(IapConvPackWeights, PackWeightsImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<ffi::Span<const int64_t>>("src")
+                                  .Attr<ffi::Span<const int64_t>>("dst") IAP_CONV_ATTRIBUTES
+                                  .Attr<int64_t>("sum")
+                                  .Attr<int64_t>("relu"));
+
+// The bytes PackWeights writes for a geometry (NHWC x, HWIO w, NHWC y, strides and pads as
+// above), or -1 where oneDNN has no inference primitive for it.
+extern "C" int64_t iap_onednn_packed_weight_bytes(const int64_t* x, const int64_t* w,
+                                                  const int64_t* y, int64_t sh, int64_t sw,
+                                                  int64_t pt, int64_t pb, int64_t pl, int64_t pr,
+                                                  int64_t sum, int64_t relu) {
+  Geometry g;
+  if (!MakeGeometry(ffi::Span<const int64_t>(x, 4), ffi::Span<const int64_t>(w, 4),
+                    ffi::Span<const int64_t>(y, 4), sh, sw, pt, pb, pl, pr, &g).success()) {
+    return -1;
+  }
+  try {
+    return static_cast<int64_t>(Inference(g, sum != 0, relu != 0).pd.weights_desc().get_size());
+  } catch (const dnnl::error&) {
+    return -1;
+  }
+}
 
 
 extern "C" int iap_onednn_version() {
