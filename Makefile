@@ -46,9 +46,9 @@ train: prep
 	$(BIN)/iap-train --config=configs/synthetic_cpu.py --workdir=$(RUN)/train \
 	  --config.dataset_dir=$(DATASET)
 
-# Calibration (temperatures and header-QA thresholds) is fitted on the validation split's
-# raw predictions and the out-of-distribution model on the train and validation features;
-# the test split is then predicted from the best checkpoint with both.
+# Calibration (a calibrator per categorical head and header-QA thresholds) is fitted on the
+# validation split's raw predictions and the out-of-distribution model on the train and
+# validation features; the test split is then predicted from the best checkpoint with both.
 predict-validation: train
 	$(BIN)/iap-predict --workdir $(RUN)/train --input $(DATASET) --split validation \
 	  --out $(RUN)/predict_validation --no-calibration --quiet

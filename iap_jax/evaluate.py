@@ -8,13 +8,17 @@ scores them: a value outside the vocabulary counts as "<other>"): per IAP, top-1
 accuracy at slice and series level, per-class recall, and for continuous IAPs MAE, bias and
 R2 in real units; 95% intervals by bootstrap over patients (the slices and series of one
 patient are not independent); the expected calibration error of every categorical head
-before and after the calibration the predictions carry; confusion matrices, TE/TR scatter
+before and after the calibration the predictions carry, with its bootstrap interval over
+patients and its noise floor (the ECE a perfectly calibrated model of these confidences
+shows on this many series: calibration.ece_noise_floor); confusion matrices, TE/TR scatter
 plots and reliability diagrams as PNG. Writes report.md (laid out like the paper's results
 table), report.html (one self-contained page) and metrics.json under REPORT_DIR.
 
---fit-calibration fits one temperature per categorical head on these predictions (the
-validation split's) and stores it as calibration.json in the training workdir, for the
-checkpoint step the predictions came from; iap-predict applies it from then on.
+--fit-calibration fits one calibrator per categorical head on these predictions (the
+validation split's), its family (temperature, bias-corrected temperature, vector scaling:
+iap_jax.calibration) chosen per head by patient-grouped cross-validation on them, and stores
+them with the cross-validation scores as calibration.json in the training workdir, for the
+checkpoint step the predictions came from; iap-predict applies them from then on.
 """
 from __future__ import annotations
 
@@ -40,6 +44,14 @@ INTERVAL = (2.5, 97.5)
 
 # --- the numbers ------------------------------------------------------------------------
 
+def _percentile_interval(values: np.ndarray) -> tuple[float, float]:
+    values = values[np.isfinite(values)]
+    if not len(values):
+        return math.nan, math.nan
+    low, high = np.percentile(values, INTERVAL)
+    return float(low), float(high)
+
+
 def bootstrap_interval(numerators: np.ndarray, denominators: np.ndarray, resamples: int,
                        rng: np.random.Generator) -> tuple[float, float]:
     """95% interval of sum(numerators) / sum(denominators) over groups (patients) drawn with
@@ -48,15 +60,29 @@ def bootstrap_interval(numerators: np.ndarray, denominators: np.ndarray, resampl
     denominators = np.asarray(denominators, np.float64)
     if len(numerators) == 0 or denominators.sum() == 0 or resamples <= 0:
         return math.nan, math.nan
-    weights = rng.multinomial(len(numerators), np.full(len(numerators), 1.0 / len(numerators)),
-                              size=resamples).astype(np.float64)
+    weights = calibration_lib.bootstrap_weights(len(numerators), resamples, rng)
     with np.errstate(invalid="ignore", divide="ignore"):
-        ratios = (weights @ numerators) / (weights @ denominators)
-    ratios = ratios[np.isfinite(ratios)]
-    if not len(ratios):
+        return _percentile_interval((weights @ numerators) / (weights @ denominators))
+
+
+def ece_interval(confidence: np.ndarray, correct: np.ndarray, groups: np.ndarray, resamples: int,
+                 rng: np.random.Generator) -> tuple[float, float]:
+    """95% bootstrap interval over groups (patients) of the ECE of these slices. ECE is
+    biased upwards on small samples, and a resample (with repeated patients) more so: the
+    interval sits above the noise-free value, read it as the spread, with the noise floor."""
+    groups = np.asarray(groups, np.int64)
+    if not len(groups) or resamples <= 0:
         return math.nan, math.nan
-    low, high = np.percentile(ratios, INTERVAL)
-    return float(low), float(high)
+    _, groups = np.unique(groups, return_inverse=True)
+    weights = calibration_lib.bootstrap_weights(int(groups.max()) + 1, resamples, rng)
+    return _percentile_interval(calibration_lib.weighted_ece(confidence, correct, groups, weights))
+
+
+def slice_patients(table) -> np.ndarray:
+    """Per slice, the index of its patient (a slice without one: its series)."""
+    patients = [p or s for p, s in zip(table.column("patient").to_pylist(),
+                                       table.column("series_key").to_pylist())]
+    return np.unique(np.asarray(patients, dtype=object).astype(str), return_inverse=True)[1]
 
 
 def _by_group(values: np.ndarray, groups: np.ndarray, count: int) -> np.ndarray:
@@ -70,21 +96,21 @@ def evaluate(pred_dir: str, resamples: int = 1000, seed: int = 0) -> dict[str, A
         raise FileNotFoundError(f"{pred_dir}: no slices.parquet; pass an iap-predict --out folder")
     metadata = predictions.read_metadata(slices_path)
     encoding = LabelEncoding.from_json(metadata["label_encoding"])
-    temperatures = (metadata.get("calibration") or {}).get("temperatures", {})
+    calibrators = calibration_lib.head_calibrators(metadata.get("calibration"))
     table = predictions.read_table(slices_path)
     if f"{encoding.heads[0].name}_header" not in table.column_names:
         raise ValueError(f"{pred_dir}: the input carried no headers, so there is nothing to score")
     rng = np.random.default_rng(seed)
     series_keys, series_rows = predictions.series_groups(table)
-    patients_of_slices = [p or s for p, s in zip(table.column("patient").to_pylist(),
-                                                  table.column("series_key").to_pylist())]
-    patient_names, slice_patient = np.unique(np.asarray(patients_of_slices, dtype=object).astype(str),
-                                             return_inverse=True)
-    num_patients = len(patient_names)
+    slice_patient = slice_patients(table)
+    num_patients = int(slice_patient.max()) + 1 if len(slice_patient) else 0
     series_patient = np.array([slice_patient[rows[0]] for rows in series_rows], np.int64)
     result: dict[str, Any] = {"predictions": absolute(pred_dir), "step": metadata.get("step"),
                               "checkpoint": metadata.get("checkpoint"),
-                              "calibrated": bool(temperatures), "temperatures": temperatures,
+                              "calibrated": bool(calibrators),
+                              "calibration_selection":
+                                  calibration_selection(metadata.get("calibration")),
+                              "calibrators": {k: c.to_json() for k, c in calibrators.items()},
                               "slices": table.num_rows, "series": len(series_keys),
                               "patients": num_patients, "bootstrap_resamples": resamples,
                               "heads": {}, "_plots": {}, "_encoding": encoding}
@@ -93,33 +119,40 @@ def evaluate(pred_dir: str, resamples: int = 1000, seed: int = 0) -> dict[str, A
         return bootstrap_interval(_by_group(values * mask, groups, num_patients),
                                   _by_group(mask, groups, num_patients), resamples, rng)
 
+    series_of_slices = np.empty(table.num_rows, np.int64)
+    for s, rows in enumerate(series_rows):
+        series_of_slices[rows] = s
+    groups = {"patient": slice_patient, "series": series_of_slices}
+
     for head in encoding.heads:
         headers = table.column(f"{head.name}_header").to_pylist()
         if head.categorical:
             result["heads"][head.name], result["_plots"][head.name] = _categorical(
-                head, table, headers, temperatures.get(head.name, 1.0), series_rows,
-                slice_patient, series_patient, interval)
+                head, table, headers, calibrators.get(head.name), series_rows,
+                groups, series_patient, interval, resamples, rng)
         else:
             result["heads"][head.name], result["_plots"][head.name] = _continuous(
                 head, table, headers, series_rows, slice_patient, series_patient, interval)
     return result
 
 
-def _categorical(head, table, headers, temperature, series_rows, slice_patient, series_patient,
-                 interval):
+def _categorical(head, table, headers, calibrator, series_rows, groups, series_patient,
+                 interval, resamples, rng):
     from sklearn.metrics import confusion_matrix, recall_score
 
+    slice_patient = groups["patient"]
     truth = predictions.class_indices(head, headers)
     mask = (truth >= 0).astype(np.float64)
     raw = predictions.slice_probabilities(table, head)
-    calibrated = predictions.slice_probabilities(table, head, temperature)
+    calibrated = predictions.slice_probabilities(table, head, calibrator)
     order = np.argsort(-calibrated, axis=1, kind="stable")
     top1 = order[:, 0]
     hit1 = (top1 == truth).astype(np.float64)
     hit2 = np.any(order[:, :2] == truth[:, None], axis=1).astype(np.float64)
     labelled = mask > 0
     n = int(labelled.sum())
-    m: dict[str, Any] = {"kind": "categorical", "classes": len(head.classes), "slices": n}
+    m: dict[str, Any] = {"kind": "categorical", "classes": len(head.classes), "slices": n,
+                         "calibrator": calibrator.family if calibrator else None}
     plot: dict[str, Any] = {}
     if n:
         m["top1"], m["top2"] = float(hit1[labelled].mean()), float(hit2[labelled].mean())
@@ -134,6 +167,14 @@ def _categorical(head, table, headers, temperature, series_rows, slice_patient, 
             correct = (probs.argmax(axis=1) == truth)[labelled]
             m[f"ece_{label}"] = calibration_lib.expected_calibration_error(confidence, correct)
             plot[label] = (*calibration_lib.reliability(confidence, correct), m[f"ece_{label}"])
+        # How far the calibrated ECE could move with other patients, and what sampling alone
+        # gives a perfectly calibrated model on this many series.
+        m["ece_after_ci"] = ece_interval(calibrated.max(axis=1)[labelled], hit1[labelled] > 0,
+                                         slice_patient[labelled], resamples, rng)
+        floor = calibration_lib.ece_noise_floor(calibrated[labelled], groups["series"][labelled],
+                                                resamples, rng)
+        if len(floor):
+            m["ece_floor"], m["ece_floor_p95"] = float(floor.mean()), float(np.percentile(floor, 95))
         plot["confusion"] = confusion_matrix(truth[labelled], top1[labelled], labels=range(head.size))
     # Series: the mean of the slice probabilities, scored against the commonest slice truth.
     s_truth, s_hit1, s_hit2 = [], [], []
@@ -199,14 +240,21 @@ def _number(value, digits: int = 3) -> str:
 def main_table_rows(metrics: dict) -> tuple[list[str], list[list[str]], list[str], list[list[str]]]:
     """(header, rows) of the categorical table and of the continuous one."""
     cat_header = ["IAP", "classes", "slices", "slice top-1 [95% CI]", "slice top-2",
-                  "series top-1 [95% CI]", "series top-2", "ECE before", "ECE after"]
+                  "series top-1 [95% CI]", "series top-2", "calibrator", "ECE before",
+                  "ECE after [95% CI]", "ECE floor (mean, p95)"]
     cont_header = ["IAP", "slices", "MAE [95% CI]", "bias", "R2", "series MAE [95% CI]"]
     cat, cont = [], []
+    calibrators = {k: calibration_lib.HeadCalibration.from_json(v)
+                   for k, v in metrics.get("calibrators", {}).items()}
     for name, m in metrics["heads"].items():
         if m["kind"] == "categorical":
             cat.append([name, str(m["classes"]), str(m["slices"]), _ci(m, "top1"),
                         _number(m.get("top2")), _ci(m, "series_top1"), _number(m.get("series_top2")),
-                        _number(m.get("ece_before")), _number(m.get("ece_after"))])
+                        calibrators[name].describe() if name in calibrators else "none",
+                        _number(m.get("ece_before")),
+                        _ci(m, "ece_after"),
+                        f"{_number(m.get('ece_floor'))}, {_number(m.get('ece_floor_p95'))}"
+                        if "ece_floor" in m else "-"])
         else:
             unit = f" {m['unit']}" if m.get("unit") else ""
             cont.append([name, str(m["slices"]), _ci(m, "mae") + unit, _number(m.get("bias")) + unit,
@@ -311,12 +359,18 @@ def write_report(metrics: dict, out_dir: str, pred_dir: str | None = None) -> di
     cat_header, cat, cont_header, cont = main_table_rows(metrics)
     title = (f"Evaluation of step {metrics['step']} on {metrics['slices']} slices, "
              f"{metrics['series']} series, {metrics['patients']} patients")
-    calibrated = ("calibrated with the temperatures " +
-                  ", ".join(f"{k} {v:.2f}" for k, v in metrics["temperatures"].items())
-                  if metrics["calibrated"] else "not calibrated (no calibration.json for this step)")
+    calibrated = ("through each head's calibrator (column calibrator), fitted on the validation "
+                  "split; top-1 is the calibrated argmax" if metrics["calibrated"]
+                  else "not calibrated (no calibration.json for this step)")
     notes = (f"Intervals: 95% bootstrap over patients ({metrics['bootstrap_resamples']} resamples). "
-             f"ECE: top-label, {calibration_lib.ECE_BINS} equal-width bins; probabilities "
-             f"{calibrated}. Series answer: argmax of the mean slice probabilities.")
+             f"Probabilities {calibrated}. Series answer: argmax of the mean slice probabilities.")
+    calibration_note = (
+        _selection_note(metrics.get("calibration_selection")) +
+        f"ECE: top-label, {calibration_lib.ECE_BINS} equal-width bins, with its bootstrap interval "
+        f"(biased upwards, like the ECE itself). ECE floor: the ECE of labels drawn from the "
+        f"calibrated probabilities themselves ({metrics['bootstrap_resamples']} draws, one per "
+        f"series shared by its slices), what a perfectly calibrated model scores on this many "
+        f"series: an ECE within it is no evidence of miscalibration.")
     qa_header = ["series", "flags", "header", "predicted"]
     qa_rows = [[r["series_key"], ", ".join(r["qa_flags"]),
                 "; ".join(f"{f.split(':')[-1]}={r.get(f.split(':')[-1] + '_header')}" for f in r["qa_flags"]),
@@ -325,6 +379,7 @@ def write_report(metrics: dict, out_dir: str, pred_dir: str | None = None) -> di
     qa_note = (f"{len(flagged)} series with a header that contradicts a confident prediction"
                if pred_dir and flagged else "No series flagged" if pred_dir else "")
     md = [f"# {title}", "", notes, "", "## Categorical IAPs", "", _markdown_table(cat_header, cat), "",
+          calibration_note, "",
           "## Continuous IAPs", "", _markdown_table(cont_header, cont), "",
           "## Header QA", "", qa_note + ".", ""]
     if qa_rows:
@@ -357,7 +412,8 @@ td,th{{border:1px solid #ccc;padding:4px 8px;font-size:13px;text-align:right}} t
 th{{background:#f0f3f7}} .grid{{display:flex;flex-wrap:wrap;gap:8px}} img{{max-width:460px}} p{{max-width:900px}}
 figure.qa{{width:170px;margin:4px;font-size:11px}} figure.qa img{{width:160px}}</style>
 </head><body><h1>{html.escape(title)}</h1><p>{html.escape(notes)}</p>
-<h2>Categorical IAPs</h2>{html_table(cat_header, cat)}<h2>Continuous IAPs</h2>{html_table(cont_header, cont)}
+<h2>Categorical IAPs</h2>{html_table(cat_header, cat)}<p>{html.escape(calibration_note)}</p>
+<h2>Continuous IAPs</h2>{html_table(cont_header, cont)}
 {qa_section}{sections}</body></html>"""
     write_text_atomic(os.path.join(out_dir, "report.html"), page)
     public = {k: v for k, v in metrics.items() if not k.startswith("_")}
@@ -385,10 +441,16 @@ def qa_threshold(scores: np.ndarray, rate: float, floor: float = 0.5) -> float:
 
 
 def fit_calibration(pred_dir: str, workdir: str | None = None, qa_iaps=QA_IAPS,
-                    false_flag_rate: float = QA_FALSE_FLAG_RATE) -> tuple[str, dict]:
-    """Temperatures fitted on these predictions (and the header-QA thresholds they give),
-    saved into the training workdir. The QA budget is shared by the QA IAPs, so that at most
-    `false_flag_rate` of correctly labelled validation series get any flag."""
+                    false_flag_rate: float = QA_FALSE_FLAG_RATE,
+                    families=calibration_lib.FAMILIES, folds: int = calibration_lib.CV_FOLDS,
+                    repeats: int = calibration_lib.CV_REPEATS, seed: int = 0) -> tuple[str, dict]:
+    """A calibrator per categorical head fitted on these predictions (and the header-QA
+    thresholds they give), saved into the training workdir. Each head's family is chosen
+    among `families` by patient-grouped cross-validation on these predictions (the first,
+    temperature, unless another is significantly better: calibration.cross_validate and
+    select_family) and then fitted on all of them. The QA budget
+    is shared by the QA IAPs, so that at most `false_flag_rate` of correctly labelled
+    validation series get any flag."""
     slices_path = os.path.join(pred_dir, "slices.parquet")
     metadata = predictions.read_metadata(slices_path)
     encoding = LabelEncoding.from_json(metadata["label_encoding"])
@@ -396,7 +458,11 @@ def fit_calibration(pred_dir: str, workdir: str | None = None, qa_iaps=QA_IAPS,
     table = predictions.read_table(slices_path)
     if f"{encoding.heads[0].name}_header" not in table.column_names:
         raise ValueError(f"{pred_dir}: the input carried no headers to calibrate against")
-    temperatures, fitted = {}, {}
+    families = tuple(families)
+    for family in families:
+        calibration_lib.HeadCalibration(family)  # checks the name
+    patients = slice_patients(table)
+    calibrators, fitted = {}, {}
     for head in encoding.heads:
         if not head.categorical:
             continue
@@ -404,17 +470,25 @@ def fit_calibration(pred_dir: str, workdir: str | None = None, qa_iaps=QA_IAPS,
         rows = np.flatnonzero(truth >= 0)
         labels = truth[rows]
         logits = predictions.slice_logits(table, head)[rows]
-        t = calibration_lib.fit_temperature(logits, labels) if len(rows) else 1.0
-        temperatures[head.name] = t
-        fitted[head.name] = {
-            "slices": int(len(rows)),
-            "nll_before": calibration_lib.negative_log_likelihood(logits, labels) if len(rows) else None,
-            "nll_after": calibration_lib.negative_log_likelihood(logits, labels, t) if len(rows) else None}
+        scores = (calibration_lib.cross_validate(logits, labels, patients[rows], families, folds,
+                                                 repeats, seed)
+                  if len(families) > 1 and len(rows) else {})
+        family = calibration_lib.select_family(scores) if scores else families[0]
+        calibrator = calibration_lib.fit(logits, labels, family)
+        calibrators[head.name] = calibrator
+        fitted[head.name] = {"slices": int(len(rows)), "patients": int(len(np.unique(patients[rows]))),
+                             "family": family, "cv": scores}
+        if len(rows):
+            for when, c in (("before", None), ("after", calibrator)):
+                fitted[head.name][f"nll_{when}"] = calibration_lib.negative_log_likelihood(logits, labels, c)
+                fitted[head.name][f"top_label_loss_{when}"] = calibration_lib.top_label_loss(logits, labels, c)
+            calibrated_top1 = calibration_lib.calibrated_logits(logits, calibrator).argmax(axis=1)
+            fitted[head.name]["top1_changed"] = float(np.mean(logits.argmax(axis=1) != calibrated_top1))
     _, series_rows = predictions.series_groups(table)
     qa_heads = [h for h in encoding.heads if h.categorical and h.name in qa_iaps]
     thresholds = {}
     for head in qa_heads:
-        probs = predictions.slice_probabilities(table, head, temperatures[head.name])
+        probs = predictions.slice_probabilities(table, head, calibrators[head.name])
         headers = table.column(f"{head.name}_header").to_pylist()
         scores = []
         for rows in series_rows:
@@ -424,11 +498,42 @@ def fit_calibration(pred_dir: str, workdir: str | None = None, qa_iaps=QA_IAPS,
                 scores.append(1.0 - p)
         thresholds[head.name] = qa_threshold(np.array(scores), false_flag_rate / max(len(qa_heads), 1))
     data = {"step": metadata["step"], "checkpoint": metadata["checkpoint"],
-            "temperatures": temperatures,
+            "calibrators": {k: c.to_json() for k, c in calibrators.items()},
+            "selection": {"families": list(families), "folds": folds, "repeats": repeats,
+                          "groups": "patient", "l2": calibration_lib.L2, "seed": seed,
+                          "temperature_objective": calibration_lib.TEMPERATURE_OBJECTIVE,
+                          "rule": f"{families[0]} unless another family has a lower "
+                                  "out-of-fold ECE with the 95% bootstrap interval of the "
+                                  f"difference below -{calibration_lib.CV_MIN_GAIN:g}"},
             "qa": {"iaps": [h.name for h in qa_heads], "false_flag_rate": false_flag_rate,
                    "thresholds": thresholds, "series": len(series_rows)},
             "fitted_on": {"predictions": absolute(pred_dir), "heads": fitted}}
     return calibration_lib.save_calibration(workdir, data), data
+
+
+def calibration_selection(calibration: dict | None) -> dict | None:
+    """How a calibration chose its heads' families (None for one from before the choice):
+    {"selection": its settings, "heads": {IAP: {"family", "cv"}}}."""
+    if not calibration or "selection" not in calibration:
+        return None
+    heads = (calibration.get("fitted_on") or {}).get("heads", {})
+    return {"selection": calibration["selection"],
+            "heads": {k: {"family": v.get("family"), "cv": v.get("cv", {})} for k, v in heads.items()}}
+
+
+def _selection_note(selection: dict | None) -> str:
+    if not selection or len(selection["selection"]["families"]) < 2:
+        return ""
+    s = selection["selection"]
+    abbreviations = {"temperature": "T", "bcts": "BCTS", "vector": "V"}
+    families = s["families"]
+    per_head = "; ".join(
+        f"{name} {h['family']} (" + ", ".join(f"{abbreviations.get(f, f)} {h['cv'][f]['ece']:.3f}"
+                                             for f in families if f in h["cv"]) + ")"
+        for name, h in selection["heads"].items() if h.get("cv"))
+    return (f"Calibrator family per head by {s['folds']}-fold cross-validation over validation "
+            f"patients ({s['repeats']} repeats), {s['rule']}; chosen (out-of-fold ECE): "
+            f"{per_head}. ")
 
 
 # --- command ----------------------------------------------------------------------------
@@ -438,9 +543,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--predictions", required=True, help="an iap-predict --out folder")
     parser.add_argument("--out", default=None, help="report folder (report.md, report.html, ...)")
     parser.add_argument("--fit-calibration", action="store_true",
-                        help="fit temperatures on these (validation) predictions into the workdir")
+                        help="fit calibrators on these (validation) predictions into the workdir")
     parser.add_argument("--workdir", default=None,
                         help="training workdir for --fit-calibration (default: the checkpoint's)")
+    parser.add_argument("--calibration-families", default=",".join(calibration_lib.FAMILIES),
+                        help="calibrator families --fit-calibration chooses among per head by "
+                             "cross-validation (comma-separated; one: that family for every head)")
     parser.add_argument("--qa-iaps", default=",".join(QA_IAPS),
                         help="IAPs whose headers the predictor checks (comma-separated)")
     parser.add_argument("--qa-false-flag-rate", type=float, default=QA_FALSE_FLAG_RATE,
@@ -459,9 +567,11 @@ def main(argv=None) -> int:
         if args.fit_calibration:
             path, data = fit_calibration(args.predictions, args.workdir,
                                          tuple(filter(None, args.qa_iaps.split(","))),
-                                         args.qa_false_flag_rate)
+                                         args.qa_false_flag_rate,
+                                         tuple(filter(None, args.calibration_families.split(","))))
             print(f"calibration for step {data['step']}: " + ", ".join(
-                f"{k} T={v:.2f}" for k, v in data["temperatures"].items()) + f"\n  -> {path}")
+                f"{k} {calibration_lib.HeadCalibration.from_json(v).describe()}"
+                for k, v in data["calibrators"].items()) + f"\n  -> {path}")
         if args.out:
             metrics = evaluate(args.predictions, args.bootstrap, args.seed)
             files = write_report(metrics, args.out, args.predictions)

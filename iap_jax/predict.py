@@ -11,9 +11,10 @@ the local devices while a reader thread decodes the next ones. Several processes
 (jax.distributed) each predict their own share of the input's units and write their own
 part files; process 0 writes the merged tables and the report.
 
-When the workdir holds a calibration (iap-eval --fit-calibration: temperatures, header-QA
-thresholds) or an out-of-distribution model (iap-ood) fitted for the step, they are applied
-(probabilities, qa_flags, ood_score and unknown) and recorded; --no-calibration skips both.
+When the workdir holds a calibration (iap-eval --fit-calibration: a calibrator per
+categorical head, header-QA thresholds) or an out-of-distribution model (iap-ood) fitted for
+the step, they are applied (probabilities, qa_flags, ood_score and unknown) and recorded;
+--no-calibration skips both.
 
 Output (OUT_DIR): slices.parquet, series.parquet (iap_jax.predictions), predict_report.json
 (inputs, counts, every skipped input with its reason, checkpoint, devices, speed), and
@@ -292,7 +293,7 @@ def predict(args) -> dict:
     import jax
 
     from iap_jax import predictions, sources
-    from iap_jax.calibration import load_calibration
+    from iap_jax.calibration import head_calibrators, load_calibration
     from iap_jax.ood import load_ood
     from iap_jax.preprocess import PixelSpec
     from iap_jax.progress import Progress
@@ -311,7 +312,7 @@ def predict(args) -> dict:
                                    ("slices", args.slices)) if v is not None}
     spec = PixelSpec.from_json({**predictor.spec.to_json(), **overrides})
     calibration = None if args.no_calibration else load_calibration(args.workdir, predictor.step)
-    temperatures = calibration["temperatures"] if calibration else {}
+    calibrators = head_calibrators(calibration)
     ood = None if args.no_calibration else load_ood(args.workdir, predictor.step)
     salt_info: dict[str, str] = {}
 
@@ -330,7 +331,7 @@ def predict(args) -> dict:
     if chief:
         units = source.plan()
         signature = _run_signature(args, predictor, source, spec, units, salt_info.get("value"))
-        signature["temperatures"] = temperatures
+        signature["calibrators"] = {k: c.to_json() for k, c in calibrators.items()}
         signature["ood"] = ood.summary() if ood else None
         _check_signature(parts_dir, signature, args.overwrite)
         write_json_atomic(plan_path, {"units": [[u.id, list(u.entries)] for u in units]})
@@ -366,7 +367,7 @@ def predict(args) -> dict:
         logits, features = jax.device_get((outputs, features))
         ood_scores = ood.score(features[:len(slices)]) if ood else None
         tables.setdefault(unit_id, []).append(predictions.slice_table(
-            slices, logits, predictor.encoding, schema, args.top_k, temperatures, ood_scores))
+            slices, logits, predictor.encoding, schema, args.top_k, calibrators, ood_scores))
 
     while True:
         wait_start = time.time()
@@ -412,7 +413,7 @@ def predict(args) -> dict:
     series_path = os.path.join(out_dir, "series.parquet")
     rows = predictions.merge_parts([part_path(u.id) for u in units], slices_path, schema)
     qa = (calibration or {}).get("qa", {}).get("thresholds")
-    series = predictions.series_table(slices_path, predictor.encoding, metadata, temperatures, qa,
+    series = predictions.series_table(slices_path, predictor.encoding, metadata, calibrators, qa,
                                       ood.threshold if ood else None)
     predictions.write_parquet_atomic(series, series_path)
     if args.csv:

@@ -4,7 +4,8 @@ slices.parquet, one row per slice:
   series_key, slice_index, patient, phase, source   (what iap-prep writes for the same
                      slice with the same salt; source: the file or shard, relative to the input)
   categorical IAP:   <IAP> (top-1 class), <IAP>_prob, <IAP>_topk, <IAP>_topk_prob (through
-                     the calibration's temperature when the workdir has one for the step),
+                     the head's calibrator, iap_jax.calibration, when the workdir has a
+                     calibration for the step; the top-1 class is the calibrated argmax),
                      <IAP>_logits (the head's raw outputs, in vocabulary order)
   continuous IAP:    <IAP> (real units, e.g. ms)
   with headers:      <IAP>_header (the header's canonical value; "<absent>" / "<empty>" for
@@ -38,6 +39,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from iap_jax import calibration as calibration_lib
 from iap_jax.atomic import is_remote, open_file, replacing
 from iap_jax.iaps import IAP_NAMES, SPECS, LabelState
 from iap_jax.labels import ABSENT, EMPTY, OTHER, LabelEncoding
@@ -151,11 +153,12 @@ def header_value(name: str, state: int, value: str, number: float):
 
 
 def slice_table(slices: Sequence, logits: Mapping[str, np.ndarray], encoding: LabelEncoding,
-                schema: pa.Schema, top_k: int, temperatures: Mapping[str, float] | None = None,
+                schema: pa.Schema, top_k: int,
+                calibrators: Mapping[str, calibration_lib.HeadCalibration] | None = None,
                 ood_scores: np.ndarray | None = None) -> pa.Table:
     """Rows for predicted slices (sources.StoredSlice) from the model's outputs (rows in the
-    same order); probabilities through the calibration's temperatures where given."""
-    temperatures = temperatures or {}
+    same order); probabilities through the heads' calibrators where given."""
+    calibrators = calibrators or {}
     columns: dict[str, Any] = {
         "series_key": [s.series_key for s in slices],
         "slice_index": [int(s.slice_index) for s in slices],
@@ -165,7 +168,9 @@ def slice_table(slices: Sequence, logits: Mapping[str, np.ndarray], encoding: La
     }
     if "ood_score" in schema.names:
         columns["ood_score"] = np.asarray(ood_scores, np.float32)
-    decoded = encoding.decode({k: np.asarray(v, np.float64)[:len(slices)] / temperatures.get(k, 1.0)
+    # A head without a calibrator (a continuous one too) passes through unchanged.
+    decoded = encoding.decode({k: calibration_lib.calibrated_logits(np.asarray(v)[:len(slices)],
+                                                                    calibrators.get(k))
                                for k, v in logits.items()}, top_k)
     has_headers = f"{encoding.heads[0].name}_header" in schema.names
     for head in encoding.heads:
@@ -228,11 +233,10 @@ def slice_logits(table: pa.Table, head) -> np.ndarray:
     return np.asarray(logits, np.float64).reshape(len(logits), head.size)
 
 
-def slice_probabilities(table: pa.Table, head, temperature: float = 1.0) -> np.ndarray:
-    """[slices, classes] probabilities of a categorical head from its stored logits."""
-    from iap_jax.calibration import softmax
-
-    return softmax(slice_logits(table, head), temperature)
+def slice_probabilities(table: pa.Table, head, calibration=None) -> np.ndarray:
+    """[slices, classes] probabilities of a categorical head from its stored logits, through
+    a calibrator (calibration.HeadCalibration, or a temperature) where given."""
+    return calibration_lib.probabilities(slice_logits(table, head), calibration)
 
 
 def qa_flags(head, answer_probability: float, header, header_probability: float | None,
@@ -255,11 +259,11 @@ def header_probability(head, mean: np.ndarray, header) -> float | None:
 
 def series_table(slices_path: str, encoding: LabelEncoding,
                  metadata: Mapping[str, Any] | None = None,
-                 temperatures: Mapping[str, float] | None = None,
+                 calibrators: Mapping[str, calibration_lib.HeadCalibration] | None = None,
                  qa_thresholds: Mapping[str, float] | None = None,
                  ood_threshold: float | None = None) -> pa.Table:
     """Per-series answers from a slices file (see the module docstring)."""
-    temperatures = temperatures or {}
+    calibrators = calibrators or {}
     table = read_table(slices_path)
     has_headers = f"{encoding.heads[0].name}_header" in table.column_names
     unique, groups = series_groups(table)
@@ -280,7 +284,7 @@ def series_table(slices_path: str, encoding: LabelEncoding,
     for head in encoding.heads:
         if head.categorical:
             top1 = table.column(head.name).to_pylist()
-            probs = slice_probabilities(table, head, temperatures.get(head.name, 1.0))
+            probs = slice_probabilities(table, head, calibrators.get(head.name))
             answers, confidences, agreements, means = [], [], [], []
             for g in groups:
                 mean = probs[g].mean(axis=0)

@@ -1,4 +1,4 @@
-"""iap-eval and iap-sort: the numbers (ECE, bootstrap intervals, temperatures, QA thresholds)
+"""iap-eval and iap-sort: the numbers (ECE, bootstrap intervals, calibrators, QA thresholds)
 against independent ones, and the report and manifest on real predictions."""
 import base64
 import csv
@@ -99,18 +99,50 @@ def calibrated_run(trained_run, tmp_path_factory):
 
 def test_calibration_is_stored_for_its_step_and_applied(calibrated_run):
     run, root, data, report = calibrated_run
-    assert set(data["temperatures"]) >= {"Manufacturer", "FOV"} and data["qa"]["thresholds"]
-    assert report["checkpoint"]["calibration"]["temperatures"] == data["temperatures"]
+    assert set(data["calibrators"]) >= {"Manufacturer", "FOV"} and data["qa"]["thresholds"]
+    assert report["checkpoint"]["calibration"]["calibrators"] == data["calibrators"]
+    fov = data["fitted_on"]["heads"]["FOV"]
+    assert fov["family"] == data["calibrators"]["FOV"]["family"] in calibration.FAMILIES
+    assert set(fov["cv"]) == set(calibration.FAMILIES) and data["selection"]["groups"] == "patient"
     slices = pq.read_table(root / "dicom" / "slices.parquet")
     meta = predictions.read_metadata(str(root / "dicom" / "slices.parquet"))
     assert meta["calibration"]["step"] == meta["step"] == data["step"]
-    head = LabelEncoding.from_json(meta["label_encoding"]).head("FOV")
-    expected = predictions.slice_probabilities(slices, head, data["temperatures"]["FOV"]).max(axis=1)
-    np.testing.assert_allclose(slices.column("FOV_prob").to_numpy(), expected, rtol=1e-5)
+    encoding = LabelEncoding.from_json(meta["label_encoding"])
+    calibrators = calibration.head_calibrators(meta["calibration"])
+    for name in ("FOV", "ScanOptions"):
+        head = encoding.head(name)
+        expected = predictions.slice_probabilities(slices, head, calibrators[name])
+        np.testing.assert_allclose(slices.column(f"{name}_prob").to_numpy(), expected.max(axis=1), rtol=1e-5)
+        assert slices.column(name).to_pylist() == [head.classes[i] for i in expected.argmax(axis=1)]
     series = pq.read_table(root / "dicom" / "series.parquet")
     assert "qa_flags" in series.column_names
     # Another step's calibration is not applied.
     assert calibration.load_calibration(run.workdir, data["step"] + 1) is None
+
+
+def test_an_old_calibration_file_of_temperatures_is_still_applied(calibrated_run, tmp_path):
+    run, root, data, _ = calibrated_run
+    workdir = tmp_path / "train"
+    shutil.copytree(run.workdir, workdir)
+    old = {"step": data["step"], "checkpoint": data["checkpoint"], "qa": data["qa"],
+           "temperatures": {"FOV": 2.0, "Manufacturer": 0.5}}
+    (workdir / calibration.CALIBRATION_FILE).write_text(json.dumps(old))
+    old_run = type(run)(run.dicom_root, run.dataset_dir, str(workdir), run.validation)
+    run_predict(old_run, str(tmp_path / "pred"), "--input", run.dataset_dir, "--split", "test")
+    slices = pq.read_table(tmp_path / "pred" / "slices.parquet")
+    encoding = LabelEncoding.from_json(predictions.read_metadata(
+        str(tmp_path / "pred" / "slices.parquet"))["label_encoding"])
+    for name, temperature in (("FOV", 2.0), ("ScanOptions", 1.0)):  # ScanOptions: none given
+        logits = predictions.slice_logits(slices, encoding.head(name))
+        np.testing.assert_allclose(slices.column(f"{name}_prob").to_numpy(),
+                                   calibration.softmax(logits / temperature).max(axis=1), rtol=1e-5)
+    metrics = evaluate.evaluate(str(tmp_path / "pred"), resamples=50)
+    assert metrics["heads"]["FOV"]["calibrator"] == "temperature"
+    assert metrics["heads"]["ScanOptions"]["calibrator"] is None
+    assert metrics["calibration_selection"] is None
+    markdown = open(evaluate.write_report(metrics, str(tmp_path / "report"))["report.md"]).read()
+    row = next(line for line in markdown.splitlines() if line.startswith("| FOV |"))
+    assert "| temperature T=2.00 |" in row
 
 
 def test_report_files_and_a_self_contained_page(calibrated_run, tmp_path):
@@ -122,9 +154,12 @@ def test_report_files_and_a_self_contained_page(calibrated_run, tmp_path):
     assert m["slices"] == metrics["slices"] and 0 <= m["top1"] <= 1
     assert m["top1_ci"][0] <= m["top1"] <= m["top1_ci"][1]
     assert saved["calibrated"] and "ece_after" in m and "series_top1" in m
+    assert m["calibrator"] in calibration.FAMILIES
+    assert m["ece_after_ci"][0] <= m["ece_after_ci"][1] and 0 <= m["ece_floor"] <= m["ece_floor_p95"]
     assert saved["heads"]["EchoTime"]["unit"] == "ms" and "r2" in saved["heads"]["EchoTime"]
     markdown = open(files["report.md"]).read()
     assert "| Manufacturer |" in markdown and "slice top-1 [95% CI]" in markdown
+    assert "ECE floor (mean, p95)" in markdown and "cross-validation over validation patients" in markdown
     page = open(files["report.html"]).read()
     assert not re.search(r'(src|href)="(?!data:)', page)  # nothing outside the page
     images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
