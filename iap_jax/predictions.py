@@ -178,17 +178,35 @@ def slice_table(slices: Sequence, logits: Mapping[str, np.ndarray], encoding: La
         if head.categorical:
             columns[head.name] = list(d["value"])
             columns[f"{head.name}_prob"] = d["top_probs"][:, 0].astype(np.float32)
-            columns[f"{head.name}_topk"] = [list(row) for row in d["top_classes"]]
-            columns[f"{head.name}_topk_prob"] = [row.astype(np.float32) for row in d["top_probs"]]
-            columns[f"{head.name}_logits"] = list(np.asarray(logits[head.name], np.float32)[:len(slices)])
+            columns[f"{head.name}_topk"] = _lists(d["top_classes"], pa.string())
+            columns[f"{head.name}_topk_prob"] = _lists(d["top_probs"], pa.float32())
+            columns[f"{head.name}_logits"] = _lists(np.asarray(logits[head.name])[:len(slices)],
+                                                    pa.float32())
         else:
             columns[head.name] = np.asarray(d["value"], np.float64)
         if has_headers:
-            index = IAP_NAMES.index(head.name)
-            columns[f"{head.name}_header"] = [
-                header_value(head.name, *s.headers[index]) if s.headers is not None else None
-                for s in slices]
-    return pa.table({f.name: pa.array(columns[f.name], type=f.type) for f in schema}, schema=schema)
+            # The slices of a series share their headers: each distinct one is spelled once.
+            index, spelled = IAP_NAMES.index(head.name), {}
+            column = []
+            for s in slices:
+                raw = tuple(s.headers[index]) if s.headers is not None else None
+                if raw not in spelled:
+                    spelled[raw] = None if raw is None else header_value(head.name, *raw)
+                column.append(spelled[raw])
+            columns[f"{head.name}_header"] = column
+    return pa.table({f.name: columns[f.name] if isinstance(columns[f.name], pa.Array)
+                     else pa.array(columns[f.name], type=f.type) for f in schema}, schema=schema)
+
+
+def _lists(rows: np.ndarray, value_type: pa.DataType) -> pa.Array:
+    """[n, k] values as an Arrow list column, built from the flat values at once (a list per
+    row through Python is most of a batch's table time)."""
+    rows = np.asarray(rows)
+    n, k = rows.shape
+    flat = rows.reshape(-1)
+    values = pa.array(flat.tolist() if pa.types.is_string(value_type) else flat.astype(np.float32),
+                      type=value_type)
+    return pa.ListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32) * k), values)
 
 
 def write_parquet_atomic(table: pa.Table, path: str) -> None:
