@@ -10,7 +10,9 @@ Variants (each size in its own subprocess, interleaved, best of --repeats):
   torch      eval mode, torch.inference_mode, channels-last, float32 input already normalised
   torch_compile   the same through torch.compile (where it works on this machine)
   e2e        the whole command over a TFRecord shard of the size: images/s and the share of
-             time the devices wait for input
+             time the devices wait for input (over the run; after the first batch, i.e. the
+             steady pace of a large input; and the wait for the first batch, the reader's
+             start-up)
 
   python bench/predict.py --sizes 64,128,224 --batch 32 --batches 8 --repeats 3
   (on a GPU: --sizes 224 --batch 512 --dtype bfloat16)
@@ -151,6 +153,8 @@ def _run_e2e(size: int, batch: int, batches: int, dtype: str) -> dict:
     run = report["run"]
     return {"images_per_s": run["images_per_s"], "compile_s": run["compile_s"],
             "device": run["device_kind"], "input_wait_share": run["input_wait_share"],
+            "input_wait_share_after_first_batch": run["input_wait_share_after_first_batch"],
+            "first_batch_wait_s": run["first_batch_wait_s"],
             "detail": run["convolutions"]}
 
 
@@ -201,7 +205,7 @@ def main() -> None:
                     best[key] = {"size": size, "variant": variant, **result}
     rows = []
     header = (f"{'size':>5} {'variant':>14} {'device':>16} {'img/s':>9} {'vs torch':>9} "
-              f"{'compile s':>10} {'input wait':>11}  detail")
+              f"{'compile s':>10} {'input wait (after 1st batch, 1st batch)':>40}  detail")
     print(header + "\n" + "-" * len(header))
     for size in sizes:
         torch_best = max((best[(size, v)]["images_per_s"] for v in ("torch", "torch_compile")
@@ -213,9 +217,10 @@ def main() -> None:
             row["ratio_vs_best_torch"] = row["images_per_s"] / torch_best if torch_best else None
             rows.append(row)
             ratio = f"{row['ratio_vs_best_torch']:.2f}x" if row["ratio_vs_best_torch"] else "-"
-            wait = f"{row['input_wait_share']:.0%}" if "input_wait_share" in row else ""
+            wait = (f"{row['input_wait_share']:.0%} ({row['input_wait_share_after_first_batch']:.0%}, "
+                    f"{row['first_batch_wait_s']:.1f} s)" if "input_wait_share" in row else "")
             print(f"{size:>5} {variant:>14} {row['device'][:16]:>16} {row['images_per_s']:>9.1f} "
-                  f"{ratio:>9} {row['compile_s']:>10.1f} {wait:>11}  {row['detail']}")
+                  f"{ratio:>9} {row['compile_s']:>10.1f} {wait:>40}  {row['detail']}")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"batch": args.batch, "batches": args.batches, "dtype": args.dtype,

@@ -361,6 +361,7 @@ def predict(args) -> dict:
     tables: dict[str, list] = {}
     in_flight = None
     wait_s, predicted, compute_start = 0.0, 0, time.time()
+    first_wait_s = None  # until the first batch: the reader's start-up, not its pace
 
     def finish(flight) -> None:
         unit_id, slices, (outputs, features) = flight
@@ -378,6 +379,8 @@ def predict(args) -> dict:
         if item[0] == "done":
             break
         if item[0] == "batch":
+            if first_wait_s is None:
+                first_wait_s = wait_s
             _, unit_id, slices, images, scales, offsets = item
             outputs = predictor(images, scales, offsets)  # runs while the last is decoded
             if in_flight is not None:
@@ -402,6 +405,7 @@ def predict(args) -> dict:
         meter.close()
     write_json_atomic(os.path.join(parts_dir, f"process-{jax.process_index()}.json"), {
         "images": predicted, "seconds": compute_s, "input_wait_s": wait_s,
+        "first_batch_wait_s": first_wait_s or 0.0,
         "units": len(todo), "units_resumed": len(mine) - len(todo),
         "devices": [str(d) for d in jax.local_devices()]})
     _barrier("iap_predict_done")
@@ -447,6 +451,13 @@ def predict(args) -> dict:
                 "images_per_s": round(images / seconds, 1) if seconds > 0 else None,
                 "input_wait_share": round(sum(p["input_wait_s"] for p in processes) /
                                           max(sum(p["seconds"] for p in processes), 1e-9), 3),
+                # The same after the first batch (the steady pace on a large input), and the
+                # wait for the first batch (the reader's start-up: opening, tracing the parser).
+                "input_wait_share_after_first_batch": round(
+                    sum(p["input_wait_s"] - p.get("first_batch_wait_s", 0.0) for p in processes) /
+                    max(sum(p["seconds"] - p.get("first_batch_wait_s", 0.0) for p in processes), 1e-9), 3),
+                "first_batch_wait_s": round(max((p.get("first_batch_wait_s", 0.0) for p in processes),
+                                                default=0.0), 2),
                 "units_resumed": sum(p["units_resumed"] for p in processes),
                 "wall_s": round(time.time() - started, 1)},
         "outputs": {"slices": "slices.parquet", "series": "series.parquet",
