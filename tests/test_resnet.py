@@ -94,6 +94,7 @@ def test_inference_folds_batchnorm_residual_and_relu_into_the_onednn_convolution
     unfolded = model.clone(fold_norms=False)
     variables = _trained_statistics(model, _init(model, x), x)
     assert jax.tree.structure(_init(unfolded, x)) == jax.tree.structure(variables)
+    assert set(model.init(jax.random.PRNGKey(0), x, train=False)) == {"params", "batch_stats"}
     want = jax.jit(lambda v, a: unfolded.apply(v, a, train=False))(variables, x)
     xla = jax.jit(lambda v, a: model.clone(conv_impl="xla").apply(v, a, train=False))(variables, x)
     forward = jax.jit(lambda v, a: model.apply(v, a, train=False))

@@ -315,7 +315,10 @@ class Conv(nn.Module):
             def folded():
                 return kernel * multiplier, shift if bias is None else bias * multiplier + shift
 
-            if not (self.is_mutable_collection(PACKED) or self.has_variable(PACKED, "kernel")):
+            # Packed only on request (pack_for_inference), never by init: a model's variables
+            # and checkpoints hold no packed kernels.
+            packing = self.is_mutable_collection(PACKED) and not self.is_initializing()
+            if not (packing or self.has_variable(PACKED, "kernel")):
                 return onednn.inference(x, *folded(), strides, pads, out_hw, relu, residual)
             # Prediction: the folded kernel packed once (see `pack_for_inference`).
             packed = self.variable(PACKED, "kernel", lambda: onednn.pack_weights(
