@@ -92,5 +92,8 @@ def test_preempted_two_process_run_resumes_on_one_process_exactly(train_dataset_
     assert f"resumed from step {stop}" in (tmp_path / "resumed.log").read_text()
     final, expected = (restore_model(str(w), step="latest") for w in (run, reference))
     assert final["step"] == expected["step"] == EPOCHS * 4
+    # The steps before the stop summed their gradients over 2 processes, in another order
+    # than 1 x 4 devices do; how many there were depends on when the signal landed, so the
+    # rounding does too (one run measured 2.5e-5 on a weight of 0.009).
     for a, b in zip(jax.tree.leaves(final["params"]), jax.tree.leaves(expected["params"])):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=5e-5)
