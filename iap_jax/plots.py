@@ -90,10 +90,16 @@ def write_reliability(curves: dict[str, tuple], name: str, path: str) -> str:
     for (label, (confidence, accuracy, counts, ece)), colour in zip(curves.items(),
                                                                       ("tab:red", "tab:blue")):
         filled = counts > 0
-        ax.plot(confidence[filled], accuracy[filled], marker="o", ms=3, color=colour,
+        ax.plot(confidence[filled], accuracy[filled], lw=1, color=colour,
                 label=f"{label} (ECE {ece:.3f})")
+        # A bin's weight in the ECE is its share of the slices: the marker's area shows it.
+        share = counts[filled] / max(counts.sum(), 1)
+        ax.scatter(confidence[filled], accuracy[filled], s=4 + 300 * share, color=colour,
+                   alpha=0.6, linewidths=0)
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
+    ax.text(0.98, 0.02, "marker area: share of slices", ha="right", va="bottom", fontsize=7,
+            color="0.4", transform=ax.transAxes)
     ax.set_xlabel("confidence (top-1 probability)")
     ax.set_ylabel("accuracy")
     ax.set_title(f"{name}: reliability", fontsize=9)
