@@ -93,7 +93,14 @@ def test_preempted_two_process_run_resumes_on_one_process_exactly(train_dataset_
     final, expected = (restore_model(str(w), step="latest") for w in (run, reference))
     assert final["step"] == expected["step"] == EPOCHS * 4
     # The steps before the stop summed their gradients over 2 processes, in another order
-    # than 1 x 4 devices do; how many there were depends on when the signal landed, so the
-    # rounding does too (one run measured 2.5e-5 on a weight of 0.009).
+    # than 1 x 4 devices do, and Adam turns that rounding into a difference of up to a step's
+    # update on a weight whose gradient is about zero (one run: 1.8e-4 on one of 16 values,
+    # the other 15 equal to 1e-6). So: nearly every value equal at float tolerance, and every
+    # tensor within 1% in norm; a lost, repeated or reordered batch moves all of them.
+    close = total = 0
     for a, b in zip(jax.tree.leaves(final["params"]), jax.tree.leaves(expected["params"])):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=5e-5)
+        a, b = np.asarray(a), np.asarray(b)
+        assert np.linalg.norm(a - b) <= 1e-2 * np.linalg.norm(b) + 1e-6, (a, b)
+        close += int(np.isclose(a, b, rtol=2e-4, atol=2e-5).sum())
+        total += a.size
+    assert close >= 0.999 * total, (close, total)
