@@ -162,8 +162,7 @@ class Predictor:
         self.convolutions = describe_convolutions(self.conv_impl, self.dtype)
         model = build_model(self.config["model"], self.encoding.head_sizes(),
                             conv_impl=self.conv_impl, dtype=self.dtype, fold_norms=fold_norms)
-        devices = self.mesh.size
-        self.batch_size = -(-max(int(batch_size), 1) // devices) * devices
+        self.batch_size = self.global_batch_size(batch_size, self.mesh.size)
         variables = {"params": restored["params"], "batch_stats": restored["batch_stats"]}
         spec = self.spec
         # With oneDNN: every kernel folded with its BatchNorm and packed once, here.
@@ -190,16 +189,26 @@ class Predictor:
         self._variables = variables
         self._batch_sharding = batch
 
+    @staticmethod
+    def global_batch_size(batch_size: int, devices: int) -> int:
+        """The compiled batch: `batch_size` rounded up to a multiple of the device count."""
+        return -(-max(int(batch_size), 1) // devices) * devices
+
+    @staticmethod
+    def local_mesh():
+        import jax
+
+        from iap_jax import sharding as sharding_lib
+
+        return sharding_lib.make_mesh({"data": -1}, devices=jax.local_devices())
+
     @classmethod
     def from_checkpoint(cls, workdir: str, step: str | int = "best", batch_size: int = 256,
                         conv_impl: str | None = None, dtype: str | None = None) -> "Predictor":
         """The checkpoint's model alone (never its optimizer state) on this process's devices."""
-        import jax
-
-        from iap_jax import sharding as sharding_lib
         from iap_jax.checkpoints import restore_model
 
-        mesh = sharding_lib.make_mesh({"data": -1}, devices=jax.local_devices())
+        mesh = cls.local_mesh()
         return cls(restore_model(workdir, mesh, step), mesh, batch_size, conv_impl, dtype)
 
     def __call__(self, images, scales, offsets) -> tuple[dict, Any]:
@@ -211,7 +220,11 @@ class Predictor:
         return self._forward(self._variables, *arrays)
 
     def encoding_sha256(self) -> str:
-        return _sha256(self.encoding.to_json())
+        return _encoding_sha256(self.encoding)
+
+
+def _encoding_sha256(encoding) -> str:
+    return _sha256(encoding.to_json())
 
 
 # --- batches --------------------------------------------------------------------------
@@ -251,21 +264,38 @@ class _Reader(threading.Thread):
         super().__init__(daemon=True)
         self.iterator = iterator
         self.items: queue.Queue = queue.Queue(maxsize=depth)
+        self._stopping = threading.Event()
 
     def run(self):
         try:
             for item in self.iterator:
-                self.items.put(item)
-            self.items.put(("done",))
+                if not self._put(item):
+                    return
+            self._put(("done",))
         except BaseException as err:  # handed to the main thread
-            self.items.put(("error", err))
+            self._put(("error", err))
+
+    def _put(self, item) -> bool:
+        while not self._stopping.is_set():
+            try:
+                self.items.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def stop(self) -> None:
+        """Ends the thread after the item it is reading (the consumer has given up)."""
+        self._stopping.set()
+        self.join()
 
 
 # --- the run ----------------------------------------------------------------------------
 
-def _run_signature(args, predictor: Predictor, source, spec, units, salt: str | None) -> dict:
-    return {"checkpoint": predictor.directory, "step": predictor.step,
-            "label_encoding_sha256": predictor.encoding_sha256(), "pixel_spec": spec.to_json(),
+def _run_signature(args, restored: dict, source, spec, units, salt: str | None) -> dict:
+    return {"checkpoint": restored["directory"], "step": restored["step"],
+            "label_encoding_sha256": _encoding_sha256(restored["label_encoding"]),
+            "pixel_spec": spec.to_json(),
             "input": absolute(args.input), "split": args.split, "kind": source.kind,
             "top_k": args.top_k,
             "salt_sha256": hashlib.sha256(salt.encode()).hexdigest() if salt else None,
@@ -294,6 +324,7 @@ def predict(args) -> dict:
 
     from iap_jax import predictions, sources
     from iap_jax.calibration import head_calibrators, load_calibration
+    from iap_jax.checkpoints import restore_model
     from iap_jax.ood import load_ood
     from iap_jax.preprocess import PixelSpec
     from iap_jax.progress import Progress
@@ -306,18 +337,22 @@ def predict(args) -> dict:
         raise ValueError(f"--top-k {args.top_k}: must be at least 1")
     makedirs(parts_dir)
 
-    predictor = Predictor.from_checkpoint(args.workdir, args.step, args.batch_size,
-                                          args.conv_impl, args.dtype)
+    # The model is compiled only once the reader runs (below), so that the reader's start-up
+    # (opening the input, tracing its parser) overlaps the compilation.
+    mesh = Predictor.local_mesh()
+    restored = restore_model(args.workdir, mesh, args.step)
+    batch_size = Predictor.global_batch_size(args.batch_size, mesh.size)
+    step, encoding = restored["step"], restored["label_encoding"]
     overrides = {k: v for k, v in (("series_filter", args.series_filter), ("phases", args.phases),
                                    ("slices", args.slices)) if v is not None}
-    spec = PixelSpec.from_json({**predictor.spec.to_json(), **overrides})
-    calibration = None if args.no_calibration else load_calibration(args.workdir, predictor.step)
+    spec = PixelSpec.from_json({**restored["pixel_spec"].to_json(), **overrides})
+    calibration = None if args.no_calibration else load_calibration(args.workdir, step)
     calibrators = head_calibrators(calibration)
-    ood = None if args.no_calibration else load_ood(args.workdir, predictor.step)
+    ood = None if args.no_calibration else load_ood(args.workdir, step)
     salt_info: dict[str, str] = {}
 
     def salt() -> str:
-        value, where = resolve_salt(args, predictor.config, out_dir)
+        value, where = resolve_salt(args, restored["config"], out_dir)
         salt_info.update(value=value, source=where)
         return value
 
@@ -330,7 +365,7 @@ def predict(args) -> dict:
     plan_path = os.path.join(parts_dir, "plan.json")
     if chief:
         units = source.plan()
-        signature = _run_signature(args, predictor, source, spec, units, salt_info.get("value"))
+        signature = _run_signature(args, restored, source, spec, units, salt_info.get("value"))
         signature["calibrators"] = {k: c.to_json() for k, c in calibrators.items()}
         signature["ood"] = ood.summary() if ood else None
         _check_signature(parts_dir, signature, args.overwrite)
@@ -345,61 +380,64 @@ def predict(args) -> dict:
 
     mine = [u for i, u in enumerate(units) if i % jax.process_count() == jax.process_index()]
     todo = [u for u in mine if not epath.Path(part_path(u.id)).exists()]
-    metadata = {"checkpoint": predictor.directory, "step": predictor.step,
-                "label_encoding": predictor.encoding.to_json(), "pixel_spec": spec.to_json(),
+    metadata = {"checkpoint": restored["directory"], "step": step,
+                "label_encoding": encoding.to_json(), "pixel_spec": spec.to_json(),
                 "calibration": calibration, "ood": ood.summary() if ood else None}
-    schema = predictions.slice_schema(predictor.encoding, source.has_headers, metadata,
-                                      ood=ood is not None)
+    schema = predictions.slice_schema(encoding, source.has_headers, metadata, ood=ood is not None)
 
     # ------------------------------------------------------------ predict ------------
     label = "predict" if jax.process_count() == 1 else f"predict[{jax.process_index()}]"
     meter = None if args.quiet or not todo else Progress(label, source.expected_slices(todo),
                                                          unit="images")
     skips_by_unit: dict[str, list] = {}
-    reader = _Reader(_batches(source, todo, skips_by_unit, predictor.batch_size, spec.stored_size))
+    reader = _Reader(_batches(source, todo, skips_by_unit, batch_size, spec.stored_size))
     reader.start()
-    tables: dict[str, list] = {}
-    in_flight = None
-    wait_s, predicted, compute_start = 0.0, 0, time.time()
-    first_wait_s = None  # until the first batch: the reader's start-up, not its pace
+    try:
+        predictor = Predictor(restored, mesh, batch_size, args.conv_impl, args.dtype)
+        tables: dict[str, list] = {}
+        in_flight = None
+        wait_s, predicted, compute_start = 0.0, 0, time.time()
+        first_wait_s = None  # until the first batch: the reader's start-up, not its pace
 
-    def finish(flight) -> None:
-        unit_id, slices, (outputs, features) = flight
-        logits, features = jax.device_get((outputs, features))
-        ood_scores = ood.score(features[:len(slices)]) if ood else None
-        tables.setdefault(unit_id, []).append(predictions.slice_table(
-            slices, logits, predictor.encoding, schema, args.top_k, calibrators, ood_scores))
+        def finish(flight) -> None:
+            unit_id, slices, (outputs, features) = flight
+            logits, features = jax.device_get((outputs, features))
+            ood_scores = ood.score(features[:len(slices)]) if ood else None
+            tables.setdefault(unit_id, []).append(predictions.slice_table(
+                slices, logits, predictor.encoding, schema, args.top_k, calibrators, ood_scores))
 
-    while True:
-        wait_start = time.time()
-        item = reader.items.get()
-        wait_s += time.time() - wait_start
-        if item[0] == "error":
-            raise item[1]
-        if item[0] == "done":
-            break
-        if item[0] == "batch":
-            if first_wait_s is None:
-                first_wait_s = wait_s
-            _, unit_id, slices, images, scales, offsets = item
-            outputs = predictor(images, scales, offsets)  # runs while the last is decoded
+        while True:
+            wait_start = time.time()
+            item = reader.items.get()
+            wait_s += time.time() - wait_start
+            if item[0] == "error":
+                raise item[1]
+            if item[0] == "done":
+                break
+            if item[0] == "batch":
+                if first_wait_s is None:
+                    first_wait_s = wait_s
+                _, unit_id, slices, images, scales, offsets = item
+                outputs = predictor(images, scales, offsets)  # runs while the last is decoded
+                if in_flight is not None:
+                    finish(in_flight)
+                in_flight = (unit_id, slices, outputs)
+                predicted += len(slices)
+                if meter:
+                    meter.advance(len(slices))
+                continue
+            unit_id = item[1]  # "end": the unit's rows and skips are complete
             if in_flight is not None:
                 finish(in_flight)
-            in_flight = (unit_id, slices, outputs)
-            predicted += len(slices)
-            if meter:
-                meter.advance(len(slices))
-            continue
-        unit_id = item[1]  # "end": the unit's rows and skips are complete
-        if in_flight is not None:
-            finish(in_flight)
-            in_flight = None
-        table = (predictions.pa.concat_tables(tables.pop(unit_id)) if unit_id in tables
-                 else schema.empty_table())
-        write_json_atomic(part_path(unit_id) + ".skips.json",
-                           [s.to_json() for s in skips_by_unit.pop(unit_id, [])])
-        predictions.write_parquet_atomic(table, part_path(unit_id))  # marks the unit done
-    source.close()
+                in_flight = None
+            table = (predictions.pa.concat_tables(tables.pop(unit_id)) if unit_id in tables
+                     else schema.empty_table())
+            write_json_atomic(part_path(unit_id) + ".skips.json",
+                               [s.to_json() for s in skips_by_unit.pop(unit_id, [])])
+            predictions.write_parquet_atomic(table, part_path(unit_id))  # marks the unit done
+    finally:  # also when the model cannot be built or a batch fails: no reader or pool left
+        reader.stop()
+        source.close()
     compute_s = time.time() - compute_start
     if meter:
         meter.close()

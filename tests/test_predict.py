@@ -247,3 +247,17 @@ def test_help_and_bad_arguments(trained_run, tmp_path, capsys):
     assert predict_main(["--workdir", trained_run.workdir, "--input", str(tmp_path / "none*.tfrecord"),
                          "--out", str(tmp_path / "o"), "--quiet"]) == 2
     assert "no file matches" in capsys.readouterr().err
+
+
+def test_a_model_that_cannot_be_built_leaves_no_reader_behind(trained_run, tmp_path, capsys):
+    """The reader starts before the model compiles (to overlap its start-up); a model that
+    fails to build must still stop it and close the input."""
+    import threading
+
+    from iap_jax.predict import _Reader
+
+    assert predict_main(["--workdir", trained_run.workdir, "--input", trained_run.dataset_dir,
+                         "--split", "validation", "--out", str(tmp_path / "o"), "--quiet",
+                         "--batch-size", "1", "--conv-impl", "onednn", "--dtype", "bfloat16"]) == 2
+    assert "computes in float32" in capsys.readouterr().err
+    assert not [t for t in threading.enumerate() if isinstance(t, _Reader)]
