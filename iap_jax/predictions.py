@@ -189,10 +189,13 @@ def slice_table(slices: Sequence, logits: Mapping[str, np.ndarray], encoding: La
             index, spelled = IAP_NAMES.index(head.name), {}
             column = []
             for s in slices:
-                raw = tuple(s.headers[index]) if s.headers is not None else None
-                if raw not in spelled:
-                    spelled[raw] = None if raw is None else header_value(head.name, *raw)
-                column.append(spelled[raw])
+                raw = None if s.headers is None else tuple(s.headers[index])
+                # (state, value, number): a categorical header's number is NaN, and two NaNs
+                # are different keys, so it is keyed by None.
+                key = raw and (raw[0], raw[1], None if raw[2] != raw[2] else raw[2])
+                if key not in spelled:
+                    spelled[key] = None if raw is None else header_value(head.name, *raw)
+                column.append(spelled[key])
             columns[f"{head.name}_header"] = column
     return pa.table({f.name: columns[f.name] if isinstance(columns[f.name], pa.Array)
                      else pa.array(columns[f.name], type=f.type) for f in schema}, schema=schema)

@@ -176,3 +176,32 @@ def test_raw_image_records_give_the_zlib_records_images_and_predictions(trained_
         run_predict(trained_run, out, "--input", os.path.join(folder, "*test.tfrecord*"))
         tables.append(pq.read_table(os.path.join(out, "slices.parquet")).drop(["source"]))
     assert tables[0].num_rows > 0 and tables[0].equals(tables[1])
+
+
+def test_each_distinct_header_is_spelled_once_per_batch(monkeypatch):
+    """The slices of a series share their headers; a categorical header's number is NaN, a
+    fresh float on every slice read from a TFRecord, and must still be spelled only once."""
+    from iap_jax import predictions
+    from iap_jax.iaps import IAP_NAMES
+    from iap_jax.labels import HeadEncoding
+
+    encoding = LabelEncoding((HeadEncoding("Manufacturer", "categorical", classes=("GE", "SIEMENS")),
+                              HeadEncoding("EchoTime", "continuous", unit="ms")))
+    spelled = []
+    original = predictions.header_value
+    monkeypatch.setattr(predictions, "header_value",
+                        lambda name, *raw: spelled.append(name) or original(name, *raw))
+
+    def headers(manufacturer, echo):
+        values = {"Manufacturer": (2, manufacturer, float("nan")), "EchoTime": (2, "", echo)}
+        return [values.get(n, (0, "", float("nan"))) for n in IAP_NAMES]
+
+    slices = [sources.StoredSlice(np.zeros((4, 4), np.uint16), 1.0, 0.0, f"s{i // 3}", i % 3, "f",
+                                  headers=headers("GE" if i < 3 else "SIEMENS", 2.5 + (i >= 3)))
+              for i in range(6)]
+    logits = {"Manufacturer": np.zeros((6, 2), np.float32), "EchoTime": np.zeros((6, 1), np.float32)}
+    schema = predictions.slice_schema(encoding, has_headers=True)
+    table = predictions.slice_table(slices, logits, encoding, schema, top_k=2).to_pydict()
+    assert table["Manufacturer_header"] == ["GE"] * 3 + ["SIEMENS"] * 3
+    assert table["EchoTime_header"] == [2.5] * 3 + [3.5] * 3
+    assert sorted(spelled) == ["EchoTime"] * 2 + ["Manufacturer"] * 2
