@@ -159,6 +159,21 @@ def test_conv_module_bf16_compute_keeps_f32_params():
     assert grads["params"]["kernel"].dtype == jnp.float32
 
 
+def test_conv_fuses_affine_residual_relu_only_as_onednn_inference():
+    # Elsewhere the caller applies them (ResNet's conv_norm): Conv has no second copy.
+    x = jnp.zeros((1, 4, 4, 2))
+    affine = (jnp.ones(3), jnp.zeros(3))
+    impls = ("xla", "cpu_fast") + (("onednn",) if onednn.available() else ())
+    for impl in impls:
+        module = Conv(3, (3, 3), impl=impl)
+        variables = module.init(jax.random.PRNGKey(0), x)
+        for kwargs in (dict(affine=affine), dict(residual=jnp.zeros((1, 4, 4, 3))), dict(relu=True)):
+            if impl == "onednn" and "affine" in kwargs:
+                continue
+            with pytest.raises(ValueError, match="for oneDNN inference only"):
+                module.apply(variables, x, **kwargs)
+
+
 def test_conv_rejects_mismatched_channels():
     with pytest.raises(ValueError, match="channels"):
         conv2d_cpu(jnp.zeros((1, 4, 4, 3)), jnp.zeros((3, 3, 2, 4)))

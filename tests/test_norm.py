@@ -80,3 +80,20 @@ def test_rejects_non_image_input():
     module, _ = _pair(train=True)
     with pytest.raises(ValueError, match="NHWC"):
         module.init(jax.random.PRNGKey(0), jnp.ones((4, 3)))
+
+
+def test_fold_gives_the_affine_map_of_evaluation_with_the_same_variables():
+    x, _ = _inputs()
+    ours, _ = _pair(train=False)
+    variables = _with_params(ours.init(jax.random.PRNGKey(2), x))
+    variables["batch_stats"] = {"mean": jnp.array([1.0, 2.0, 3.0]), "var": jnp.array([4.0, 0.5, 2.0])}
+    folded = ours.init(jax.random.PRNGKey(2), fold_channels=3)
+    assert jax.tree.map(jnp.shape, folded) == jax.tree.map(jnp.shape, variables)
+    multiplier, shift = ours.apply(variables, fold_channels=3)
+    np.testing.assert_allclose(x * multiplier + shift, ours.apply(variables, x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="running averages"):
+        _pair(train=True)[0].init(jax.random.PRNGKey(2), fold_channels=3)
+    with pytest.raises(ValueError, match="either"):
+        ours.apply(variables, x, fold_channels=3)
+    with pytest.raises(ValueError, match="either"):
+        ours.apply(variables)

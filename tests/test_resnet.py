@@ -124,8 +124,10 @@ def test_inference_folds_batchnorm_residual_and_relu_into_the_onednn_convolution
     assert "rsqrt" in hlo and "rsqrt" not in packed_hlo  # folding BatchNorm: once, not per call
     with pytest.raises(ValueError, match="packed for input"):
         model.apply(packed, x[:2], train=False)
-    # Without oneDNN inference convolutions there is nothing to pack.
+    # Without oneDNN inference convolutions there is nothing to pack (nor to trace).
     assert set(pack_for_inference(unfolded, variables, x.shape)) == {"params", "batch_stats"}
+    assert pack_for_inference(unfolded, variables, x.shape) is variables
+    assert pack_for_inference(model.clone(conv_impl="cpu_fast"), variables, x.shape) is variables
     # Training still runs convolution, BatchNorm and ReLU apart (and their gradients).
     train_hlo = jax.jit(lambda v, a: model.apply(v, a, train=True, mutable=["batch_stats"])).lower(
         variables, x).as_text()

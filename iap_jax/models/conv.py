@@ -263,12 +263,14 @@ def pack_for_inference(model: nn.Module, variables, input_shape) -> dict:
     """`variables` plus the PACKED collection for `model.apply(..., train=False)` on inputs of
     `input_shape`: every oneDNN inference convolution's kernel folded with its BatchNorm
     and reordered once, instead of at every call. Where nothing is packed (other
-    convolutions, or BatchNorm not folded) the variables come back as they were."""
-    dummy = jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32)
+    convolutions, or BatchNorm not folded) the variables come back as they were, and
+    nothing is traced. `model` is a ResNet (it has conv_impl, dtype and fold_norms)."""
+    if not model.fold_norms or resolve_conv_impl(model.conv_impl, model.dtype) != "onednn":
+        return variables
 
     def packed(variables):
         # Only the packing is kept: the forward's convolutions are unused and dropped.
-        return model.apply(variables, jnp.zeros(dummy.shape, dummy.dtype), train=False,
+        return model.apply(variables, jnp.zeros(tuple(input_shape), jnp.float32), train=False,
                            mutable=[PACKED])[1].get(PACKED, {})
 
     collection = jax.jit(packed)(variables)
@@ -296,9 +298,9 @@ class Conv(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, affine=None, residual=None, relu: bool = False) -> jnp.ndarray:
-        """conv(x) [* multiplier + shift] [+ residual] [then ReLU]; affine = (multiplier,
-        shift) per output channel, a folded BatchNorm. With oneDNN that is one call with
-        the affine folded into kernel and bias (forward only: for prediction)."""
+        """conv(x); or, with affine = (multiplier, shift) per output channel (a folded
+        BatchNorm), conv(x) * multiplier + shift [+ residual] [then ReLU] as one oneDNN call
+        with the affine folded into kernel and bias (forward only: for prediction)."""
         kernel_hw = tuple(self.kernel_size)
         strides = tuple(self.strides)
         kernel = self.param(
@@ -308,7 +310,10 @@ class Conv(nn.Module):
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         pads = explicit_padding(x.shape[1:3], kernel_hw, strides, self.padding)
         impl = resolve_conv_impl(self.impl, x.dtype)
-        if impl == "onednn" and affine is not None:
+        if affine is not None or residual is not None or relu:
+            if impl != "onednn" or affine is None:
+                # Elsewhere the caller applies norm, residual and ReLU (ResNet's conv_norm).
+                raise ValueError("affine/residual/relu are for oneDNN inference only")
             multiplier, shift = affine
             out_hw = _output_hw(x.shape[1:3], kernel_hw, strides, pads)
 
@@ -325,7 +330,8 @@ class Conv(nn.Module):
                 folded()[0], x.shape, strides, pads, out_hw, relu, residual is not None))
             packed_bias = self.variable(PACKED, "bias", lambda: folded()[1])
             # The layout belongs to the input shape it was packed for, which this empty
-            # array's shape records.
+            # array's shape records (the later size checks are a backstop: they pass a
+            # layout of the same size).
             packed_for = self.variable(PACKED, "input_shape", lambda: jnp.zeros((*x.shape, 0)))
             if tuple(packed_for.value.shape[:-1]) != tuple(x.shape):
                 raise ValueError(f"{self.name}: kernels packed for input {packed_for.value.shape[:-1]} "
@@ -338,14 +344,7 @@ class Conv(nn.Module):
             y = _conv2d(x, kernel, strides, pads)
         else:
             y = _xla_conv(x, kernel, strides, pads)
-        if bias is not None:
-            y = y + bias
-        if affine is not None:
-            multiplier, shift = affine
-            y = (y * multiplier + shift).astype(y.dtype)
-        if residual is not None:
-            y = y + residual
-        return nn.relu(y) if relu else y
+        return y if bias is None else y + bias
 
 
 # 3x3 stride-2 max pooling (the ResNet stem). XLA's CPU gradient of reduce_window is a

@@ -69,13 +69,16 @@ class BatchNorm(nn.Module):
     dtype: Any = None
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, fold: bool = False):
-        """The normalised NHWC x; or, with fold (running averages only), the per-channel
-        (multiplier, shift) of the same affine map, for a convolution to absorb, where x
-        need only have the channel count as its last dimension."""
-        if x.ndim != 4 and not fold:
+    def __call__(self, x: jnp.ndarray | None = None, *, fold_channels: int | None = None):
+        """The normalised NHWC x; or, given fold_channels (the channel count) instead of x
+        (running averages only), the per-channel (multiplier, shift) of the same affine
+        map, for a convolution to absorb."""
+        fold = fold_channels is not None
+        if fold == (x is not None):
+            raise ValueError("BatchNorm takes either an NHWC input or fold_channels")
+        if not fold and x.ndim != 4:
             raise ValueError(f"BatchNorm expects NHWC input, got shape {x.shape}")
-        channels = x.shape[-1]
+        channels = int(fold_channels) if fold else x.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (channels,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
         running_mean = self.variable("batch_stats", "mean", jnp.zeros, (channels,), jnp.float32)

@@ -165,7 +165,7 @@ def forward(x, kernel, strides, padding, out_hw):
     return _call("forward", shape, x, kernel, strides, padding)
 
 
-def _inference_geometry(x_shape, kernel_shape, strides, padding, out_hw):
+def _inference_geometry(x_shape, kernel_shape, out_hw):
     return (tuple(int(d) for d in x_shape), tuple(int(d) for d in kernel_shape),
             (int(x_shape[0]), *map(int, out_hw), int(kernel_shape[3])))
 
@@ -176,7 +176,7 @@ def packed_weight_size(x_shape, kernel_shape, strides, padding, out_hw, relu: bo
     reason = _load()
     if reason is not None:
         raise OnednnUnavailable(f"oneDNN convolutions unavailable: {reason}")
-    x, w, y = _inference_geometry(x_shape, kernel_shape, strides, padding, out_hw)
+    x, w, y = _inference_geometry(x_shape, kernel_shape, out_hw)
     (top, bottom), (left, right) = padding
     arrays = [(ctypes.c_int64 * 4)(*dims) for dims in (x, w, y)]
     size = _LIBRARY["packed_weight_bytes"](*arrays, strides[0], strides[1], top, bottom, left,
@@ -187,9 +187,9 @@ def packed_weight_size(x_shape, kernel_shape, strides, padding, out_hw, relu: bo
 
 
 def pack_weights(kernel, x_shape, strides, padding, out_hw, relu: bool, residual: bool):
-    """An HWIO kernel reordered once into the layout `inference(..., packed=True)` reads for
-    this geometry (a 1-D float32 array; valid in this process, for this geometry only)."""
-    x, w, y = _inference_geometry(x_shape, kernel.shape, strides, padding, out_hw)
+    """An HWIO kernel reordered once into the layout `inference(..., kernel_shape=...)` reads
+    for this geometry (a 1-D float32 array; valid in this process, for this geometry only)."""
+    x, w, y = _inference_geometry(x_shape, kernel.shape, out_hw)
     size = packed_weight_size(x, w, strides, padding, out_hw, relu, residual)
     if kernel.dtype != jnp.float32:
         raise TypeError(f"oneDNN convolutions take float32, got {kernel.dtype}")
@@ -211,6 +211,7 @@ def inference(x, kernel, bias, strides, padding, out_hw, relu: bool, residual=No
     if bias.shape != (kernel_shape[3],):
         raise ValueError(f"expected a bias of shape {(kernel_shape[3],)}, got {bias.shape}")
     if packed:
+        # Size only, a backstop: a layout of the same size passes (Conv checks the geometry).
         want = packed_weight_size(x.shape, kernel_shape, strides, padding, out_hw, relu,
                                   residual is not None)
         if kernel.shape != (want,):

@@ -10,7 +10,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from iap_jax.models.conv import Conv, max_pool_3x3_stride2, resolve_conv_impl
@@ -66,8 +65,8 @@ class _Layers(nn.Module):
         conv = self.conv(features, kernel, stride, name=names[0])
         norm = self.norm(train, name=names[1])
         if self.fold_norms and not train and resolve_conv_impl(self.conv_impl, self.dtype) == "onednn":
-            affine = norm(jax.ShapeDtypeStruct((features,), jnp.float32), fold=True)
-            return conv(x, affine=affine, residual=residual, relu=relu)
+            return conv(x, affine=norm(fold_channels=features), residual=residual, relu=relu)
+        # Conv takes affine/residual/relu only as one oneDNN call; here they follow it.
         y = norm(conv(x))
         if residual is not None:
             y = y + residual

@@ -8,6 +8,7 @@
 // Written against oneDNN 2.x and 3.x (their primitive-descriptor APIs differ).
 #include <cstdint>
 #include <cstring>
+#include <exception>
 #include <map>
 #include <mutex>
 #include <string>
@@ -79,7 +80,8 @@ typename Primitive::primitive_desc BackwardPd(const Geometry& g) {
 #endif
 }
 
-// Runs `body` and turns a oneDNN exception into an XLA error naming the call.
+// Runs `body` and turns an exception (oneDNN's, or e.g. std::bad_alloc) into an XLA error
+// naming the call: none may cross the FFI boundary.
 template <typename Body>
 ffi::Error Guarded(const char* what, Body body) {
   try {
@@ -87,6 +89,8 @@ ffi::Error Guarded(const char* what, Body body) {
     return ffi::Error::Success();
   } catch (const dnnl::error& e) {
     return ffi::Error(ffi::ErrorCode::kInternal, std::string(what) + ": oneDNN: " + e.what());
+  } catch (const std::exception& e) {
+    return ffi::Error(ffi::ErrorCode::kInternal, std::string(what) + ": " + e.what());
   }
 }
 
@@ -122,7 +126,7 @@ ffi::Error ConvForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
 // Inference: the convolution with its bias (BatchNorm folded in by the caller) and, as
 // oneDNN post-ops, the residual sum (`dst` already holds the residual) and a ReLU, so no
 // separate pass over the activations follows. The primitive descriptor (its implementation
-// search) is made once per geometry and kept; oneDNN's own cache keeps the primitive.
+// search) and its primitive are made once per geometry and kept here.
 struct InferencePrimitive {
   dnnl::convolution_forward::primitive_desc pd;
   dnnl::convolution_forward primitive;
@@ -225,7 +229,7 @@ ffi::Error ConvInferenceImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
     memory bias(p.pd.bias_desc(), Engine(), b.typed_data());
     memory wei;
     if (packed) {
-      if (w.size_bytes() != p.pd.weights_desc().get_size()) {
+      if (w.size_bytes() != p.pd.weights_desc().get_size()) {  // a backstop: size only
         throw dnnl::error(dnnl_invalid_arguments, "packed weights of another geometry");
       }
       wei = memory(p.pd.weights_desc(), Engine(), w.typed_data());
@@ -347,14 +351,14 @@ extern "C" int64_t iap_onednn_packed_weight_bytes(const int64_t* x, const int64_
                                                   const int64_t* y, int64_t sh, int64_t sw,
                                                   int64_t pt, int64_t pb, int64_t pl, int64_t pr,
                                                   int64_t sum, int64_t relu) {
-  Geometry g;
-  if (!MakeGeometry(ffi::Span<const int64_t>(x, 4), ffi::Span<const int64_t>(w, 4),
-                    ffi::Span<const int64_t>(y, 4), sh, sw, pt, pb, pl, pr, &g).success()) {
-    return -1;
-  }
   try {
+    Geometry g;
+    if (!MakeGeometry(ffi::Span<const int64_t>(x, 4), ffi::Span<const int64_t>(w, 4),
+                      ffi::Span<const int64_t>(y, 4), sh, sw, pt, pb, pl, pr, &g).success()) {
+      return -1;
+    }
     return static_cast<int64_t>(Inference(g, sum != 0, relu != 0).pd.weights_desc().get_size());
-  } catch (const dnnl::error&) {
+  } catch (const std::exception&) {  // oneDNN's errors included: none may cross extern "C"
     return -1;
   }
 }
