@@ -41,6 +41,7 @@ import numpy as np
 from etils import epath
 
 from iap_jax.atomic import read_json, write_json_atomic
+from iap_jax.labels import LabelEncoding
 
 CALIBRATION_FILE = "calibration.json"
 ECE_BINS = 15
@@ -50,6 +51,7 @@ L2 = 1e-3
 CV_FOLDS = 5
 CV_REPEATS = 3
 CV_RESAMPLES = 1000
+CV_SEED = 0
 # A richer family must lower the out-of-fold ECE by at least this, as well as significantly.
 CV_MIN_GAIN = 1e-3
 TEMPERATURE_BOUNDS = (0.05, 20.0)
@@ -57,6 +59,12 @@ LOG_SCALE_BOUND = 3.0
 
 
 # --- the calibrators ----------------------------------------------------------------------
+
+def check_family(name: str) -> None:
+    """Raises ValueError unless `name` is one of FAMILIES."""
+    if name not in FAMILIES:
+        raise ValueError(f"calibration family {name!r}: not one of {', '.join(FAMILIES)}")
+
 
 @dataclasses.dataclass(frozen=True)
 class HeadCalibration:
@@ -67,8 +75,7 @@ class HeadCalibration:
     log_scale: tuple[float, ...] = ()  # vector: per class, d in z * exp(d) / T
 
     def __post_init__(self):
-        if self.family not in FAMILIES:
-            raise ValueError(f"calibration family {self.family!r}: not one of {', '.join(FAMILIES)}")
+        check_family(self.family)
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {"family": self.family, "temperature": float(self.temperature)}
@@ -120,22 +127,44 @@ def _per_class(values: Sequence[float], size: int) -> np.ndarray:
     return values
 
 
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    z = np.asarray(logits, np.float64) / float(temperature)
-    z = z - z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
+def _log_probs(z: np.ndarray) -> np.ndarray:
+    """Log-softmax over the last axis."""
+    from scipy.special import log_softmax
+
+    return log_softmax(np.asarray(z, np.float64), axis=-1)
 
 
-def head_calibrators(data: Mapping[str, Any] | None) -> dict[str, HeadCalibration]:
+def softmax(logits: np.ndarray) -> np.ndarray:
+    return np.exp(_log_probs(logits))
+
+
+def head_calibrators(data: Mapping[str, Any] | None, encoding: LabelEncoding | None = None,
+                     path: str | None = None) -> dict[str, HeadCalibration]:
     """Per head, the calibrator of a calibration.json's contents (None: no calibration). A file
-    with only "temperatures" (the format before the other families) gives temperature ones."""
+    with only "temperatures" (the format before the other families) gives temperature ones.
+    With the label encoding, each calibrator must belong to one of its
+    categorical heads and have one per-class term per class: a file that does not match
+    raises ValueError naming `path` and the head, at load rather than mid-run."""
     if not data:
         return {}
+    where = f"{path}: " if path else ""
     if "calibrators" in data:
-        return {name: HeadCalibration.from_json(c) for name, c in data["calibrators"].items()}
-    return {name: HeadCalibration(temperature=float(t))
-            for name, t in (data.get("temperatures") or {}).items()}
+        items = data["calibrators"].items()
+    else:
+        items = ((name, {"temperature": t}) for name, t in (data.get("temperatures") or {}).items())
+    heads = {h.name: h for h in encoding.heads if h.categorical} if encoding is not None else None
+    calibrators = {}
+    for name, c in items:
+        try:
+            calibrators[name] = HeadCalibration.from_json(c)
+            if heads is not None:
+                if name not in heads:
+                    raise ValueError("no categorical head of that name in the label encoding")
+                # Applied once to a row of the head's size: the same checks as every use.
+                calibrated_logits(np.zeros((1, heads[name].size)), calibrators[name])
+        except ValueError as err:
+            raise ValueError(f"{where}{name}: {err}") from err
+    return calibrators
 
 
 # --- fitting ------------------------------------------------------------------------------
@@ -146,9 +175,8 @@ def negative_log_likelihood(logits: np.ndarray, labels: np.ndarray,
     labels = np.asarray(labels, np.int64)
     if len(labels) == 0:
         return math.nan
-    z = calibrated_logits(logits, calibration)
-    z = z - z.max(axis=-1, keepdims=True)
-    return float(np.mean(np.log(np.exp(z).sum(axis=-1)) - z[np.arange(len(labels)), labels]))
+    log_p = _log_probs(calibrated_logits(logits, calibration))
+    return float(-np.mean(log_p[np.arange(len(labels)), labels]))
 
 
 def top_label_loss(logits: np.ndarray, labels: np.ndarray,
@@ -160,15 +188,13 @@ def top_label_loss(logits: np.ndarray, labels: np.ndarray,
     labels = np.asarray(labels, np.int64)
     if len(labels) == 0:
         return math.nan
-    z = calibrated_logits(logits, calibration)
-    top = z.argmax(axis=-1)
-    log_norm = logsumexp(z, axis=-1)
-    rest = z.copy()
-    rest[np.arange(len(z)), top] = -np.inf
-    log_p = z[np.arange(len(z)), top] - log_norm           # log P(top-1)
-    log_not_p = logsumexp(rest, axis=-1) - log_norm         # log (1 - P(top-1)), stably
+    log_p = _log_probs(calibrated_logits(logits, calibration))
+    rows, top = np.arange(len(log_p)), log_p.argmax(axis=-1)
+    log_top = log_p[rows, top]               # log P(top-1)
+    log_p[rows, top] = -np.inf
+    log_not_top = logsumexp(log_p, axis=-1)  # log (1 - P(top-1)), stably
     correct = top == labels
-    return float(-np.mean(np.where(correct, log_p, log_not_p)))
+    return float(-np.mean(np.where(correct, log_top, log_not_top)))
 
 
 TEMPERATURE_OBJECTIVES = {"top_label": top_label_loss, "nll": negative_log_likelihood}
@@ -199,20 +225,20 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray,
     return float(math.exp(result.x))
 
 
-def fit(logits: np.ndarray, labels: np.ndarray, family: str = "temperature", l2: float = L2,
-        objective: str = TEMPERATURE_OBJECTIVE) -> HeadCalibration:
+def fit(logits: np.ndarray, labels: np.ndarray, family: str = "temperature",
+        l2: float = L2) -> HeadCalibration:
     """The calibrator of `family` fitted to `labels` (class indices): a temperature by
-    fit_temperature(objective); bcts and vector by the mean NLL plus
+    fit_temperature (its default objective); bcts and vector by the mean NLL plus
     l2 * (|b|^2 + |d|^2), by L-BFGS with the analytic gradient, from the NLL temperature."""
     from scipy.optimize import minimize
 
-    HeadCalibration(family)  # checks the name
+    check_family(family)
     logits = np.asarray(logits, np.float64)
     labels = np.asarray(labels, np.int64)
     n, size = logits.shape if logits.ndim == 2 else (0, 0)
     with_bias, with_scale = family in ("bcts", "vector"), family == "vector"
     if family == "temperature" or n == 0:
-        return HeadCalibration(family, fit_temperature(logits, labels, objective) if n else 1.0,
+        return HeadCalibration(family, fit_temperature(logits, labels) if n else 1.0,
                                (0.0,) * size if with_bias else (), (0.0,) * size if with_scale else ())
     onehot = np.zeros_like(logits)
     onehot[np.arange(n), labels] = 1.0
@@ -226,11 +252,9 @@ def fit(logits: np.ndarray, labels: np.ndarray, family: str = "temperature", l2:
     def objective_and_gradient(theta):
         log_t, bias, log_scale = unpack(theta)
         scaled = logits * np.exp(log_scale - log_t)
-        z = scaled + bias
-        z = z - z.max(axis=1, keepdims=True)
-        log_norm = np.log(np.exp(z).sum(axis=1, keepdims=True))
-        loss = float(np.sum((log_norm - z) * onehot)) / n
-        g = (np.exp(z - log_norm) - onehot) / n  # d loss / d calibrated logit
+        log_p = _log_probs(scaled + bias)
+        loss = -float(np.sum(log_p * onehot)) / n
+        g = (np.exp(log_p) - onehot) / n  # d loss / d calibrated logit
         grad = [np.array([-np.sum(g * scaled)])]
         if with_bias:
             loss += l2 * float(bias @ bias)
@@ -264,7 +288,7 @@ def group_folds(groups: np.ndarray, folds: int, rng: np.random.Generator) -> np.
 
 def cross_validate(logits: np.ndarray, labels: np.ndarray, groups: np.ndarray,
                    families: Sequence[str] = FAMILIES, folds: int = CV_FOLDS,
-                   repeats: int = CV_REPEATS, seed: int = 0,
+                   repeats: int = CV_REPEATS, seed: int = CV_SEED,
                    resamples: int = CV_RESAMPLES) -> dict[str, dict[str, Any]]:
     """Per family: the ECE and NLL of its out-of-fold probabilities (each fold's slices
     calibrated by a fit on the other folds; folds are whole groups, i.e. patients), the mean
@@ -273,12 +297,10 @@ def cross_validate(logits: np.ndarray, labels: np.ndarray, groups: np.ndarray,
     family's, by a paired bootstrap over the groups (the same resampled patients for both)."""
     logits = np.asarray(logits, np.float64)
     labels = np.asarray(labels, np.int64)
-    _, groups = np.unique(np.asarray(groups, np.int64), return_inverse=True)
     families = list(families)
     rng = np.random.default_rng(seed)
-    count = int(groups.max()) + 1 if len(groups) else 0
-    folds = min(folds, count)
-    boot = bootstrap_weights(count, resamples, rng) if count else np.zeros((0, 0))
+    groups, boot = group_bootstrap(groups, resamples, rng)
+    folds = min(folds, boot.shape[1])
     scores = {f: {"ece": [], "nll": [], "boot": []} for f in families}
     for _ in range(repeats if folds >= 2 else 0):
         fold = group_folds(groups, folds, rng)
@@ -324,6 +346,15 @@ def bootstrap_weights(groups: int, resamples: int, rng: np.random.Generator) -> 
     return rng.multinomial(groups, np.full(groups, 1.0 / groups), size=resamples).astype(np.float64)
 
 
+def group_bootstrap(groups: np.ndarray, resamples: int,
+                    rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(per slice, its group numbered from 0 in sorted order; bootstrap_weights over those
+    groups, [resamples, groups]): the resampling of patients that weighted_ece takes."""
+    _, index = np.unique(np.asarray(groups, np.int64), return_inverse=True)
+    count = int(index.max()) + 1 if len(index) else 0
+    return index, bootstrap_weights(count, resamples, rng) if count else np.zeros((resamples, 0))
+
+
 # --- calibration error --------------------------------------------------------------------
 
 def _bin_index(confidence: np.ndarray, bins: int) -> np.ndarray:
@@ -343,15 +374,20 @@ def reliability(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BIN
     return mean_confidence, accuracy, counts
 
 
+def _ece_from_bin_sums(gaps: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """ECE from per-bin sums of (correct - confidence) and per-bin slice counts (bins on the
+    last axis): the sum over bins of |sum of gaps| = count * |accuracy - mean confidence|,
+    over the number of slices. The one place the bins are combined."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.abs(gaps).sum(axis=-1) / np.sum(counts, axis=-1)
+
+
 def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray,
                                bins: int = ECE_BINS) -> float:
-    """Top-label ECE of top-1 probabilities `confidence` and hits `correct` (0/1)."""
-    mean_confidence, accuracy, counts = reliability(confidence, correct, bins)
-    if counts.sum() == 0:
-        return math.nan
-    filled = counts > 0
-    return float(np.sum(counts[filled] * np.abs(accuracy[filled] - mean_confidence[filled]))
-                 / counts.sum())
+    """Top-label ECE of top-1 probabilities `confidence` and hits `correct` (0/1); NaN for
+    no slices."""
+    one_group = np.zeros(len(confidence), np.int64)
+    return float(weighted_ece(confidence, correct, one_group, np.ones((1, 1)), bins)[0])
 
 
 def weighted_ece(confidence: np.ndarray, correct: np.ndarray, groups: np.ndarray,
@@ -366,8 +402,7 @@ def weighted_ece(confidence: np.ndarray, correct: np.ndarray, groups: np.ndarray
     counts = np.bincount(cell, minlength=count * bins).reshape(count, bins)
     gaps = np.bincount(cell, np.asarray(correct, np.float64) - confidence,
                        minlength=count * bins).reshape(count, bins)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.abs(group_weights @ gaps).sum(axis=1) / (group_weights @ counts).sum(axis=1)
+    return _ece_from_bin_sums(group_weights @ gaps, group_weights @ counts)
 
 
 def ece_noise_floor(probs: np.ndarray, groups: np.ndarray, draws: int, rng: np.random.Generator,
@@ -393,7 +428,7 @@ def ece_noise_floor(probs: np.ndarray, groups: np.ndarray, draws: int, rng: np.r
     for start in range(0, draws, chunk):
         u = rng.random((min(chunk, draws - start), groups.max() + 1))[:, groups]
         correct = (u >= lower) & (u < upper)
-        result.append(np.abs((correct - confidence) @ one_hot).sum(axis=1) / len(probs))
+        result.append(_ece_from_bin_sums((correct - confidence) @ one_hot, one_hot.sum(axis=0)))
     return np.concatenate(result)
 
 

@@ -70,11 +70,9 @@ def ece_interval(confidence: np.ndarray, correct: np.ndarray, groups: np.ndarray
     """95% bootstrap interval over groups (patients) of the ECE of these slices. ECE is
     biased upwards on small samples, and a resample (with repeated patients) more so: the
     interval sits above the noise-free value, read it as the spread, with the noise floor."""
-    groups = np.asarray(groups, np.int64)
     if not len(groups) or resamples <= 0:
         return math.nan, math.nan
-    _, groups = np.unique(groups, return_inverse=True)
-    weights = calibration_lib.bootstrap_weights(int(groups.max()) + 1, resamples, rng)
+    groups, weights = calibration_lib.group_bootstrap(groups, resamples, rng)
     return _percentile_interval(calibration_lib.weighted_ece(confidence, correct, groups, weights))
 
 
@@ -96,7 +94,7 @@ def evaluate(pred_dir: str, resamples: int = 1000, seed: int = 0) -> dict[str, A
         raise FileNotFoundError(f"{pred_dir}: no slices.parquet; pass an iap-predict --out folder")
     metadata = predictions.read_metadata(slices_path)
     encoding = LabelEncoding.from_json(metadata["label_encoding"])
-    calibrators = calibration_lib.head_calibrators(metadata.get("calibration"))
+    calibrators = calibration_lib.head_calibrators(metadata.get("calibration"), encoding, slices_path)
     table = predictions.read_table(slices_path)
     if f"{encoding.heads[0].name}_header" not in table.column_names:
         raise ValueError(f"{pred_dir}: the input carried no headers, so there is nothing to score")
@@ -442,8 +440,7 @@ def qa_threshold(scores: np.ndarray, rate: float, floor: float = 0.5) -> float:
 
 def fit_calibration(pred_dir: str, workdir: str | None = None, qa_iaps=QA_IAPS,
                     false_flag_rate: float = QA_FALSE_FLAG_RATE,
-                    families=calibration_lib.FAMILIES, folds: int = calibration_lib.CV_FOLDS,
-                    repeats: int = calibration_lib.CV_REPEATS, seed: int = 0) -> tuple[str, dict]:
+                    families=calibration_lib.FAMILIES) -> tuple[str, dict]:
     """A calibrator per categorical head fitted on these predictions (and the header-QA
     thresholds they give), saved into the training workdir. Each head's family is chosen
     among `families` by patient-grouped cross-validation on these predictions (the first,
@@ -460,7 +457,7 @@ def fit_calibration(pred_dir: str, workdir: str | None = None, qa_iaps=QA_IAPS,
         raise ValueError(f"{pred_dir}: the input carried no headers to calibrate against")
     families = tuple(families)
     for family in families:
-        calibration_lib.HeadCalibration(family)  # checks the name
+        calibration_lib.check_family(family)
     patients = slice_patients(table)
     calibrators, fitted = {}, {}
     for head in encoding.heads:
@@ -470,8 +467,7 @@ def fit_calibration(pred_dir: str, workdir: str | None = None, qa_iaps=QA_IAPS,
         rows = np.flatnonzero(truth >= 0)
         labels = truth[rows]
         logits = predictions.slice_logits(table, head)[rows]
-        scores = (calibration_lib.cross_validate(logits, labels, patients[rows], families, folds,
-                                                 repeats, seed)
+        scores = (calibration_lib.cross_validate(logits, labels, patients[rows], families)
                   if len(families) > 1 and len(rows) else {})
         family = calibration_lib.select_family(scores) if scores else families[0]
         calibrator = calibration_lib.fit(logits, labels, family)
@@ -499,8 +495,9 @@ def fit_calibration(pred_dir: str, workdir: str | None = None, qa_iaps=QA_IAPS,
         thresholds[head.name] = qa_threshold(np.array(scores), false_flag_rate / max(len(qa_heads), 1))
     data = {"step": metadata["step"], "checkpoint": metadata["checkpoint"],
             "calibrators": {k: c.to_json() for k, c in calibrators.items()},
-            "selection": {"families": list(families), "folds": folds, "repeats": repeats,
-                          "groups": "patient", "l2": calibration_lib.L2, "seed": seed,
+            "selection": {"families": list(families), "folds": calibration_lib.CV_FOLDS,
+                          "repeats": calibration_lib.CV_REPEATS, "groups": "patient",
+                          "l2": calibration_lib.L2, "seed": calibration_lib.CV_SEED,
                           "temperature_objective": calibration_lib.TEMPERATURE_OBJECTIVE,
                           "rule": f"{families[0]} unless another family has a lower "
                                   "out-of-fold ECE with the 95% bootstrap interval of the "

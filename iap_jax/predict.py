@@ -323,7 +323,7 @@ def predict(args) -> dict:
     import jax
 
     from iap_jax import predictions, sources
-    from iap_jax.calibration import head_calibrators, load_calibration
+    from iap_jax.calibration import CALIBRATION_FILE, head_calibrators, load_calibration
     from iap_jax.checkpoints import restore_model
     from iap_jax.ood import load_ood
     from iap_jax.preprocess import PixelSpec
@@ -347,7 +347,7 @@ def predict(args) -> dict:
                                    ("slices", args.slices)) if v is not None}
     spec = PixelSpec.from_json({**restored["pixel_spec"].to_json(), **overrides})
     calibration = None if args.no_calibration else load_calibration(args.workdir, step)
-    calibrators = head_calibrators(calibration)
+    calibrators = head_calibrators(calibration, encoding, os.path.join(args.workdir, CALIBRATION_FILE))
     ood = None if args.no_calibration else load_ood(args.workdir, step)
     salt_info: dict[str, str] = {}
 

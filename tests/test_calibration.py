@@ -1,11 +1,13 @@
 """Calibrator families, their choice by grouped cross-validation, calibration.json old and new,
 and the ECE's noise floor and bootstrap, on synthetic heads whose truth is known."""
 import json
+import re
 
 import numpy as np
 import pytest
 
 from iap_jax import calibration, evaluate
+from iap_jax.labels import HeadEncoding, LabelEncoding
 
 
 def _draw(rng, logits):
@@ -27,6 +29,23 @@ def _class_biased_head(rng, n, classes=8):
 def _ece(logits, labels, calibrator):
     p = calibration.probabilities(logits, calibrator)
     return calibration.expected_calibration_error(p.max(axis=1), p.argmax(axis=1) == labels)
+
+
+def test_temperature_fitting_undoes_over_confidence():
+    rng = np.random.default_rng(2)
+    true_logits = rng.normal(0, 1.5, (4000, 6))
+    labels = _draw(rng, true_logits)
+    over_confident = true_logits * 3.0
+    t = calibration.fit_temperature(over_confident, labels)
+    assert t == pytest.approx(3.0, rel=0.15)
+    assert (calibration.negative_log_likelihood(over_confident, labels, t)
+            < calibration.negative_log_likelihood(over_confident, labels) - 0.1)
+    before = calibration.probabilities(over_confident)
+    after = calibration.probabilities(over_confident, t)
+    ece = [calibration.expected_calibration_error(p.max(axis=1), p.argmax(axis=1) == labels)
+           for p in (before, after)]
+    assert ece[1] < 0.03 < ece[0]
+    np.testing.assert_array_equal(before.argmax(axis=1), after.argmax(axis=1))
 
 
 def test_bias_families_undo_a_class_dependent_miscalibration_a_temperature_cannot():
@@ -166,22 +185,43 @@ def test_each_family_round_trips_through_calibration_json(tmp_path, family):
         calibration.HeadCalibration.from_json({"family": "isotonic"})
 
 
-def _calibrated_series(rng, series, slices=5, classes=9):
+def test_a_calibration_that_does_not_match_the_label_encoding_fails_at_load(tmp_path):
+    encoding = LabelEncoding((HeadEncoding("FOV", "categorical", classes=tuple("abcde")),
+                              HeadEncoding("EchoTime", "continuous", transform="log")))
+    path = str(tmp_path / calibration.CALIBRATION_FILE)
+    six = calibration.HeadCalibration("bcts", 1.2, (0.1,) * 6).to_json()
+    five = calibration.HeadCalibration("vector", 1.2, (0.1,) * 5, (0.0,) * 5).to_json()
+    for calibrators, message in (
+            ({"FOV": six}, "FOV: calibrator has 6 per-class terms for a head of 5 classes"),
+            ({"FOV": {**five, "log_scale": [0.0] * 4}}, "FOV: calibrator has 4 per-class terms"),
+            ({"FOV": {"family": "isotonic"}}, "FOV: calibration family 'isotonic': not one of"),
+            ({"FOV": five, "EchoTime": {"temperature": 2.0}}, "EchoTime: no categorical head"),
+            ({"ScanOptions": five}, "ScanOptions: no categorical head")):
+        calibration.save_calibration(str(tmp_path), {"step": 3, "calibrators": calibrators})
+        data = calibration.load_calibration(str(tmp_path), 3)
+        with pytest.raises(ValueError, match=f"^{re.escape(path)}: {re.escape(message)}"):
+            calibration.head_calibrators(data, encoding, path)
+    # A matching file, old or new, loads as it does without the encoding.
+    for data in ({"calibrators": {"FOV": five}}, {"temperatures": {"FOV": 1.5}}):
+        assert calibration.head_calibrators(data, encoding, path) == calibration.head_calibrators(data)
+
+
+def _calibrated_series(rng, series, slices=5, classes=9, draws=1):
     """Probabilities of a perfectly calibrated model: every slice of a series carries its
-    series' probabilities, whose label is drawn from them."""
+    series' probabilities, whose label is drawn from them. Returns (probabilities, series of
+    each slice, [draws, slices] labels: `draws` independent label sets)."""
     logits = rng.normal(0, 1.0, (series, classes)) * rng.uniform(0.5, 4.0, (series, 1))
+    labels = np.stack([np.repeat(_draw(rng, logits), slices) for _ in range(draws)])
     probs = np.repeat(calibration.softmax(logits), slices, axis=0)
-    return probs, np.repeat(np.arange(series), slices)
+    return probs, np.repeat(np.arange(series), slices), labels
 
 
 def test_noise_floor_matches_the_ece_of_perfectly_calibrated_data():
     rng = np.random.default_rng(7)
-    probs, series = _calibrated_series(rng, 300)
-    measured = []
-    for _ in range(600):  # fresh labels of the same series, drawn independently of the floor's code
-        labels = np.repeat([rng.choice(probs.shape[1], p=p) for p in probs[::5]], 5)
-        measured.append(calibration.expected_calibration_error(probs.max(axis=1),
-                                                               probs.argmax(axis=1) == labels))
+    # 600 fresh label sets of the same series, drawn independently of the floor's code.
+    probs, series, label_sets = _calibrated_series(rng, 300, draws=600)
+    measured = [calibration.expected_calibration_error(probs.max(axis=1), probs.argmax(axis=1) == labels)
+                for labels in label_sets]
     floor = calibration.ece_noise_floor(probs, series, 2000, rng)
     assert floor.mean() == pytest.approx(np.mean(measured), rel=0.08)
     assert np.percentile(floor, 95) == pytest.approx(np.percentile(measured, 95), rel=0.12)
@@ -192,8 +232,7 @@ def test_noise_floor_matches_the_ece_of_perfectly_calibrated_data():
 
 def test_weighted_ece_and_its_bootstrap_interval():
     rng = np.random.default_rng(8)
-    probs, series = _calibrated_series(rng, 200)
-    labels = np.repeat([rng.choice(probs.shape[1], p=p) for p in probs[::5]], 5)
+    probs, series, (labels,) = _calibrated_series(rng, 200)
     confidence, correct = probs.max(axis=1), probs.argmax(axis=1) == labels
     ece = calibration.expected_calibration_error(confidence, correct)
     ones = np.ones((1, 200))
