@@ -57,8 +57,11 @@ calibrate: predict-validation
 	$(BIN)/iap-eval --predictions $(RUN)/predict_validation --fit-calibration
 	$(BIN)/iap-ood --workdir $(RUN)/train
 
+# The calibration is fitted anew by every run: where it changed, the parts predicted with the
+# old one are discarded (--overwrite); where it did not, they are kept.
 predict: calibrate
-	$(BIN)/iap-predict --workdir $(RUN)/train --input $(DATASET) --split test --out $(RUN)/predict
+	$(BIN)/iap-predict --workdir $(RUN)/train --input $(DATASET) --split test --out $(RUN)/predict \
+	  --overwrite
 
 evaluate: predict
 	$(BIN)/iap-eval --predictions $(RUN)/predict --out $(RUN)/report

@@ -170,19 +170,33 @@ def head_calibrators(data: Mapping[str, Any] | None, encoding: LabelEncoding | N
 # --- fitting ------------------------------------------------------------------------------
 
 def negative_log_likelihood(logits: np.ndarray, labels: np.ndarray,
-                            calibration: HeadCalibration | float | None = None) -> float:
-    """Mean NLL of `labels` (class indices) under the calibrated logits."""
+                            calibration: HeadCalibration | float | None = None,
+                            prior: float = 0.0) -> float:
+    """Mean NLL of `labels` (class indices) under the calibrated logits. prior: that many
+    pseudo-slices of a label spread evenly over the classes (_targets)."""
     labels = np.asarray(labels, np.int64)
     if len(labels) == 0:
         return math.nan
     log_p = _log_probs(calibrated_logits(logits, calibration))
-    return float(-np.mean(log_p[np.arange(len(labels)), labels]))
+    return float(-np.sum(_targets(labels, log_p.shape[1], prior) * log_p) / len(labels))
+
+
+def _targets(labels: np.ndarray, size: int, prior: float) -> np.ndarray:
+    """[n, size] one-hot labels, each mixed with `prior / n` of an even spread over the
+    classes: the mean NLL against them is that of the n slices plus `prior` pseudo-slices of
+    a uniform label (each scored at every real slice's logits, on average)."""
+    n = len(labels)
+    targets = np.zeros((n, size))
+    targets[np.arange(n), labels] = 1.0
+    smoothing = prior / n if n else 0.0
+    return (targets + smoothing / size) / (1.0 + smoothing)
 
 
 def top_label_loss(logits: np.ndarray, labels: np.ndarray,
-                   calibration: HeadCalibration | float | None = None) -> float:
+                   calibration: HeadCalibration | float | None = None, prior: float = 0.0) -> float:
     """Mean binary cross-entropy of the top-1 probability against whether the top-1 class is
-    right: the proper score of exactly what top-label ECE measures."""
+    right: the proper score of exactly what top-label ECE measures. prior: that many
+    pseudo-slices of each outcome (right, wrong), each scored at the mean over the slices."""
     from scipy.special import logsumexp
 
     labels = np.asarray(labels, np.int64)
@@ -194,10 +208,22 @@ def top_label_loss(logits: np.ndarray, labels: np.ndarray,
     log_p[rows, top] = -np.inf
     log_not_top = logsumexp(log_p, axis=-1)  # log (1 - P(top-1)), stably
     correct = top == labels
-    return float(-np.mean(np.where(correct, log_top, log_not_top)))
+    total = -np.sum(np.where(correct, log_top, log_not_top))
+    if prior:
+        total -= prior * (np.mean(log_top) + np.mean(log_not_top))
+    return float(total / (len(labels) + 2 * prior))
 
 
-TEMPERATURE_OBJECTIVES = {"top_label": top_label_loss, "nll": negative_log_likelihood}
+# Every fit sees pseudo-slices beside the real ones: the top-label temperature one of each
+# outcome (Laplace's rule of succession), the NLL fits one of a uniform label. A head right on
+# all n fitting slices is then fitted to a top-1 probability of about (n + 1) / (n + 2), where
+# without them its temperature runs to the bound and it is certain (probabilities of 1.0,
+# however wrong it is later; and the cross-validation would then prefer whichever family is
+# most certain). With errors to fit, they move a fit by about 1/n.
+PRIOR_SLICES = 1.0
+TEMPERATURE_OBJECTIVES = {
+    "top_label": lambda logits, labels, t: top_label_loss(logits, labels, t, prior=PRIOR_SLICES),
+    "nll": lambda logits, labels, t: negative_log_likelihood(logits, labels, t, prior=PRIOR_SLICES)}
 # Measured on the demo (fitted on one random half of its validation and test patients, scored
 # on the other, 30 times): the top-label temperature is softer than the NLL one on every head
 # with a top-1 below 0.9, lowers the mean ECE of the two least accurate heads (top-1 about
@@ -208,8 +234,8 @@ TEMPERATURE_OBJECTIVE = "top_label"
 def fit_temperature(logits: np.ndarray, labels: np.ndarray,
                     objective: str = TEMPERATURE_OBJECTIVE) -> float:
     """The temperature in TEMPERATURE_BOUNDS minimising `objective` on `labels` (class
-    indices): "top_label" (top_label_loss, the default) calibrates the top-1 probability,
-    what top-label ECE scores; "nll" the whole distribution. They differ where a head's
+    indices): "top_label" (top_label_loss with PRIOR_SLICES, the default) calibrates the
+    top-1 probability, what top-label ECE scores; "nll" the whole distribution. They differ where a head's
     miscalibration differs between its top class and the rest: the NLL temperature then
     leaves the top-1 probability over-confident (seen on low-accuracy heads)."""
     from scipy.optimize import minimize_scalar
@@ -228,8 +254,9 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray,
 def fit(logits: np.ndarray, labels: np.ndarray, family: str = "temperature",
         l2: float = L2) -> HeadCalibration:
     """The calibrator of `family` fitted to `labels` (class indices): a temperature by
-    fit_temperature (its default objective); bcts and vector by the mean NLL plus
-    l2 * (|b|^2 + |d|^2), by L-BFGS with the analytic gradient, from the NLL temperature."""
+    fit_temperature (its default objective); bcts and vector by the mean NLL (with
+    PRIOR_SLICES) plus l2 * (|b|^2 + |d|^2), by L-BFGS with the analytic gradient, from the
+    NLL temperature."""
     from scipy.optimize import minimize
 
     check_family(family)
@@ -240,8 +267,7 @@ def fit(logits: np.ndarray, labels: np.ndarray, family: str = "temperature",
     if family == "temperature" or n == 0:
         return HeadCalibration(family, fit_temperature(logits, labels) if n else 1.0,
                                (0.0,) * size if with_bias else (), (0.0,) * size if with_scale else ())
-    onehot = np.zeros_like(logits)
-    onehot[np.arange(n), labels] = 1.0
+    targets = _targets(labels, size, PRIOR_SLICES)
 
     def unpack(theta):
         log_t = theta[0]
@@ -253,8 +279,8 @@ def fit(logits: np.ndarray, labels: np.ndarray, family: str = "temperature",
         log_t, bias, log_scale = unpack(theta)
         scaled = logits * np.exp(log_scale - log_t)
         log_p = _log_probs(scaled + bias)
-        loss = -float(np.sum(log_p * onehot)) / n
-        g = (np.exp(log_p) - onehot) / n  # d loss / d calibrated logit
+        loss = -float(np.sum(log_p * targets)) / n
+        g = (np.exp(log_p) - targets) / n  # d loss / d calibrated logit
         grad = [np.array([-np.sum(g * scaled)])]
         if with_bias:
             loss += l2 * float(bias @ bias)

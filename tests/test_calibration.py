@@ -87,6 +87,32 @@ def test_the_top_label_temperature_calibrates_the_top1_probability_where_the_nll
     assert calibration.fit(val_logits, val_labels).temperature == top_t  # the default
 
 
+def test_a_head_right_on_every_fitting_slice_is_not_made_certain():
+    """Without an error to fit, the top-label temperature would run to its lower bound and
+    the head's probabilities to 1.0; one pseudo-slice of each outcome keeps the top-1
+    probability near (n + 1) / (n + 2)."""
+    rng = np.random.default_rng(4)
+    n = 700
+    logits = rng.normal(0, 1.0, (n, 5))
+    labels = logits.argmax(axis=1)  # the head is right on every slice
+    logits[np.arange(n), labels] += 3.0
+    t = calibration.fit_temperature(logits, labels)
+    assert t > 2 * calibration.TEMPERATURE_BOUNDS[0]
+    confidence = calibration.probabilities(logits, t).max(axis=1)
+    assert 1 - 3 / (n + 2) < confidence.mean() < 1 - 0.3 / (n + 2)
+    assert confidence.max() < 1.0
+    # Nor by the other families, so the cross-validation has no certainty to prefer.
+    for family in ("bcts", "vector"):
+        c = calibration.fit(logits, labels, family)
+        assert calibration.probabilities(logits, c).max(axis=1).mean() < 1 - 0.3 / (n + 2), family
+    scores = calibration.cross_validate(logits, labels, np.arange(n) // 5)
+    assert calibration.select_family(scores) == "temperature"
+    # Without the pseudo-slices the fit is certain.
+    no_prior = min(np.exp(np.linspace(np.log(0.05), np.log(20), 200)),
+                   key=lambda t: calibration.top_label_loss(logits, labels, t))
+    assert no_prior == pytest.approx(calibration.TEMPERATURE_BOUNDS[0])
+
+
 def test_a_bias_moves_the_top1_class_and_a_temperature_never_does():
     rng = np.random.default_rng(1)
     logits, labels, _ = _class_biased_head(rng, 3000)
@@ -105,14 +131,15 @@ def test_fits_are_at_the_optimum_of_their_penalised_objective():
     for family in ("bcts", "vector"):
         c = calibration.fit(logits, labels, family, l2=0.05)
         penalty = 0.05 * (np.sum(np.square(c.bias)) + np.sum(np.square(c.log_scale)))
-        best = calibration.negative_log_likelihood(logits, labels, c) + penalty
+        best = calibration.negative_log_likelihood(logits, labels, c, calibration.PRIOR_SLICES) + penalty
         for _ in range(20):  # no nearby calibrator of the family does better
             step = rng.normal(0, 0.02, 1 + 2 * 5)
             other = calibration.HeadCalibration(
                 family, c.temperature * np.exp(step[0]), tuple(np.array(c.bias) + step[1:6]),
                 tuple(np.array(c.log_scale) + step[6:]) if family == "vector" else ())
             other_penalty = 0.05 * (np.sum(np.square(other.bias)) + np.sum(np.square(other.log_scale)))
-            assert calibration.negative_log_likelihood(logits, labels, other) + other_penalty > best - 1e-9
+            assert (calibration.negative_log_likelihood(logits, labels, other, calibration.PRIOR_SLICES)
+                    + other_penalty > best - 1e-9)
     # A class absent from the fitting data keeps a finite bias.
     present = labels != 4
     c = calibration.fit(logits[present], labels[present], "bcts")
