@@ -80,6 +80,9 @@ def write_scatter(true: np.ndarray, predicted: np.ndarray, name: str, unit: str,
     return path
 
 
+LINE_MIN_SHARE = 0.01
+
+
 def write_reliability(curves: dict[str, tuple], name: str, path: str) -> str:
     """Reliability diagram: accuracy per confidence bin against the diagonal, one line per
     curve label (e.g. before / after calibration); curves: label -> (confidence, accuracy,
@@ -90,16 +93,19 @@ def write_reliability(curves: dict[str, tuple], name: str, path: str) -> str:
     for (label, (confidence, accuracy, counts, ece)), colour in zip(curves.items(),
                                                                       ("tab:red", "tab:blue")):
         filled = counts > 0
-        ax.plot(confidence[filled], accuracy[filled], lw=1, color=colour,
-                label=f"{label} (ECE {ece:.3f})")
         # A bin's weight in the ECE is its share of the slices: the marker's area shows it.
-        share = counts[filled] / max(counts.sum(), 1)
-        ax.scatter(confidence[filled], accuracy[filled], s=4 + 300 * share, color=colour,
+        # The line joins the bins of at least LINE_MIN_SHARE only: a bin of a slice or two
+        # reads 0 or 1 and would swing it across the plot.
+        share = counts / max(counts.sum(), 1)
+        steady = share >= LINE_MIN_SHARE
+        ax.plot(confidence[steady], accuracy[steady], lw=1, color=colour,
+                label=f"{label} (ECE {ece:.3f})")
+        ax.scatter(confidence[filled], accuracy[filled], s=4 + 300 * share[filled], color=colour,
                    alpha=0.6, linewidths=0)
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
-    ax.text(0.98, 0.02, "marker area: share of slices", ha="right", va="bottom", fontsize=7,
-            color="0.4", transform=ax.transAxes)
+    ax.text(0.98, 0.02, f"marker area: share of slices; line: bins of {LINE_MIN_SHARE:.0%} or more",
+            ha="right", va="bottom", fontsize=7, color="0.4", transform=ax.transAxes)
     ax.set_xlabel("confidence (top-1 probability)")
     ax.set_ylabel("accuracy")
     ax.set_title(f"{name}: reliability", fontsize=9)
