@@ -159,7 +159,7 @@ class Predictor:
         self.spec = restored["pixel_spec"]
         self.config = restored["config"]
         self.conv_impl, self.dtype = inference_settings(self.config["model"], conv_impl, dtype)
-        self.convolutions = describe_convolutions(self.conv_impl, self.dtype)
+        self.convolutions = describe_convolutions(self.conv_impl, self.dtype, inference=fold_norms)
         model = build_model(self.config["model"], self.encoding.head_sizes(),
                             conv_impl=self.conv_impl, dtype=self.dtype, fold_norms=fold_norms)
         self.batch_size = self.global_batch_size(batch_size, self.mesh.size)

@@ -256,8 +256,38 @@ def test_a_model_that_cannot_be_built_leaves_no_reader_behind(trained_run, tmp_p
 
     from iap_jax.predict import _Reader
 
-    assert predict_main(["--workdir", trained_run.workdir, "--input", trained_run.dataset_dir,
+    workdir = tmp_path / "unknown_model"
+    shutil.copytree(trained_run.workdir, workdir)
+    for step in (d for d in os.listdir(workdir / "checkpoints") if d.isdigit()):
+        path = workdir / "checkpoints" / step / "config" / "metadata"
+        config = json.loads(path.read_text())
+        config["model"]["name"] = "resnet999"
+        path.write_text(json.dumps(config))
+    assert predict_main(["--workdir", str(workdir), "--input", trained_run.dataset_dir,
                          "--split", "validation", "--out", str(tmp_path / "o"), "--quiet",
-                         "--batch-size", "1", "--conv-impl", "onednn", "--dtype", "bfloat16"]) == 2
-    assert "computes in float32" in capsys.readouterr().err
+                         "--batch-size", "1"]) == 2
+    assert "unknown model 'resnet999'" in capsys.readouterr().err
     assert not [t for t in threading.enumerate() if isinstance(t, _Reader)]
+
+
+def test_bfloat16_prediction_on_a_cpu_agrees_with_float32(trained_run, tmp_path):
+    from iap_jax.models import onednn
+
+    if not (onednn.available() and onednn.bfloat16_inference_available()):
+        pytest.skip("no oneDNN bfloat16 inference convolutions on this CPU")
+    full = run_predict(trained_run, str(tmp_path / "f32"), "--input", trained_run.dataset_dir,
+                       "--split", "test")
+    half = run_predict(trained_run, str(tmp_path / "bf16"), "--input", trained_run.dataset_dir,
+                       "--split", "test", "--dtype", "bfloat16")
+    assert (half["run"]["dtype"], half["run"]["convolutions"]) == ("bfloat16", "onednn")
+    assert full["run"]["dtype"] == "float32"
+    a, b = _rows(tmp_path / "f32" / "slices.parquet"), _rows(tmp_path / "bf16" / "slices.parquet")
+    assert len(a) == len(b) > 0
+    encoding = predictions.read_metadata(str(tmp_path / "f32" / "slices.parquet"))["label_encoding"]
+    for head in encoding["heads"]:
+        name = head["name"]
+        if head["kind"] == "categorical":
+            agree = np.mean([x[name] == y[name] for x, y in zip(a, b)])
+            assert agree >= 0.95, (name, agree)
+        else:
+            np.testing.assert_allclose([y[name] for y in b], [x[name] for x in a], rtol=0.05)

@@ -134,6 +134,40 @@ def test_inference_folds_batchnorm_residual_and_relu_into_the_onednn_convolution
     assert "IapConvInference" not in train_hlo and "iap_onednn_IapConvForward" in train_hlo
 
 
+@pytest.mark.skipif(not onednn.available() or not onednn.bfloat16_inference_available(),
+                    reason="no oneDNN bfloat16 inference convolutions on this CPU")
+def test_bfloat16_inference_runs_the_folded_onednn_convolutions_in_bfloat16():
+    from iap_jax.models.conv import PACKED, pack_for_inference
+    from iap_jax.models.resnet import ResNet
+
+    x = _images(batch=3, size=40)
+    model = ResNet(head_sizes=HEADS, stage_sizes=(1, 1), width=8, conv_impl="auto")
+    variables = _trained_statistics(model, _init(model, x), x)
+    want = jax.jit(lambda v, a: model.apply(v, a, train=False))(variables, x)
+    bf16 = model.clone(dtype=jnp.bfloat16)
+    packed = pack_for_inference(bf16, variables, x.shape)
+    assert PACKED in packed
+    assert {a.dtype for a in jax.tree.leaves(packed[PACKED]) if a.ndim == 1 and a.size > 64} \
+        == {jnp.dtype(jnp.bfloat16)}  # the packed kernels (the biases stay float32)
+    forward = jax.jit(lambda v, a: bf16.apply(v, a, train=False))
+    hlo = forward.lower(packed, x).as_text()
+    convolutions = (len(jax.tree.leaves(variables["params"])) - 2 * len(HEADS)) // 3
+    assert hlo.count("iap_onednn_IapConvInferenceBf16") == convolutions
+    got = forward(packed, x)
+    for name in HEADS:  # bfloat16 keeps 8 bits of mantissa: close, not equal
+        scale = float(np.abs(want[name]).max())
+        np.testing.assert_allclose(np.asarray(got[name], np.float32), want[name], atol=0.05 * scale)
+    # Unpacked, the same convolutions read the folded kernel cast to bfloat16.
+    unpacked = jax.jit(lambda v, a: bf16.apply(v, a, train=False))(variables, x)
+    for name in HEADS:
+        np.testing.assert_allclose(np.asarray(unpacked[name], np.float32),
+                                   np.asarray(got[name], np.float32), rtol=2e-2, atol=2e-2)
+    # Training in bfloat16 on the CPU stays off oneDNN (its training convolutions are float32).
+    train_hlo = jax.jit(lambda v, a: bf16.apply(v, a, train=True, mutable=["batch_stats"])).lower(
+        variables, x).as_text()
+    assert "iap_onednn" not in train_hlo
+
+
 def test_batchnorm_uses_batch_statistics_in_training_and_running_ones_in_eval():
     model = make_model("tiny", HEADS)
     x = _images(batch=6)

@@ -62,6 +62,22 @@ def resolve_conv_impl(impl: str, dtype: Any = None) -> str:
     return impl
 
 
+def resolve_inference_conv_impl(impl: str, dtype: Any = None) -> str:
+    """The convolution a folded inference forward runs (`Conv` with `affine`): as
+    resolve_conv_impl, except that bfloat16 on a CPU runs oneDNN's bfloat16 inference
+    convolution where this CPU has one (AVX-512; AMX makes it several times float32's speed).
+    Training's oneDNN convolutions stay float32."""
+    bfloat16 = dtype is not None and jnp.dtype(dtype) == jnp.bfloat16
+    if bfloat16 and impl in ("auto", "onednn") and jax.default_backend() == "cpu" \
+            and jax.device_count() == 1 and onednn.available():
+        if onednn.bfloat16_inference_available():
+            return "onednn"
+        if impl == "onednn":
+            raise ValueError("conv_impl 'onednn' has no bfloat16 inference convolution on this "
+                             "CPU (it needs AVX-512); use float32")
+    return resolve_conv_impl(impl, dtype)
+
+
 def explicit_padding(
     in_hw: Sequence[int], kernel_hw: Sequence[int], strides: Sequence[int], padding: Any
 ) -> Padding:
@@ -265,7 +281,7 @@ def pack_for_inference(model: nn.Module, variables, input_shape) -> dict:
     and reordered once, instead of at every call. Where nothing is packed (other
     convolutions, or BatchNorm not folded) the variables come back as they were, and
     nothing is traced. `model` is a ResNet (it has conv_impl, dtype and fold_norms)."""
-    if not model.fold_norms or resolve_conv_impl(model.conv_impl, model.dtype) != "onednn":
+    if not model.fold_norms or resolve_inference_conv_impl(model.conv_impl, model.dtype) != "onednn":
         return variables
 
     def packed(variables):
@@ -307,27 +323,30 @@ class Conv(nn.Module):
             "kernel", self.kernel_init, kernel_hw + (x.shape[-1], self.features), self.param_dtype
         )
         bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
+        params = kernel, bias  # as stored (float32): what a BatchNorm is folded into
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         pads = explicit_padding(x.shape[1:3], kernel_hw, strides, self.padding)
-        impl = resolve_conv_impl(self.impl, x.dtype)
         if affine is not None or residual is not None or relu:
-            if impl != "onednn" or affine is None:
+            if affine is None or resolve_inference_conv_impl(self.impl, x.dtype) != "onednn":
                 # Elsewhere the caller applies norm, residual and ReLU (ResNet's conv_norm).
                 raise ValueError("affine/residual/relu are for oneDNN inference only")
             multiplier, shift = affine
             out_hw = _output_hw(x.shape[1:3], kernel_hw, strides, pads)
 
-            def folded():
-                return kernel * multiplier, shift if bias is None else bias * multiplier + shift
+            def folded():  # in float32, whatever the activations' dtype
+                k, b = (None if p is None else p.astype(jnp.float32) for p in params)
+                return k * multiplier, shift if b is None else b * multiplier + shift
 
             # Packed only on request (pack_for_inference), never by init: a model's variables
             # and checkpoints hold no packed kernels.
             packing = self.is_mutable_collection(PACKED) and not self.is_initializing()
             if not (packing or self.has_variable(PACKED, "kernel")):
-                return onednn.inference(x, *folded(), strides, pads, out_hw, relu, residual)
+                k, b = folded()
+                return onednn.inference(x, k.astype(x.dtype), b, strides, pads, out_hw, relu,
+                                        residual)
             # Prediction: the folded kernel packed once (see `pack_for_inference`).
             packed = self.variable(PACKED, "kernel", lambda: onednn.pack_weights(
-                folded()[0], x.shape, strides, pads, out_hw, relu, residual is not None))
+                folded()[0], x.shape, strides, pads, out_hw, relu, residual is not None, x.dtype))
             packed_bias = self.variable(PACKED, "bias", lambda: folded()[1])
             # The layout belongs to the input shape it was packed for, which this empty
             # array's shape records (the later size checks are a backstop: they pass a
@@ -338,6 +357,7 @@ class Conv(nn.Module):
                                  f"applied to {tuple(x.shape)}; pack them for this shape")
             return onednn.inference(x, packed.value, packed_bias.value, strides, pads, out_hw,
                                     relu, residual, kernel_shape=kernel.shape)
+        impl = resolve_conv_impl(self.impl, x.dtype)
         if impl == "onednn":
             y = _onednn_conv2d(x, kernel, strides, pads)
         elif impl == "cpu_fast":

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from iap_jax.models import onednn
-from iap_jax.models.conv import resolve_conv_impl
+from iap_jax.models.conv import resolve_conv_impl, resolve_inference_conv_impl
 from iap_jax.models.resnet import ResNet, make_model
 
 
@@ -28,9 +28,10 @@ def build_model(model_config: Mapping[str, Any], head_sizes: Mapping[str, int], 
     return model if fold_norms else model.clone(fold_norms=False)
 
 
-def describe_convolutions(conv_impl: str, dtype: str) -> str:
-    """Which convolution a model runs here, and why not oneDNN where that was possible."""
-    impl = resolve_conv_impl(conv_impl, dtype)
+def describe_convolutions(conv_impl: str, dtype: str, inference: bool = False) -> str:
+    """Which convolution a model runs here (for training, or with inference=True for a
+    prediction's folded forward), and why not oneDNN where that was possible."""
+    impl = (resolve_inference_conv_impl if inference else resolve_conv_impl)(conv_impl, dtype)
     reason = onednn.unavailable_reason() if impl == "cpu_fast" and conv_impl == "auto" else None
     return impl + (f" (oneDNN unavailable: {reason})" if reason else "")
 
@@ -38,8 +39,9 @@ def describe_convolutions(conv_impl: str, dtype: str) -> str:
 def inference_settings(model_config: Mapping[str, Any], conv_impl: str | None = None,
                        dtype: str | None = None) -> tuple[str, str]:
     """(conv_impl, dtype) for predicting on this machine: the flags where given; else "auto"
-    convolutions, and the trained dtype on accelerators but float32 on a CPU (bf16 has no
-    fast CPU convolution, and oneDNN's runs in float32)."""
+    convolutions, and the trained dtype on accelerators but float32 on a CPU (the same
+    numbers as training's float32 evaluation; `--dtype bfloat16` runs oneDNN's bfloat16
+    inference convolutions where the CPU has them, several times faster with AMX)."""
     if dtype is None:
         dtype = "float32" if jax.default_backend() == "cpu" else str(model_config["dtype"])
     return conv_impl or "auto", dtype

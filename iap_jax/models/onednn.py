@@ -30,7 +30,11 @@ import numpy as np
 SOURCE = Path(__file__).resolve().parents[1] / "native" / "onednn_conv.cc"
 TARGETS = {"forward": "IapConvForward", "input_grad": "IapConvInputGrad",
            "weight_grad": "IapConvWeightGrad", "inference": "IapConvInference",
-           "pack": "IapConvPackWeights"}
+           "pack": "IapConvPackWeights", "inference_bf16": "IapConvInferenceBf16",
+           "pack_bf16": "IapConvPackWeightsBf16"}
+# The inference convolution's activation dtypes (its bias is float32 either way); training's
+# convolutions are float32 only.
+INFERENCE_DTYPES = (jnp.float32, jnp.bfloat16)
 _FFI_PREFIX = "iap_onednn_"
 
 class OnednnUnavailable(RuntimeError):
@@ -122,7 +126,7 @@ def _load() -> str | None:
         library = ctypes.cdll.LoadLibrary(str(path))
         size_query = library.iap_onednn_packed_weight_bytes
         size_query.restype = ctypes.c_int64
-        size_query.argtypes = [ctypes.POINTER(ctypes.c_int64)] * 3 + [ctypes.c_int64] * 8
+        size_query.argtypes = [ctypes.POINTER(ctypes.c_int64)] * 3 + [ctypes.c_int64] * 9
         _LIBRARY["packed_weight_bytes"] = size_query
         for name in TARGETS.values():
             jax.ffi.register_ffi_target(_FFI_PREFIX + name, jax.ffi.pycapsule(getattr(library, name)),
@@ -147,13 +151,14 @@ def _attributes(strides, padding) -> dict:
     return {k: np.int64(v) for k, v in values.items()}
 
 
-def _call(target: str, shape, a, b, strides, padding, *extra, aliases=None, **attributes):
+def _call(target: str, shape, a, b, strides, padding, *extra, aliases=None, dtype=jnp.float32,
+          **attributes):
     reason = _load()
     if reason is not None:
         raise OnednnUnavailable(f"oneDNN convolutions unavailable: {reason}")
-    if a.dtype != jnp.float32 or b.dtype != jnp.float32:
-        raise TypeError(f"oneDNN convolutions take float32, got {a.dtype} and {b.dtype}")
-    result = jax.ShapeDtypeStruct(tuple(shape), jnp.float32)
+    if a.dtype != dtype or b.dtype != dtype:
+        raise TypeError(f"oneDNN convolutions here take {jnp.dtype(dtype)}, got {a.dtype} and {b.dtype}")
+    result = jax.ShapeDtypeStruct(tuple(shape), dtype)
     attributes = {k: v if isinstance(v, np.ndarray) else np.int64(v) for k, v in attributes.items()}
     return jax.ffi.ffi_call(_FFI_PREFIX + TARGETS[target], result, vmap_method="sequential",
                             input_output_aliases=aliases)(
@@ -170,9 +175,18 @@ def _inference_geometry(x_shape, kernel_shape, out_hw):
             (int(x_shape[0]), *map(int, out_hw), int(kernel_shape[3])))
 
 
+def _inference_dtype(dtype):
+    dtype = jnp.dtype(dtype)
+    if dtype not in INFERENCE_DTYPES:
+        raise TypeError(f"oneDNN inference convolutions take float32 or bfloat16, not {dtype}")
+    return dtype
+
+
 def packed_weight_size(x_shape, kernel_shape, strides, padding, out_hw, relu: bool,
-                       residual: bool) -> int:
-    """Float32 elements of a kernel packed (`pack_weights`) for an inference geometry."""
+                       residual: bool, dtype=jnp.float32) -> int:
+    """Elements (of `dtype`, the activations') of a kernel packed (`pack_weights`) for an
+    inference geometry."""
+    dtype = _inference_dtype(dtype)
     reason = _load()
     if reason is not None:
         raise OnednnUnavailable(f"oneDNN convolutions unavailable: {reason}")
@@ -180,21 +194,41 @@ def packed_weight_size(x_shape, kernel_shape, strides, padding, out_hw, relu: bo
     (top, bottom), (left, right) = padding
     arrays = [(ctypes.c_int64 * 4)(*dims) for dims in (x, w, y)]
     size = _LIBRARY["packed_weight_bytes"](*arrays, strides[0], strides[1], top, bottom, left,
-                                           right, int(bool(residual)), int(bool(relu)))
+                                           right, int(bool(residual)), int(bool(relu)),
+                                           int(dtype == jnp.bfloat16))
     if size < 0:
-        raise OnednnUnavailable(f"oneDNN has no inference convolution for input {x}, kernel {w}")
-    return size // 4
+        raise OnednnUnavailable(f"oneDNN has no {dtype} inference convolution for input {x}, "
+                                f"kernel {w} on this CPU")
+    return size // dtype.itemsize
 
 
-def pack_weights(kernel, x_shape, strides, padding, out_hw, relu: bool, residual: bool):
-    """An HWIO kernel reordered once into the layout `inference(..., kernel_shape=...)` reads
-    for this geometry (a 1-D float32 array; valid in this process, for this geometry only)."""
+@functools.cache
+def bfloat16_inference_available() -> bool:
+    """Whether this CPU has oneDNN bfloat16 inference convolutions (AVX-512 ones; AMX makes
+    them fast), probed on a small geometry."""
+    if not available():
+        return False
+    try:
+        packed_weight_size((1, 8, 8, 16), (3, 3, 16, 16), (1, 1), ((1, 1), (1, 1)), (8, 8),
+                           True, True, jnp.bfloat16)
+    except OnednnUnavailable:
+        return False
+    return True
+
+
+def pack_weights(kernel, x_shape, strides, padding, out_hw, relu: bool, residual: bool,
+                 dtype=jnp.float32):
+    """A float32 HWIO kernel reordered once into the layout `inference(..., kernel_shape=...)`
+    reads for this geometry and activation dtype (a 1-D array of that dtype; valid in this
+    process, for this geometry only)."""
+    dtype = _inference_dtype(dtype)
     x, w, y = _inference_geometry(x_shape, kernel.shape, out_hw)
-    size = packed_weight_size(x, w, strides, padding, out_hw, relu, residual)
+    size = packed_weight_size(x, w, strides, padding, out_hw, relu, residual, dtype)
     if kernel.dtype != jnp.float32:
-        raise TypeError(f"oneDNN convolutions take float32, got {kernel.dtype}")
-    result = jax.ShapeDtypeStruct((size,), jnp.float32)
-    return jax.ffi.ffi_call(_FFI_PREFIX + TARGETS["pack"], result, vmap_method="sequential")(
+        raise TypeError(f"kernels are packed from float32, got {kernel.dtype}")
+    result = jax.ShapeDtypeStruct((size,), dtype)
+    target = TARGETS["pack_bf16" if dtype == jnp.bfloat16 else "pack"]
+    return jax.ffi.ffi_call(_FFI_PREFIX + target, result, vmap_method="sequential")(
         kernel, src=np.asarray(x, np.int64), dst=np.asarray(y, np.int64),
         **_attributes(strides, padding), sum=np.int64(bool(residual)), relu=np.int64(bool(relu)))
 
@@ -202,9 +236,11 @@ def pack_weights(kernel, x_shape, strides, padding, out_hw, relu: bool, residual
 def inference(x, kernel, bias, strides, padding, out_hw, relu: bool, residual=None,
               kernel_shape=None):
     """relu(conv(x, kernel) + bias [+ residual]) in one oneDNN call (forward only: for
-    prediction, with BatchNorm folded into kernel and bias). The residual's buffer becomes
+    prediction, with BatchNorm folded into kernel and bias), in x's dtype (float32 or
+    bfloat16; kernel and residual the same, the bias float32). The residual's buffer becomes
     the output (XLA copies it first where it is still needed). With kernel_shape (HWIO),
     `kernel` is `pack_weights`' 1-D array for this geometry instead of the kernel."""
+    dtype = _inference_dtype(x.dtype)
     packed = kernel_shape is not None
     kernel_shape = tuple(int(d) for d in (kernel_shape if packed else kernel.shape))
     shape = (x.shape[0], *out_hw, kernel_shape[3])
@@ -213,19 +249,20 @@ def inference(x, kernel, bias, strides, padding, out_hw, relu: bool, residual=No
     if packed:
         # Size only, a backstop: a layout of the same size passes (Conv checks the geometry).
         want = packed_weight_size(x.shape, kernel_shape, strides, padding, out_hw, relu,
-                                  residual is not None)
+                                  residual is not None, dtype)
         if kernel.shape != (want,):
             raise ValueError(f"packed weights of shape {kernel.shape} are not the ({want},) this "
                              f"geometry reads: pack them for input {tuple(x.shape)}")
     extra = (bias.astype(jnp.float32),)
     aliases = None
     if residual is not None:
-        if tuple(residual.shape) != shape or residual.dtype != jnp.float32:
-            raise ValueError(f"the residual must be float32 of shape {shape}, got "
+        if tuple(residual.shape) != shape or residual.dtype != dtype:
+            raise ValueError(f"the residual must be {dtype} of shape {shape}, got "
                              f"{residual.dtype} {tuple(residual.shape)}")
         extra += (residual,)
         aliases = {3: 0}
-    return _call("inference", shape, x, kernel, strides, padding, *extra, aliases=aliases,
+    target = "inference_bf16" if dtype == jnp.bfloat16 else "inference"
+    return _call(target, shape, x, kernel, strides, padding, *extra, aliases=aliases, dtype=dtype,
                  kernel=np.asarray(kernel_shape, np.int64), packed=packed, relu=bool(relu))
 
 

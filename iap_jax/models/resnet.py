@@ -12,7 +12,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from iap_jax.models.conv import Conv, max_pool_3x3_stride2, resolve_conv_impl
+from iap_jax.models.conv import Conv, max_pool_3x3_stride2, resolve_conv_impl, resolve_inference_conv_impl
 from iap_jax.models.norm import BatchNorm
 
 # PyTorch's BatchNorm2d defaults: running = 0.9 * running + 0.1 * batch.
@@ -48,7 +48,8 @@ class _Layers(nn.Module):
 
     def norm(self, train: bool, name: str | None = None) -> nn.Module:
         # The same variables either way; the closed-form gradient is the CPU's faster one.
-        cpu = resolve_conv_impl(self.conv_impl, self.dtype) in ("cpu_fast", "onednn")
+        resolve = resolve_conv_impl if train else resolve_inference_conv_impl
+        cpu = resolve(self.conv_impl, self.dtype) in ("cpu_fast", "onednn")
         return (BatchNorm if cpu else nn.BatchNorm)(
             use_running_average=not train,
             momentum=BN_MOMENTUM,
@@ -64,7 +65,8 @@ class _Layers(nn.Module):
         named as when built apart), folded into one oneDNN call at inference."""
         conv = self.conv(features, kernel, stride, name=names[0])
         norm = self.norm(train, name=names[1])
-        if self.fold_norms and not train and resolve_conv_impl(self.conv_impl, self.dtype) == "onednn":
+        if self.fold_norms and not train and \
+                resolve_inference_conv_impl(self.conv_impl, self.dtype) == "onednn":
             return conv(x, affine=norm(fold_channels=features), residual=residual, relu=relu)
         # Conv takes affine/residual/relu only as one oneDNN call; here they follow it.
         y = norm(conv(x))

@@ -126,16 +126,23 @@ ffi::Error ConvForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
 // Inference: the convolution with its bias (BatchNorm folded in by the caller) and, as
 // oneDNN post-ops, the residual sum (`dst` already holds the residual) and a ReLU, so no
 // separate pass over the activations follows. The primitive descriptor (its implementation
-// search) and its primitive are made once per geometry and kept here.
+// search) and its primitive are made once per geometry and data type and kept here.
+// Activations, kernel and residual are float32 or bfloat16 (`type`); the bias is float32.
 struct InferencePrimitive {
   dnnl::convolution_forward::primitive_desc pd;
   dnnl::convolution_forward primitive;
 };
 
-const InferencePrimitive& Inference(const Geometry& g, bool sum, bool relu) {
+template <ffi::DataType T>
+constexpr dt OnednnType() {
+  static_assert(T == ffi::DataType::F32 || T == ffi::DataType::BF16, "float32 or bfloat16");
+  return T == ffi::DataType::BF16 ? dt::bf16 : dt::f32;
+}
+
+const InferencePrimitive& Inference(const Geometry& g, bool sum, bool relu, dt type) {
   static std::mutex mutex;
   static std::map<std::string, InferencePrimitive> cache;
-  std::string key = std::to_string(sum) + std::to_string(relu);
+  std::string key = std::to_string(static_cast<int>(type)) + std::to_string(sum) + std::to_string(relu);
   for (const auto* dims : {&g.src, &g.wei, &g.dst, &g.strides, &g.pad_l, &g.pad_r}) {
     for (auto d : *dims) key += "," + std::to_string(d);
     key += ";";
@@ -153,16 +160,15 @@ const InferencePrimitive& Inference(const Geometry& g, bool sum, bool relu) {
   dnnl::primitive_attr attr;
   attr.set_post_ops(ops);
   memory::desc bias = Plain({g.dst[1]}, tag::a);
+  memory::desc src(g.src, type, tag::nhwc), wei(g.wei, type, tag::any), dst(g.dst, type, tag::nhwc);
 #if DNNL_VERSION_MAJOR >= 3
   dnnl::convolution_forward::primitive_desc pd(
       Engine(), dnnl::prop_kind::forward_inference, dnnl::algorithm::convolution_direct,
-      Plain(g.src, tag::nhwc), Any(g.wei), bias, Plain(g.dst, tag::nhwc), g.strides, g.pad_l,
-      g.pad_r, attr);
+      src, wei, bias, dst, g.strides, g.pad_l, g.pad_r, attr);
 #else
   dnnl::convolution_forward::desc desc(
       dnnl::prop_kind::forward_inference, dnnl::algorithm::convolution_direct,
-      Plain(g.src, tag::nhwc), Any(g.wei), bias, Plain(g.dst, tag::nhwc), g.strides, g.pad_l,
-      g.pad_r);
+      src, wei, bias, dst, g.strides, g.pad_l, g.pad_r);
   dnnl::convolution_forward::primitive_desc pd(desc, attr, Engine());
 #endif
   return cache.emplace(key, InferencePrimitive{pd, dnnl::convolution_forward(pd)}).first->second;
@@ -171,7 +177,8 @@ const InferencePrimitive& Inference(const Geometry& g, bool sum, bool relu) {
 // A prediction's kernels are constant: PackWeights reorders one (folded) HWIO kernel once
 // into the blocked layout the inference primitive of that geometry reads, so that the
 // forward can skip the reorder; PackedWeightBytes tells the caller the buffer's size.
-ffi::Error PackWeightsImpl(ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> packed,
+template <ffi::DataType T>
+ffi::Error PackWeightsImpl(ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<T> packed,
                            ffi::Span<const int64_t> x, ffi::Span<const int64_t> y, int64_t sh,
                            int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr,
                            int64_t sum, int64_t relu) {
@@ -180,7 +187,7 @@ ffi::Error PackWeightsImpl(ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> 
     return err;
   }
   return Guarded("packing convolution weights", [&] {
-    const InferencePrimitive& p = Inference(g, sum != 0, relu != 0);
+    const InferencePrimitive& p = Inference(g, sum != 0, relu != 0, OnednnType<T>());
     if (packed->size_bytes() != p.pd.weights_desc().get_size()) {
       throw dnnl::error(dnnl_invalid_arguments, "packed weight buffer of the wrong size");
     }
@@ -194,9 +201,10 @@ ffi::Error PackWeightsImpl(ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> 
 
 // `w` is the HWIO kernel, or (packed != 0) PackWeights' buffer for this geometry; `kernel`
 // is the HWIO shape either way.
-ffi::Error ConvInferenceImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+template <ffi::DataType T>
+ffi::Error ConvInferenceImpl(ffi::Buffer<T> x, ffi::Buffer<T> w,
                              ffi::Buffer<ffi::F32> b, ffi::RemainingArgs rest,
-                             ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t pt,
+                             ffi::ResultBuffer<T> y, int64_t sh, int64_t sw, int64_t pt,
                              int64_t pb, int64_t pl, int64_t pr, ffi::Span<const int64_t> kernel,
                              int64_t packed, int64_t relu) {
   Geometry g;
@@ -208,17 +216,18 @@ ffi::Error ConvInferenceImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
     return ffi::Error(ffi::ErrorCode::kInvalidArgument,
                       "expected one bias per output channel and at most one residual");
   }
-  float* residual = nullptr;
+  void* residual = nullptr;
   if (rest.size() == 1) {
-    auto r = rest.get<ffi::Buffer<ffi::F32>>(0);
+    auto r = rest.get<ffi::Buffer<T>>(0);
     if (!r.has_value() || r->element_count() != y->element_count()) {
       return ffi::Error(ffi::ErrorCode::kInvalidArgument,
-                        "the residual must be a float32 array of the output's shape");
+                        "the residual must be an array of the output's shape and type");
     }
     residual = r->typed_data();
   }
+  const dt type = OnednnType<T>();
   return Guarded("convolution inference", [&] {
-    const InferencePrimitive& p = Inference(g, residual != nullptr, relu != 0);
+    const InferencePrimitive& p = Inference(g, residual != nullptr, relu != 0, type);
     dnnl::stream stream(Engine());
     // With the residual aliased to the output (as iap_jax asks XLA) there is nothing to copy.
     if (residual != nullptr && residual != y->typed_data()) {
@@ -234,7 +243,7 @@ ffi::Error ConvInferenceImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
       }
       wei = memory(p.pd.weights_desc(), Engine(), w.typed_data());
     } else {
-      wei = Reordered(memory(Plain(g.wei, tag::hwio), Engine(), w.typed_data()),
+      wei = Reordered(memory(memory::desc(g.wei, type, tag::hwio), Engine(), w.typed_data()),
                       p.pd.weights_desc(), stream);
     }
     p.primitive.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, wei},
@@ -324,40 +333,51 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(IapConvInputGrad, ConvInputGradImpl,
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::F32>>() IAP_CONV_ATTRIBUTES);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(IapConvWeightGrad, ConvWeightGradImpl, IAP_CONV_BINDING);
-// Inference x, w, bias[, residual] -> y (see ConvInferenceImpl).
-XLA_FFI_DEFINE_HANDLER_SYMBOL(IapConvInference, ConvInferenceImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .RemainingArgs()
-                                  .Ret<ffi::Buffer<ffi::F32>>() IAP_CONV_ATTRIBUTES
-                                  .Attr<ffi::Span<const int64_t>>("kernel")
-                                  .Attr<int64_t>("packed")
-                                  .Attr<int64_t>("relu"));
-// Packing w -> packed (see PackWeightsImpl).
-XLA_FFI_DEFINE_HANDLER_SYMBOL(IapConvPackWeights, PackWeightsImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<ffi::Span<const int64_t>>("src")
-                                  .Attr<ffi::Span<const int64_t>>("dst") IAP_CONV_ATTRIBUTES
-                                  .Attr<int64_t>("sum")
-                                  .Attr<int64_t>("relu"));
+// Inference x, w, bias[, residual] -> y (see ConvInferenceImpl), in float32 or bfloat16.
+#define IAP_CONV_INFERENCE_BINDING(T)                                                   \
+  ffi::Ffi::Bind()                                                                      \
+      .Arg<ffi::Buffer<T>>()                                                            \
+      .Arg<ffi::Buffer<T>>()                                                            \
+      .Arg<ffi::Buffer<ffi::F32>>()                                                     \
+      .RemainingArgs()                                                                  \
+      .Ret<ffi::Buffer<T>>() IAP_CONV_ATTRIBUTES                                        \
+      .Attr<ffi::Span<const int64_t>>("kernel")                                         \
+      .Attr<int64_t>("packed")                                                          \
+      .Attr<int64_t>("relu")
+XLA_FFI_DEFINE_HANDLER_SYMBOL(IapConvInference, ConvInferenceImpl<ffi::F32>,
+                              IAP_CONV_INFERENCE_BINDING(ffi::F32));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(IapConvInferenceBf16, ConvInferenceImpl<ffi::BF16>,
+                              IAP_CONV_INFERENCE_BINDING(ffi::BF16));
+// Packing the float32 kernel w -> packed, for the float32 or the bfloat16 inference (see
+// PackWeightsImpl).
+#define IAP_CONV_PACK_BINDING(T)                                                        \
+  ffi::Ffi::Bind()                                                                      \
+      .Arg<ffi::Buffer<ffi::F32>>()                                                     \
+      .Ret<ffi::Buffer<T>>()                                                            \
+      .Attr<ffi::Span<const int64_t>>("src")                                            \
+      .Attr<ffi::Span<const int64_t>>("dst") IAP_CONV_ATTRIBUTES                        \
+      .Attr<int64_t>("sum")                                                             \
+      .Attr<int64_t>("relu")
+XLA_FFI_DEFINE_HANDLER_SYMBOL(IapConvPackWeights, PackWeightsImpl<ffi::F32>,
+                              IAP_CONV_PACK_BINDING(ffi::F32));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(IapConvPackWeightsBf16, PackWeightsImpl<ffi::BF16>,
+                              IAP_CONV_PACK_BINDING(ffi::BF16));
 
 // The bytes PackWeights writes for a geometry (NHWC x, HWIO w, NHWC y, strides and pads as
-// above), or -1 where oneDNN has no inference primitive for it.
+// above; bf16 != 0 for the bfloat16 inference), or -1 where oneDNN has no inference
+// primitive for it (e.g. bfloat16 on a CPU without AVX-512).
 extern "C" int64_t iap_onednn_packed_weight_bytes(const int64_t* x, const int64_t* w,
                                                   const int64_t* y, int64_t sh, int64_t sw,
                                                   int64_t pt, int64_t pb, int64_t pl, int64_t pr,
-                                                  int64_t sum, int64_t relu) {
+                                                  int64_t sum, int64_t relu, int64_t bf16) {
   try {
     Geometry g;
     if (!MakeGeometry(ffi::Span<const int64_t>(x, 4), ffi::Span<const int64_t>(w, 4),
                       ffi::Span<const int64_t>(y, 4), sh, sw, pt, pb, pl, pr, &g).success()) {
       return -1;
     }
-    return static_cast<int64_t>(Inference(g, sum != 0, relu != 0).pd.weights_desc().get_size());
+    const InferencePrimitive& p = Inference(g, sum != 0, relu != 0, bf16 ? dt::bf16 : dt::f32);
+    return static_cast<int64_t>(p.pd.weights_desc().get_size());
   } catch (const std::exception&) {  // oneDNN's errors included: none may cross extern "C"
     return -1;
   }
