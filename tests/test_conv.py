@@ -224,15 +224,25 @@ def test_onednn_library_is_cached_per_source_and_jaxlib(monkeypatch, tmp_path):
     assert onednn.library_path().name == path.name
 
 
-@pytest.mark.parametrize("shape", [(2, 8, 8, 3), (2, 9, 7, 2)])
-def test_max_pool_matches_flax_values_and_gradients(shape):
+@pytest.mark.parametrize("impl", ["cpu_fast", "onednn"])
+@pytest.mark.parametrize("shape", [(2, 8, 8, 3), (2, 9, 7, 2), (2, 12, 12, 64)])
+def test_max_pool_matches_flax_values_and_gradients(shape, impl):
+    if impl == "onednn" and not onednn.available():
+        pytest.skip(f"oneDNN: {onednn.unavailable_reason()}")
     x = jax.random.normal(jax.random.PRNGKey(7), shape)
     out_shape = jax.eval_shape(lambda a: max_pool_3x3_stride2(a, "xla"), x).shape
     cotangent = jax.random.normal(jax.random.PRNGKey(8), out_shape)
     want, want_grads = _value_and_pullback(lambda a: max_pool_3x3_stride2(a, "xla"), cotangent, x)
-    got, got_grads = _value_and_pullback(lambda a: max_pool_3x3_stride2(a, "cpu_fast"), cotangent, x)
+    pool = jax.jit(lambda a: max_pool_3x3_stride2(a, impl))
+    got, got_grads = _value_and_pullback(pool, cotangent, x)
     np.testing.assert_array_equal(got, want)
     np.testing.assert_allclose(got_grads[0], want_grads[0], **TOL)
+    assert ("iap_onednn_IapMaxPool" in pool.lower(x).as_text()) == (impl == "onednn")
+    if impl == "onednn" and onednn.bfloat16_inference_available():
+        half = x.astype(jnp.bfloat16)
+        got = jax.jit(lambda a: max_pool_3x3_stride2(a, "auto"))(half)
+        assert got.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(got, max_pool_3x3_stride2(half, "xla"))
 
 
 def test_max_pool_gradient_with_ties_goes_to_one_position_per_window():

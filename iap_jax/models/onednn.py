@@ -31,7 +31,8 @@ SOURCE = Path(__file__).resolve().parents[1] / "native" / "onednn_conv.cc"
 TARGETS = {"forward": "IapConvForward", "input_grad": "IapConvInputGrad",
            "weight_grad": "IapConvWeightGrad", "inference": "IapConvInference",
            "pack": "IapConvPackWeights", "inference_bf16": "IapConvInferenceBf16",
-           "pack_bf16": "IapConvPackWeightsBf16"}
+           "pack_bf16": "IapConvPackWeightsBf16", "max_pool": "IapMaxPool",
+           "max_pool_bf16": "IapMaxPoolBf16"}
 # The inference convolution's activation dtypes (its bias is float32 either way); training's
 # convolutions are float32 only.
 INFERENCE_DTYPES = (jnp.float32, jnp.bfloat16)
@@ -264,6 +265,20 @@ def inference(x, kernel, bias, strides, padding, out_hw, relu: bool, residual=No
     target = "inference_bf16" if dtype == jnp.bfloat16 else "inference"
     return _call(target, shape, x, kernel, strides, padding, *extra, aliases=aliases, dtype=dtype,
                  kernel=np.asarray(kernel_shape, np.int64), packed=packed, relu=bool(relu))
+
+
+def max_pool(x, window, strides, padding, out_hw):
+    """NHWC max pooling (forward only), float32 or bfloat16 (bfloat16 where
+    bfloat16_inference_available())."""
+    reason = _load()
+    if reason is not None:
+        raise OnednnUnavailable(f"oneDNN convolutions unavailable: {reason}")
+    dtype = _inference_dtype(x.dtype)
+    result = jax.ShapeDtypeStruct((x.shape[0], *out_hw, x.shape[3]), dtype)
+    target = TARGETS["max_pool_bf16" if dtype == jnp.bfloat16 else "max_pool"]
+    return jax.ffi.ffi_call(_FFI_PREFIX + target, result, vmap_method="sequential")(
+        x, window_h=np.int64(window[0]), window_w=np.int64(window[1]),
+        **_attributes(strides, padding))
 
 
 def input_grad(dy, kernel, x_shape, strides, padding, after):

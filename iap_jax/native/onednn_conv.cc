@@ -252,6 +252,36 @@ ffi::Error ConvInferenceImpl(ffi::Buffer<T> x, ffi::Buffer<T> w,
   });
 }
 
+// Max pooling (forward; its gradient is XLA's, from the output): NHWC in and out, padding
+// never chosen (as PyTorch's), float32 or bfloat16.
+template <ffi::DataType T>
+ffi::Error MaxPoolImpl(ffi::Buffer<T> x, ffi::ResultBuffer<T> y, int64_t kh, int64_t kw,
+                       int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
+  auto xd = x.dimensions(), yd = y->dimensions();
+  if (xd.size() != 4 || yd.size() != 4 || xd[0] != yd[0] || xd[3] != yd[3]) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "expected NHWC input and output");
+  }
+  return Guarded("max pooling", [&] {
+    const dt type = OnednnType<T>();
+    memory::desc src({xd[0], xd[3], xd[1], xd[2]}, type, tag::nhwc);
+    memory::desc dst({yd[0], yd[3], yd[1], yd[2]}, type, tag::nhwc);
+#if DNNL_VERSION_MAJOR >= 3
+    dnnl::pooling_forward::primitive_desc pd(
+        Engine(), dnnl::prop_kind::forward_inference, dnnl::algorithm::pooling_max, src, dst,
+        {sh, sw}, {kh, kw}, {0, 0}, {pt, pl}, {pb, pr});
+#else
+    dnnl::pooling_forward::desc desc(dnnl::prop_kind::forward_inference,
+                                     dnnl::algorithm::pooling_max, src, dst, {sh, sw}, {kh, kw},
+                                     {pt, pl}, {pb, pr});
+    dnnl::pooling_forward::primitive_desc pd(desc, Engine());
+#endif
+    dnnl::stream stream(Engine());
+    memory in(src, Engine(), x.typed_data()), out(dst, Engine(), y->typed_data());
+    dnnl::pooling_forward(pd).execute(stream, {{DNNL_ARG_SRC, in}, {DNNL_ARG_DST, out}});
+    stream.wait();
+  });
+}
+
 void RunInputGrad(const Geometry& g, float* dy, float* w, float* dx, dnnl::stream& stream) {
   auto pd = BackwardPd<dnnl::convolution_backward_data>(g);
   memory diff_dst(pd.diff_dst_desc(), Engine(), dy);
@@ -362,6 +392,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(IapConvPackWeights, PackWeightsImpl<ffi::F32>,
                               IAP_CONV_PACK_BINDING(ffi::F32));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(IapConvPackWeightsBf16, PackWeightsImpl<ffi::BF16>,
                               IAP_CONV_PACK_BINDING(ffi::BF16));
+
+// Max pooling x -> y (see MaxPoolImpl).
+#define IAP_MAX_POOL_BINDING(T)                                                         \
+  ffi::Ffi::Bind()                                                                      \
+      .Arg<ffi::Buffer<T>>()                                                            \
+      .Ret<ffi::Buffer<T>>()                                                            \
+      .Attr<int64_t>("window_h")                                                        \
+      .Attr<int64_t>("window_w") IAP_CONV_ATTRIBUTES
+XLA_FFI_DEFINE_HANDLER_SYMBOL(IapMaxPool, MaxPoolImpl<ffi::F32>, IAP_MAX_POOL_BINDING(ffi::F32));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(IapMaxPoolBf16, MaxPoolImpl<ffi::BF16>,
+                              IAP_MAX_POOL_BINDING(ffi::BF16));
 
 // The bytes PackWeights writes for a geometry (NHWC x, HWIO w, NHWC y, strides and pads as
 // above; bf16 != 0 for the bfloat16 inference), or -1 where oneDNN has no inference
