@@ -15,7 +15,8 @@ Variants (each size in its own subprocess, interleaved, best of --repeats):
              start-up)
 
   python bench/predict.py --sizes 64,128,224 --batch 32 --batches 8 --repeats 3
-  (on a GPU: --sizes 224 --batch 512 --dtype bfloat16)
+  (bfloat16 on a CPU with AVX-512 / AMX: --dtype bfloat16 --out bench/results/predict_bf16.json,
+  PyTorch then under bfloat16 autocast; on a GPU: --sizes 224 --batch 512 --dtype bfloat16)
 """
 from __future__ import annotations
 
@@ -149,7 +150,7 @@ def _run_e2e(size: int, batch: int, batches: int, dtype: str) -> dict:
     report = predict(build_parser().parse_args([
         "--workdir", os.path.join(root, "train"), "--step", "latest", "--input",
         os.path.join(root, "shard.tfrecord"), "--out", os.path.join(root, "out"), "--quiet",
-        "--batch-size", str(batch)]))
+        "--batch-size", str(batch), *(["--dtype", dtype] if dtype != "float32" else [])]))
     run = report["run"]
     return {"images_per_s": run["images_per_s"], "compile_s": run["compile_s"],
             "device": run["device_kind"], "input_wait_share": run["input_wait_share"],
