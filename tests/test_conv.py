@@ -323,3 +323,21 @@ def test_packed_weights_give_the_same_fused_convolution(x_shape, k_shape, stride
         np.testing.assert_allclose(got, expected, **TOL)
     with pytest.raises(ValueError, match="packed weights of shape"):
         onednn.inference(x, packed[1:], bias, strides, padding, out_hw, True, residual, kernel_shape=k_shape)
+
+
+@pytest.mark.skipif(not onednn.available(), reason=f"oneDNN: {onednn.unavailable_reason()}")
+def test_bfloat16_inference_falls_back_where_the_cpu_has_no_native_kernel():
+    """On a CPU without AVX-512 (simulated: oneDNN limited to AVX2) oneDNN's bfloat16
+    convolution is only its reference kernel, far too slow: bfloat16 prediction then runs
+    the pure-JAX convolutions, and float32 keeps oneDNN."""
+    import subprocess
+    import sys
+
+    code = ("import jax.numpy as jnp; from iap_jax.models import onednn; "
+            "from iap_jax.models.conv import resolve_inference_conv_impl as r; "
+            "print(onednn.bfloat16_inference_available(), r('auto', jnp.bfloat16), r('auto', jnp.float32))")
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2", JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.stdout.split() == ["False", "cpu_fast", "onednn"], done.stderr[-2000:]

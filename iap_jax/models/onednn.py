@@ -129,6 +129,10 @@ def _load() -> str | None:
         size_query.restype = ctypes.c_int64
         size_query.argtypes = [ctypes.POINTER(ctypes.c_int64)] * 3 + [ctypes.c_int64] * 9
         _LIBRARY["packed_weight_bytes"] = size_query
+        native = library.iap_onednn_bf16_inference_native
+        native.restype = ctypes.c_int64
+        native.argtypes = [ctypes.POINTER(ctypes.c_int64)] * 3 + [ctypes.c_int64] * 6
+        _LIBRARY["bf16_native"] = native
         for name in TARGETS.values():
             jax.ffi.register_ffi_target(_FFI_PREFIX + name, jax.ffi.pycapsule(getattr(library, name)),
                                         platform="cpu")
@@ -205,16 +209,13 @@ def packed_weight_size(x_shape, kernel_shape, strides, padding, out_hw, relu: bo
 
 @functools.cache
 def bfloat16_inference_available() -> bool:
-    """Whether this CPU has oneDNN bfloat16 inference convolutions (AVX-512 ones; AMX makes
-    them fast), probed on a small geometry."""
+    """Whether this CPU has native oneDNN bfloat16 inference convolutions (AVX-512 ones; AMX
+    makes them fast), probed on a small geometry: oneDNN's reference kernel, which runs
+    anywhere, is far too slow to count."""
     if not available():
         return False
-    try:
-        packed_weight_size((1, 8, 8, 16), (3, 3, 16, 16), (1, 1), ((1, 1), (1, 1)), (8, 8),
-                           True, True, jnp.bfloat16)
-    except OnednnUnavailable:
-        return False
-    return True
+    dims = [(ctypes.c_int64 * 4)(*d) for d in ((1, 8, 8, 16), (3, 3, 16, 16), (1, 8, 8, 16))]
+    return bool(_LIBRARY["bf16_native"](*dims, 1, 1, 1, 1, 1, 1))
 
 
 def pack_weights(kernel, x_shape, strides, padding, out_hw, relu: bool, residual: bool,

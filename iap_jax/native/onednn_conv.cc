@@ -425,6 +425,25 @@ extern "C" int64_t iap_onednn_packed_weight_bytes(const int64_t* x, const int64_
 }
 
 
+// 1 where a bfloat16 inference convolution of this geometry runs in a native (jit or brgemm)
+// kernel of this CPU, 0 where oneDNN has only its slow reference one or none.
+extern "C" int64_t iap_onednn_bf16_inference_native(const int64_t* x, const int64_t* w,
+                                                    const int64_t* y, int64_t sh, int64_t sw,
+                                                    int64_t pt, int64_t pb, int64_t pl,
+                                                    int64_t pr) {
+  try {
+    Geometry g;
+    if (!MakeGeometry(ffi::Span<const int64_t>(x, 4), ffi::Span<const int64_t>(w, 4),
+                      ffi::Span<const int64_t>(y, 4), sh, sw, pt, pb, pl, pr, &g).success()) {
+      return 0;
+    }
+    std::string impl = Inference(g, true, true, dt::bf16).pd.impl_info_str();
+    return impl.rfind("ref", 0) == 0 ? 0 : 1;
+  } catch (const std::exception&) {
+    return 0;
+  }
+}
+
 extern "C" int iap_onednn_version() {
   return DNNL_VERSION_MAJOR * 10000 + DNNL_VERSION_MINOR * 100 + DNNL_VERSION_PATCH;
 }
