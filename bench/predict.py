@@ -125,7 +125,7 @@ def _run_e2e(size: int, batch: int, batches: int, dtype: str) -> dict:
 
     from iap_jax import sharding
     from iap_jax.checkpoints import Checkpointer
-    from iap_jax.features import example_features
+    from data_prep.features import example_features
     from iap_jax.iaps import IAP_NAMES
     from iap_jax.predict import build_parser, predict
 

@@ -32,12 +32,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # split, so it depends on (seed, step) only and a run resumes on any number of
     # processes that divides it (the batch size must be a multiple of it).
     # cache: keep this process's decoded training images in memory after one read (when they
-    # fit in half the free memory; else it reads the files every epoch and says so): 7x
+    # fit in half the free memory; else it reads the files every epoch and says so): far
     # less input CPU per image than decoding every epoch (bench/input.py).
+    # workers: reader processes decoding records (0: one reader thread in the training
+    # process); prefetch: batches read ahead per reader.
     config.input = ml_collections.ConfigDict(dict(
         image_size=0, normalisation="max", percentiles=(1.0, 99.0), augment=False,
-        shuffle_buffer=10_000, prefetch=2, threads=0, exclude={}, logical_shards=16,
-        cache=True))
+        prefetch=2, workers=0, exclude={}, logical_shards=16, cache=True))
 
     config.batch_size = 128  # global, over all processes
     config.eval_batch_size = 128

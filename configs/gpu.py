@@ -11,7 +11,7 @@ def get_config(arg: str = ""):
     config.model.dtype = "bfloat16"
     config.model.conv_impl = "xla"
     config.input.image_size = 224
-    config.input.threads = 16
+    config.input.workers = 8  # reader processes when the split does not fit the cache
     config.input.logical_shards = 64  # up to 64 nodes; the batch must be a multiple
     config.batch_size = config.eval_batch_size = 512
     config.num_epochs = 100

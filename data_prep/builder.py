@@ -72,8 +72,8 @@ from iap_jax.atomic import read_json, write_json_atomic
 from data_prep.splits import SPLIT_NAMES, parse_split, salted_hash, split_of
 from data_prep.stats import compute_stats, write_stats
 from iap_jax.dicom import DicomError
-from iap_jax.features import (DATASET_NAME, IMAGE_ENCODINGS, PREP_OPTIONS_FILE, STATS_FILE,
-                              example_features)
+from data_prep.features import example_features
+from iap_jax.features import DATASET_NAME, IMAGE_ENCODINGS, PREP_OPTIONS_FILE, STATS_FILE
 from iap_jax.preprocess import RESIZE_MODES
 from iap_jax.progress import Progress
 from iap_jax.salt import resolve_salt

@@ -1,4 +1,7 @@
-"""The prepared dataset's record layout, shared by its writer (data_prep) and readers.
+"""The prepared dataset's record layout and metadata, shared by its writer (data_prep) and
+readers, which need no TensorFlow: iap_jax.records parses the records, DatasetInfo reads the
+splits, shard files and image feature from the dataset's JSON files (dataset_info.json and
+features.json, written by TFDS).
 
 One example is one slice:
   image            uint16 [S, S], lossless; intensities = image * intensity_scale + intensity_offset
@@ -25,54 +28,100 @@ Split statistics live beside the shards in STATS_FILE (JSON), per split:
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 
-import numpy as np
-import tensorflow_datasets as tfds
 from etils import epath
 
 from iap_jax.atomic import read_json
-from iap_jax.iaps import IAP_NAMES
 
 DATASET_NAME = "iap_dataset"
 STATS_FILE = "iap_stats.json"
 PREP_OPTIONS_FILE = "prep_options.json"
 QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
 
-
-def label_features() -> tfds.features.FeaturesDict:
-    return tfds.features.FeaturesDict({
-        name: tfds.features.FeaturesDict({
-            "value": tfds.features.Text(),
-            "number": np.float32,
-            "state": np.int32,
-        })
-        for name in IAP_NAMES
-    })
-
-
 # How iap-prep stores the uint16 image of a record (--image-encoding): zlib-compressed bytes
-# (the default: smaller files) or the raw bytes (half the CPU per image to decode, more
-# bytes; bench/input.py measures both). A reader tells them apart by the byte count.
-IMAGE_ENCODINGS = {"zlib": tfds.features.Encoding.ZLIB, "none": tfds.features.Encoding.BYTES}
+# (the default: smaller files) or the raw bytes (less CPU per image to decode, more bytes;
+# bench/input.py measures both). features.json spells them "zlib" and "bytes".
+IMAGE_ENCODINGS = ("zlib", "none")
+_FEATURES_JSON_ENCODINGS = {"zlib": "zlib", "bytes": "none", "none": "none"}
+# TFDS's default shard file names, for a dataset_info.json that names none.
+_DEFAULT_TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"
 
 
-def example_features(image_size: int, image_encoding: str = "zlib") -> tfds.features.FeaturesDict:
-    if image_encoding not in IMAGE_ENCODINGS:
-        raise ValueError(f"image encoding {image_encoding!r} is not one of {sorted(IMAGE_ENCODINGS)}")
-    return tfds.features.FeaturesDict({
-        "image": tfds.features.Tensor(shape=(image_size, image_size), dtype=np.uint16,
-                                      encoding=IMAGE_ENCODINGS[image_encoding]),
-        "intensity_scale": np.float32,
-        "intensity_offset": np.float32,
-        "patient": tfds.features.Text(),
-        "series": tfds.features.Text(),
-        "phase": np.int32,
-        "slice_index": np.int32,
-        "num_slices": np.int32,
-        "slice_position": np.float32,
-        "labels": label_features(),
-    })
+@dataclasses.dataclass(frozen=True)
+class SplitInfo:
+    name: str
+    files: tuple[str, ...]  # the shard files, in order
+    shard_lengths: tuple[int, ...]  # records per file
+
+    @property
+    def num_examples(self) -> int:
+        return sum(self.shard_lengths)
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    """What a prepared dataset directory holds, from its JSON files."""
+    directory: str
+    splits: dict[str, SplitInfo]
+    image_size: int
+    image_encoding: str  # one of IMAGE_ENCODINGS
+
+    @classmethod
+    def load(cls, dataset_dir: str) -> "DatasetInfo":
+        """Raises FileNotFoundError for a missing directory, ValueError (naming the file)
+        for one that is not a prepared dataset."""
+        root = os.fspath(dataset_dir).rstrip("/")
+        if not epath.Path(root).is_dir():
+            raise FileNotFoundError(f"{root}: no such dataset directory")
+        info_path = os.path.join(root, "dataset_info.json")
+        if not epath.Path(info_path).exists():
+            raise ValueError(f"{root}: not a prepared dataset (no dataset_info.json)")
+        try:
+            info = read_json(info_path)
+            file_format = info.get("fileFormat", "tfrecord")
+            if file_format != "tfrecord":
+                raise ValueError(f"records stored as {file_format!r}; only tfrecord is read")
+            splits = {s["name"]: _split_info(root, info.get("name", DATASET_NAME), s)
+                      for s in info.get("splits", [])}
+            size, encoding = image_feature(root)
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{info_path}: not a prepared dataset ({err})") from err
+        return cls(root, splits, size, encoding)
+
+    def split(self, name: str) -> SplitInfo:
+        if name not in self.splits:
+            raise ValueError(f"{self.directory}: no split {name!r} (has {sorted(self.splits)})")
+        return self.splits[name]
+
+
+def _split_info(root: str, dataset: str, split: dict) -> SplitInfo:
+    lengths = tuple(int(n) for n in split.get("shardLengths", []))
+    template = split.get("filepathTemplate") or _DEFAULT_TEMPLATE
+    files = []
+    for index in range(len(lengths)):
+        name = template.format(DATASET=dataset, SPLIT=split["name"], FILEFORMAT="tfrecord",
+                               SHARD_INDEX=f"{index:05d}", NUM_SHARDS=f"{len(lengths):05d}",
+                               SHARD_X_OF_Y=f"{index:05d}-of-{len(lengths):05d}")
+        files.append(os.path.join(root, name))
+    return SplitInfo(split["name"], tuple(files), lengths)
+
+
+def image_feature(folder: str) -> tuple[int, str]:
+    """(stored size, encoding) of the image feature the folder's features.json declares;
+    (0, "zlib") where the folder has none (a bare glob of shards in the default layout)."""
+    path = os.path.join(os.fspath(folder), "features.json")
+    if not epath.Path(path).exists():
+        return 0, "zlib"
+    tensor = read_json(path)["featuresDict"]["features"]["image"]["tensor"]
+    encoding = tensor.get("encoding", "none")
+    if encoding not in _FEATURES_JSON_ENCODINGS:
+        raise ValueError(f"{path}: image encoding {encoding!r} is not read")
+    dimensions = [int(d) for d in tensor["shape"]["dimensions"]]
+    if len(dimensions) != 2 or dimensions[0] != dimensions[1] or tensor["dtype"] != "uint16":
+        raise ValueError(f"{path}: the image is {tensor['dtype']} {dimensions}, not square uint16")
+    return dimensions[0], _FEATURES_JSON_ENCODINGS[encoding]
 
 
 def load_iap_stats(dataset_dir: str) -> dict:

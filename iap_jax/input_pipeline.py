@@ -1,18 +1,20 @@
-"""tf.data input over the prepared TFDS dataset, one share per process.
+"""Training and evaluation input from the prepared dataset's TFRecord shards, one share per
+process, without TensorFlow (iap_jax.records reads and checks the records; Grain runs the
+reading in worker processes).
 
 Training reads a split as a fixed number of logical shards (config.input.logical_shards,
-contiguous ranges of the split, tfds.even_splits): the global batch of every step holds
-batch_size / logical_shards consecutive rows from each shard, in shard order, and each
-process reads whole shards (process p of P owns shards p*L/P .. (p+1)*L/P - 1) and
-assembles their rows in the same order. The global batch is the concatenation of the
-per-process batches (see sharding.global_batch), so it is a function of (seed, step)
-alone: the same on any number of processes and devices, and a checkpoint resumes exactly
-on another topology. Epoch e shuffles shard k with a seed drawn from (seed, e, k);
-starting at global step s means starting epoch s // steps_per_epoch and skipping its first
-s % steps_per_epoch batches. The shards share the shuffle buffer.
+contiguous ranges of the split's records): the global batch of every step holds
+batch_size / logical_shards rows from each shard, in shard order, and each process reads
+whole shards (process p of P owns shards p*L/P .. (p+1)*L/P - 1) and assembles their rows
+in the same order. The global batch is the concatenation of the per-process batches (see
+sharding.global_batch), so it is a function of (seed, step) alone: the same on any number
+of processes and devices, and a checkpoint resumes exactly on another topology. Epoch e
+visits shard k in a permutation drawn from (seed, e, k); step s is row block s % steps of
+epoch s // steps, read directly (the records are located by byte offset), so a resumed run
+reads nothing it skips.
 
-With config.input.cache, each process keeps its shards' decoded records in memory after
-one read (when they fit), so later epochs read no files; the order is the same either way.
+With config.input.cache, each process keeps its shards' decoded rows (and their encoded
+labels) in memory after one read, when they fit; batches are then gathered from memory.
 Evaluation order does not matter (metric sums): each process reads one even share.
 
 Batches hold the stored images as they are (uint16 [B, S, S]) with their intensity scale and
@@ -22,43 +24,25 @@ one pixel path that evaluation and prediction use too (and training augments the
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import os
+import threading
 from typing import Iterator
 
-import jax
 import numpy as np
-import tensorflow as tf
-import tensorflow_datasets as tfds
 from absl import logging
 from etils import epath
 
 from iap_jax import atomic
-from iap_jax.features import STATS_FILE, load_iap_stats, load_prep_options
+from iap_jax import records
+from iap_jax.features import STATS_FILE, DatasetInfo, load_iap_stats, load_prep_options
 from iap_jax.iaps import IAP_NAMES
 from iap_jax.labels import LabelEncoding
 from iap_jax.preprocess import NORMALISATIONS, PixelSpec
 
-_tf_configured = False
-
-
-def configure_tensorflow(threads: int = 0) -> None:
-    """Keep TensorFlow off the accelerators (JAX owns them) and cap its thread pools."""
-    global _tf_configured
-    if _tf_configured:
-        return
-    for kind in ("GPU", "TPU"):
-        try:
-            tf.config.set_visible_devices([], kind)
-        except (RuntimeError, ValueError):  # no such device type in this TF build
-            pass
-    if threads:
-        try:
-            tf.config.threading.set_inter_op_parallelism_threads(threads)
-            tf.config.threading.set_intra_op_parallelism_threads(threads)
-        except RuntimeError:  # the TF runtime already started; its pools are fixed now
-            pass
-    _tf_configured = True
+# The largest step number a training stream is built for (it is endless in practice).
+_MAX_STEPS = 2**40
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,16 +51,15 @@ class InputConfig:
     normalisation: str = "max"
     percentiles: tuple[float, float] = (1.0, 99.0)
     augment: bool = False
-    shuffle_buffer: int = 10_000
-    prefetch: int = 2
-    threads: int = 0  # tf.data private thread pool (0: TF's default)
+    prefetch: int = 2  # batches read ahead (per worker process where there are workers)
+    workers: int = 0  # reader processes (0: a reader thread in the training process)
     # Data selection: leave out every example whose header value of an IAP is one of these
     # canonical values, e.g. (("ManufacturerModelName", ("SKYRA",)),) to hold a scanner out.
     exclude: tuple[tuple[str, tuple[str, ...]], ...] = ()
     # The global batch is split into this many logical shards: a multiple of every process
     # count the run may use, and a divisor of the global batch size.
     logical_shards: int = 16
-    cache: bool = False  # keep decoded training records in memory after the first read
+    cache: bool = False  # keep decoded training rows in memory after the first read
 
     @classmethod
     def from_config(cls, config) -> "InputConfig":
@@ -84,43 +67,144 @@ class InputConfig:
                                dict(config.get("exclude", {}) or {}).items()))
         return cls(image_size=int(config.image_size), normalisation=config.normalisation,
                    percentiles=tuple(config.percentiles), augment=bool(config.augment),
-                   shuffle_buffer=int(config.shuffle_buffer), prefetch=int(config.prefetch),
-                   threads=int(config.threads), exclude=exclude,
+                   prefetch=int(config.prefetch), workers=int(config.get("workers", 0)),
+                   exclude=exclude,
                    logical_shards=int(config.get("logical_shards", cls.logical_shards)),
                    cache=bool(config.get("cache", False)))
 
 
-def load_builder(dataset_dir: str):
-    if not epath.Path(dataset_dir).is_dir():
-        raise FileNotFoundError(f"{dataset_dir}: no such dataset directory")
-    try:
-        return tfds.builder_from_directory(dataset_dir)
-    except Exception as err:
-        raise ValueError(f"{dataset_dir}: not a prepared TFDS dataset ({err})") from err
+def load_dataset_info(dataset_dir: str) -> DatasetInfo:
+    return DatasetInfo.load(dataset_dir)
 
 
-def dataset_fingerprint(dataset_dir: str, builder: tfds.core.DatasetBuilder) -> dict:
-    """What identifies a prepared dataset (opened as `builder`): split sizes and a hash of
-    its metadata."""
+def dataset_fingerprint(dataset_dir: str, info: DatasetInfo) -> dict:
+    """What identifies a prepared dataset: split sizes and a hash of its metadata."""
     digest = hashlib.sha256()
     for name in ("dataset_info.json", "features.json", STATS_FILE):
         path = epath.Path(dataset_dir) / name
         if path.exists():
             digest.update(path.read_bytes())
     return {"dataset_dir": atomic.absolute(dataset_dir), "sha256": digest.hexdigest(),
-            "splits": {k: int(v.num_examples) for k, v in builder.info.splits.items()}}
+            "splits": {k: v.num_examples for k, v in info.splits.items()}}
 
 
-# --- per-example transform ---------------------------------------------------------
-
-def _raw_example(example: dict) -> dict:
-    labels = {name: {key: example["labels"][name][key] for key in ("value", "number", "state")}
-              for name in IAP_NAMES}
-    return {"image": example["image"], "scale": example["intensity_scale"],
-            "offset": example["intensity_offset"], "labels": labels}
+def even_bounds(n: int, parts: int) -> np.ndarray:
+    """Boundaries of `parts` contiguous ranges of n items whose sizes differ by at most one."""
+    return np.asarray([(i * n) // parts for i in range(parts + 1)], np.int64)
 
 
-# --- datasets ----------------------------------------------------------------------
+# --- reading rows ----------------------------------------------------------------------
+
+class RowReader:
+    """Reads records of one split by position and decodes them into batch rows. Picklable
+    (it travels to the reader processes); the open files are per process and thread (a
+    bucket's file objects have a position that threads would share)."""
+
+    def __init__(self, info: DatasetInfo, split: str):
+        self.files = info.split(split).files
+        self.starts = np.concatenate([[0], np.cumsum(info.split(split).shard_lengths)])
+        self.size = info.image_size
+        self.encoding = info.image_encoding
+        self._index: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._open: dict[tuple[int, int], object] = {}
+
+    def __getstate__(self):
+        return {**self.__dict__, "_open": {}}
+
+    def _file(self, i: int):
+        key = (threading.get_ident(), i)
+        if key not in self._open:
+            try:
+                self._open[key] = atomic.open_file(self.files[i], "rb")
+            except OSError as err:
+                raise FileNotFoundError(f"{self.files[i]}: cannot open shard ({err})") from err
+        return self._open[key]
+
+    def file_index(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """(offsets, lengths) of file i's records, scanned once."""
+        if i not in self._index:
+            offsets, lengths = records.scan_offsets(self._file(i), self.files[i])
+            expected = int(self.starts[i + 1] - self.starts[i])
+            if len(offsets) != expected:
+                raise ValueError(f"{self.files[i]}: {len(offsets)} records, the dataset's "
+                                 f"metadata says {expected}")
+            self._index[i] = (offsets, lengths)
+        return self._index[i]
+
+    def index_positions(self, positions: np.ndarray) -> None:
+        """Scans the files holding these positions (so the index travels to the workers)."""
+        for i in np.unique(np.searchsorted(self.starts, positions, side="right") - 1):
+            self.file_index(int(i))
+
+    def examples(self, i: int) -> Iterator[records.DecodedExample]:
+        """Every record of file i, decoded, in order: one sequential read, which also
+        indexes the file. Raises ValueError naming the file at a corrupt record."""
+        path, offsets, lengths = self.files[i], [], []
+        offset = 0
+        with atomic.open_file(path, "rb") as f:
+            for item in records.iter_records(f, path):
+                if isinstance(item, records.CorruptRecordError):
+                    raise item
+                try:
+                    example = records.decode_example(item)
+                except ValueError as err:
+                    raise ValueError(f"{path}: record {len(offsets)}: {err}") from err
+                offsets.append(offset)
+                lengths.append(len(item))
+                offset += len(item) + 16  # the header (12 bytes) and the data's checksum (4)
+                yield example
+        self._index[i] = (np.asarray(offsets, np.int64), np.asarray(lengths, np.int64))
+
+    def rows(self, positions: np.ndarray) -> dict:
+        """The decoded rows at these positions of the split, in order: image uint16
+        [n, S, S], scale, offset, and the raw labels (value / number / state per IAP)."""
+        n = len(positions)
+        images = np.empty((n, self.size, self.size), np.uint16)
+        scale, offset = np.empty(n, np.float32), np.empty(n, np.float32)
+        state = {name: np.empty(n, np.int32) for name in IAP_NAMES}
+        number = {name: np.empty(n, np.float32) for name in IAP_NAMES}
+        value = {name: np.empty(n, object) for name in IAP_NAMES}
+        files = np.searchsorted(self.starts, positions, side="right") - 1
+        for row, (position, i) in enumerate(zip(positions.tolist(), files.tolist())):
+            index = position - int(self.starts[i])
+            offsets, lengths = self.file_index(i)
+            path = self.files[i]
+            data = records.read_record_at(self._file(i), path, index, int(offsets[index]),
+                                          int(lengths[index]))
+            try:
+                example = records.decode_example(data)
+                image = records.decode_image(example.image_bytes, self.encoding, self.size)
+            except ValueError as err:
+                raise ValueError(f"{path}: record {index}: {err}") from err
+            if isinstance(image, int):
+                raise ValueError(f"{path}: record {index} holds an image of {image} pixels; "
+                                 f"the dataset's images are {self.size}x{self.size}")
+            images[row] = image
+            scale[row], offset[row] = example.scale, example.offset
+            for name, (s, v, x) in example.labels.items():
+                state[name][row], value[name][row], number[name][row] = s, v, x
+        labels = {name: {"value": value[name], "number": number[name], "state": state[name]}
+                  for name in IAP_NAMES}
+        return {"image": images, "scale": scale, "offset": offset, "labels": labels}
+
+
+def split_examples(dataset_dir: str, split: str) -> Iterator[records.DecodedExample]:
+    """Every record of a split, decoded (images left as stored), in order."""
+    reader = RowReader(load_dataset_info(dataset_dir), split)
+    for i in range(len(reader.files)):
+        yield from reader.examples(i)
+
+
+def _encoded(rows: dict, encoding: LabelEncoding, valid: int | None = None) -> dict:
+    targets, masks = encoding.encode(rows["labels"])
+    if valid is not None:
+        masks = {k: np.where(np.arange(len(m)) < valid, m, 0.0).astype(np.float32)
+                 for k, m in masks.items()}
+    return {"image": rows["image"], "scale": rows["scale"], "offset": rows["offset"],
+            "targets": targets, "masks": masks}
+
+
+# --- one split ---------------------------------------------------------------------------
 
 class SplitReader:
     """One process's view of one split: its logical training shards and its share for
@@ -134,41 +218,55 @@ class SplitReader:
         if cfg.logical_shards < 1 or cfg.logical_shards % process_count:
             raise ValueError(f"input.logical_shards={cfg.logical_shards} must be a positive "
                              f"multiple of the process count ({process_count})")
-        self.builder = load_builder(dataset_dir)
-        if split not in self.builder.info.splits:
-            raise ValueError(f"{dataset_dir}: no split {split!r} "
-                             f"(has {sorted(self.builder.info.splits)})")
+        self.info = load_dataset_info(dataset_dir)
+        self.split_info = self.info.split(split)
         unknown = {name for name, _ in cfg.exclude} - set(IAP_NAMES)
         if unknown:
             raise ValueError(f"input.exclude names unknown IAPs {sorted(unknown)}")
         self.cfg = cfg
         self.split = split
+        self.dataset_dir = dataset_dir
         self.process_index, self.process_count = process_index, process_count
-        self.process_split = tfds.even_splits(split, n=process_count)[process_index]
-        self.shard_splits = tfds.even_splits(split, n=cfg.logical_shards)
+        self.row_reader = RowReader(self.info, split)
+        n = self.split_info.num_examples
+        self.shard_bounds = even_bounds(n, cfg.logical_shards)
+        self.share_bounds = even_bounds(n, process_count)
         per_process = cfg.logical_shards // process_count
         self.owned_shards = tuple(range(process_index * per_process,
                                         (process_index + 1) * per_process))
-        self._sizes: dict[str, tuple[int, ...]] = {}
 
-    # Sizes count the kept examples (input.exclude), the same in every process; they are
-    # read once, on first use (a pass over the labels when examples are excluded).
-    def _split_sizes(self, name: str, splits) -> tuple[int, ...]:
-        if name not in self._sizes:
-            if self.cfg.exclude:
-                self._sizes[name] = tuple(self._count_kept(s) for s in splits)
-            else:
-                self._sizes[name] = tuple(int(self.builder.info.splits[s].num_examples)
-                                          for s in splits)
-        return self._sizes[name]
+    @functools.cached_property
+    def _kept(self) -> np.ndarray | None:
+        """Which records of the split input.exclude keeps (None: all); one read of every
+        file's labels, the same in every process."""
+        if not self.cfg.exclude:
+            return None
+        keep = []
+        for i in range(len(self.split_info.files)):
+            for example in self.row_reader.examples(i):
+                keep.append(all(example.labels[name][1].decode() not in values
+                                for name, values in self.cfg.exclude))
+        return np.asarray(keep, bool)
 
-    @property
+    def _positions(self, lo: int, hi: int) -> np.ndarray:
+        positions = np.arange(lo, hi, dtype=np.int64)
+        return positions if self._kept is None else positions[self._kept[lo:hi]]
+
+    def shard_positions(self, shard: int) -> np.ndarray:
+        return self._positions(int(self.shard_bounds[shard]), int(self.shard_bounds[shard + 1]))
+
+    def share_positions(self, process: int | None = None) -> np.ndarray:
+        p = self.process_index if process is None else process
+        return self._positions(int(self.share_bounds[p]), int(self.share_bounds[p + 1]))
+
+    # Sizes count the kept examples (input.exclude), the same in every process.
+    @functools.cached_property
     def shard_sizes(self) -> tuple[int, ...]:
-        return self._split_sizes("shards", self.shard_splits)
+        return tuple(len(self.shard_positions(k)) for k in range(self.cfg.logical_shards))
 
-    @property
+    @functools.cached_property
     def share_sizes(self) -> tuple[int, ...]:
-        return self._split_sizes("shares", tfds.even_splits(self.split, n=self.process_count))
+        return tuple(len(self.share_positions(p)) for p in range(self.process_count))
 
     @property
     def split_size(self) -> int:
@@ -182,66 +280,10 @@ class SplitReader:
     def max_process_examples(self) -> int:
         return max(self.share_sizes)
 
-    def _keep(self, example) -> tf.Tensor:
-        keep = tf.constant(True)
-        for name, values in self.cfg.exclude:
-            value = example["labels"][name]["value"]
-            for v in values:
-                keep = tf.logical_and(keep, tf.not_equal(value, v))
-        return keep
-
-    def _count_kept(self, split) -> int:
-        ds = self.builder.as_dataset(split=split, shuffle_files=False,
-                                     decoders={"image": tfds.decode.SkipDecoding()})
-        return int(ds.filter(self._keep).reduce(0, lambda n, _: n + 1).numpy())
-
-    def records(self, split=None, decode: bool = True) -> tf.data.Dataset:
-        """The kept records of `split` (default: this process's evaluation share); with
-        decode=False the images stay encoded (decode_image decodes them)."""
-        ds = self.builder.as_dataset(split=self.process_split if split is None else split,
-                                     shuffle_files=False,
-                                     read_config=tfds.ReadConfig(try_autocache=False),
-                                     decoders=None if decode else {
-                                         "image": tfds.decode.SkipDecoding()})
-        if self.cfg.exclude:
-            ds = ds.filter(self._keep)
-        options = tf.data.Options()
-        options.deterministic = True
-        if self.cfg.threads:
-            options.threading.private_threadpool_size = self.cfg.threads
-        return ds.with_options(options)
-
-    def shard_examples(self, shard: int, decode: bool = True) -> tf.data.Dataset:
-        """Logical shard `shard`'s examples as the training step reads them."""
-        return self.records(self.shard_splits[shard], decode).map(
-            _raw_example, num_parallel_calls=tf.data.AUTOTUNE)
-
-    def cached_shards(self) -> list[tf.data.Dataset]:
-        """This process's shards from one in-memory cache of their decoded examples, filled
-        by one sequential read of the contiguous range they make up (reading each shard
-        on its own re-reads the start of a shared TFRecord file)."""
-        stored = [int(self.builder.info.splits[s].num_examples) for s in self.shard_splits]
-        start = sum(stored[:self.owned_shards[0]])
-        stop = start + sum(stored[k] for k in self.owned_shards)
-        union = self.records(f"{self.split}[{start}:{stop}]").map(
-            _raw_example, num_parallel_calls=tf.data.AUTOTUNE).cache()
-        union.reduce(0, lambda n, _: n + 1)  # the one read
-        shards, offset = [], 0
-        for k in self.owned_shards:
-            shards.append(union.skip(offset).take(self.shard_sizes[k]))
-            offset += self.shard_sizes[k]
-        return shards
-
-    def decode_image(self, example: dict) -> dict:
-        """An example of shard_examples(decode=False) with its image decoded."""
-        image = self.builder.info.features["image"].decode_example(example["image"])
-        return {**example, "image": image}
-
     def cache_fits(self) -> bool:
         """Whether this process's shards, decoded, fit in half of the free memory."""
-        stored = self.builder.info.features["image"].shape
         need = sum(self.shard_sizes[k] for k in self.owned_shards) * (
-            int(np.prod(stored)) * 2 + 512)
+            self.info.image_size ** 2 * 2 + 512)
         try:
             free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         except (ValueError, OSError):  # not a POSIX memory report: trust the user
@@ -254,14 +296,7 @@ class SplitReader:
         return True
 
 
-def _to_numpy_batch(batch: dict, encoding: LabelEncoding, valid: int | None = None) -> dict:
-    targets, masks = encoding.encode(batch["labels"])
-    if valid is not None:
-        masks = {k: np.where(np.arange(len(m)) < valid, m, 0.0).astype(np.float32)
-                 for k, m in masks.items()}
-    return {"image": batch["image"], "scale": batch["scale"], "offset": batch["offset"],
-            "targets": targets, "masks": masks}
-
+# --- the streams ---------------------------------------------------------------------------
 
 def _shard_seed(seed: int, epoch: int, shard: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, shard]).generate_state(1)[0])
@@ -278,92 +313,164 @@ def rows_per_shard(reader: SplitReader, local_batch_size: int) -> int:
     return local_batch_size // shards
 
 
-def train_batches(reader: SplitReader, encoding: LabelEncoding, local_batch_size: int, *,
-                  seed: int, start_step: int = 0) -> Iterator[dict]:
-    """Endless stream of this process's rows of the global batches from step start_step."""
-    steps = steps_per_epoch(reader, local_batch_size)
-    if steps == 0:
-        raise ValueError(f"split has {sum(reader.shard_sizes)} examples: its smallest logical "
-                         f"shard ({min(reader.shard_sizes)}) holds fewer than one batch's "
-                         f"{rows_per_shard(reader, local_batch_size)} rows")
-    cfg = reader.cfg
-    rows = rows_per_shard(reader, local_batch_size)
-    # Shards are shuffled encoded (a smaller buffer), then decoded in one parallel map after
-    # they are merged; the cache holds decoded images, read once.
-    cached = cfg.cache and reader.cache_fits()
-    if cached:
-        sources = reader.cached_shards()
-    else:
-        files = int(reader.builder.info.splits[reader.split].num_shards)
-        if files < cfg.logical_shards:
-            logging.warning(
-                "input: %d logical shards over %d TFRecord files: a shard that starts inside a "
-                "file reads that file from its start every epoch; use input.cache when the "
-                "split fits in memory, or a dataset written in at least as many files",
-                cfg.logical_shards, files)
-        sources = [reader.shard_examples(k, decode=False) for k in reader.owned_shards]
-    # Row r of a local batch comes from owned shard r // rows: shard 0's rows, then 1's...
-    order = tf.data.Dataset.from_tensor_slices(
-        np.repeat(np.arange(len(sources), dtype=np.int64), rows)).repeat()
-    buffer = max(1, cfg.shuffle_buffer // cfg.logical_shards)
-    epoch, skip = divmod(start_step, steps)
-    while True:
-        shards = [ds.shuffle(max(1, min(buffer, reader.shard_sizes[k])),
-                             seed=_shard_seed(seed, epoch, k), reshuffle_each_iteration=False)
-                  .take(steps * rows) for k, ds in zip(reader.owned_shards, sources)]
-        ds = tf.data.Dataset.choose_from_datasets(shards, order, stop_on_empty_dataset=True)
-        ds = ds.skip(skip * local_batch_size)
-        if not cached:
-            ds = ds.map(reader.decode_image, num_parallel_calls=tf.data.AUTOTUNE)
-        ds = ds.batch(local_batch_size, drop_remainder=True).prefetch(cfg.prefetch)
-        for batch in tfds.as_numpy(ds):
-            yield _to_numpy_batch(batch, encoding)
-        epoch, skip = epoch + 1, 0
-
-
-def eval_batches(reader: SplitReader, encoding: LabelEncoding, local_batch_size: int
-                 ) -> Iterator[dict]:
-    """One pass over the split in fixed-shape batches; padding rows have zero masks.
-    Every process yields the same number of batches."""
-    num_batches = -(-reader.max_process_examples // local_batch_size)
-    ds = reader.records().map(_raw_example, num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.batch(local_batch_size).prefetch(reader.cfg.prefetch)
-    produced = 0
-    template = None
-    for batch in tfds.as_numpy(ds):
-        valid = len(batch["image"])
-        padded = _pad(batch, local_batch_size)
-        template = padded
-        produced += 1
-        yield _to_numpy_batch(padded, encoding, valid)
-    while produced < num_batches:
-        if template is None:
-            raise ValueError("cannot build an empty evaluation batch without one example")
-        produced += 1
-        yield _to_numpy_batch(template, encoding, 0)
-
-
 def steps_per_epoch(reader: SplitReader, local_batch_size: int) -> int:
     """Steps of one epoch: the smallest logical shard's number of whole batch rows."""
     return min(reader.shard_sizes) // rows_per_shard(reader, local_batch_size)
 
 
-def _pad(batch, size: int):
-    def pad(x):
-        x = np.asarray(x)
-        if len(x) == size:
-            return x
-        return np.concatenate([x, np.repeat(x[:1], size - len(x), axis=0)])
-    return jax.tree.map(pad, batch)
+class _TrainRows:
+    """step -> this process's rows of that step's global batch, as row numbers into the
+    concatenation of its owned shards' kept records."""
+
+    def __init__(self, sizes: list[int], rows: int, steps: int, seed: int, shards: tuple):
+        self.starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self.rows, self.steps, self.seed, self.shards = rows, steps, seed, shards
+        self._epoch, self._orders = -1, []
+
+    def __call__(self, step: int) -> np.ndarray:
+        epoch, block = divmod(step, self.steps)
+        if epoch != self._epoch:  # one permutation per shard and epoch
+            self._orders = [np.random.default_rng(_shard_seed(self.seed, epoch, k)).permutation(
+                int(self.starts[j + 1] - self.starts[j])) for j, k in enumerate(self.shards)]
+            self._epoch = epoch
+        picks = [self.starts[j] + order[block * self.rows:(block + 1) * self.rows]
+                 for j, order in enumerate(self._orders)]
+        return np.concatenate(picks)
+
+
+class _Chunks:
+    """chunk number -> its row numbers (chunks of `size` rows of n)."""
+
+    def __init__(self, size: int, n: int):
+        self.size, self.n = size, n
+
+    def __call__(self, chunk: int) -> np.ndarray:
+        return np.arange(chunk * self.size, min((chunk + 1) * self.size, self.n))
+
+
+class _ReadBatch:
+    """item -> an encoded batch read from the files, of the rows `rows(item)` (a step's
+    or a chunk's); runs in the reader processes."""
+
+    def __init__(self, reader: RowReader, positions: np.ndarray, encoding: LabelEncoding,
+                 rows):
+        self.reader, self.positions, self.encoding, self.rows = reader, positions, encoding, rows
+
+    def __call__(self, item: int) -> dict:
+        return _encoded(self.reader.rows(self.positions[self.rows(item)]), self.encoding)
+
+
+class _GatherBatch:
+    """Row numbers -> an encoded batch gathered from the in-memory cache."""
+
+    def __init__(self, cache: dict, rows: _TrainRows):
+        self.cache, self.rows = cache, rows
+
+    def __call__(self, step: int) -> dict:
+        picks = self.rows(step)
+        return {key: ({k: v[picks] for k, v in value.items()} if isinstance(value, dict)
+                      else value[picks]) for key, value in self.cache.items()}
+
+
+def _stream(dataset, cfg: InputConfig, in_process: bool = False) -> Iterator:
+    """Runs a Grain MapDataset of batches in order: in cfg.workers processes, or one reader
+    thread of this process (in_process, or no workers)."""
+    import grain
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():  # Grain reads its absl flags; outside an absl app
+        flags.FLAGS.mark_as_parsed()  # (tests, iap-predict) their defaults stand
+    prefetch = max(1, cfg.prefetch)
+    iterable = dataset.to_iter_dataset(grain.ReadOptions(num_threads=1,
+                                                          prefetch_buffer_size=prefetch))
+    if cfg.workers > 0 and not in_process:
+        iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(
+            num_workers=cfg.workers, per_worker_buffer_size=prefetch))
+    iterator = iter(iterable)
+    try:
+        yield from iterator
+    finally:
+        close = getattr(iterator, "close", None)
+        if close is not None:
+            close()
+
+
+def _fill_cache(reader: SplitReader, positions: np.ndarray, encoding: LabelEncoding,
+                chunk: int = 256) -> dict:
+    """Every owned row read once (by the reader processes), with its labels encoded."""
+    import grain
+
+    read = _ReadBatch(reader.row_reader, positions, encoding, _Chunks(chunk, len(positions)))
+    parts = list(_stream(grain.MapDataset.range(-(-len(positions) // chunk)).map(read),
+                         reader.cfg))
+
+    def join(items):
+        if isinstance(items[0], dict):
+            return {k: join([item[k] for item in items]) for k in items[0]}
+        return np.concatenate(items)
+    return join(parts)
+
+
+def train_batches(reader: SplitReader, encoding: LabelEncoding, local_batch_size: int, *,
+                  seed: int, start_step: int = 0) -> Iterator[dict]:
+    """Endless stream of this process's rows of the global batches from step start_step."""
+    import grain
+
+    steps = steps_per_epoch(reader, local_batch_size)
+    if steps == 0:
+        raise ValueError(f"split has {sum(reader.shard_sizes)} examples: its smallest logical "
+                         f"shard ({min(reader.shard_sizes)}) holds fewer than one batch's "
+                         f"{rows_per_shard(reader, local_batch_size)} rows")
+    owned = [reader.shard_positions(k) for k in reader.owned_shards]
+    positions = np.concatenate(owned)
+    rows = _TrainRows([len(p) for p in owned], rows_per_shard(reader, local_batch_size), steps,
+                      seed, reader.owned_shards)
+    reader.row_reader.index_positions(positions)
+    steps_range = grain.MapDataset.range(start_step, _MAX_STEPS)
+    if reader.cfg.cache and reader.cache_fits():
+        cache = _fill_cache(reader, positions, encoding)
+        yield from _stream(steps_range.map(_GatherBatch(cache, rows)), reader.cfg,
+                           in_process=True)
+    else:
+        yield from _stream(steps_range.map(_ReadBatch(reader.row_reader, positions, encoding,
+                                                      rows)), reader.cfg)
+
+
+def eval_batches(reader: SplitReader, encoding: LabelEncoding, local_batch_size: int
+                 ) -> Iterator[dict]:
+    """One pass over this process's share in fixed-shape batches; padding rows (a copy of
+    the share's first row, or of the split's where the share is empty) have zero masks.
+    Every process yields the same number of batches."""
+    import grain
+
+    num_batches = -(-reader.max_process_examples // local_batch_size)
+    share = reader.share_positions()
+    if not len(share):
+        everything = reader._positions(0, reader.split_info.num_examples)
+        if not len(everything):
+            raise ValueError(f"{reader.dataset_dir}: split {reader.split!r} keeps no example")
+        share = everything[:1]
+        valid_rows = 0
+    else:
+        valid_rows = len(share)
+    reader.row_reader.index_positions(share)
+
+    def batch(b: int) -> dict:
+        picks = np.arange(b * local_batch_size, (b + 1) * local_batch_size)
+        valid = int(np.clip(valid_rows - b * local_batch_size, 0, local_batch_size))
+        picks = np.where(picks < valid_rows, picks, 0)
+        return _encoded(reader.row_reader.rows(share[picks]), encoding, valid)
+
+    yield from _stream(grain.MapDataset.range(num_batches).map(batch), reader.cfg,
+                       in_process=True)
 
 
 def pixel_spec(reader: SplitReader) -> PixelSpec:
     """The pixel path of a run on this dataset: its stored size and prep options, and the
     run's input settings. A dataset not made by iap-prep counts as made with its defaults."""
-    stored_size = int(reader.builder.info.features["image"].shape[0])
-    options = load_prep_options(os.fspath(reader.builder.data_dir)) or {}
+    options = load_prep_options(reader.dataset_dir) or {}
     cfg = reader.cfg
-    return PixelSpec(stored_size=stored_size, resize=options.get("resize", "resize"),
+    return PixelSpec(stored_size=reader.info.image_size, resize=options.get("resize", "resize"),
                      image_size=cfg.image_size, normalisation=cfg.normalisation,
                      percentiles=cfg.percentiles, series_filter=options.get("series_filter"),
                      phases=options.get("phases", "pre"), slices=options.get("slices", "all"))

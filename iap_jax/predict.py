@@ -356,8 +356,6 @@ def predict(args) -> dict:
         salt_info.update(value=value, source=where)
         return value
 
-    from iap_jax.input_pipeline import configure_tensorflow
-    configure_tensorflow()
     source = sources.open_source(args.input, spec, split=args.split, salt=salt,
                                  workers=args.workers, progress=not args.quiet and chief)
 

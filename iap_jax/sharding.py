@@ -9,8 +9,9 @@ How the state is laid out is a named tactic from config:
 """
 from __future__ import annotations
 
+import collections
 import math
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import jax
 import numpy as np
@@ -86,3 +87,20 @@ def global_batch(local_batch: Any, mesh: Mesh) -> Any:
     sharding = batch_sharding(mesh)
     return jax.tree.map(
         lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
+
+
+def prefetch_to_mesh(local_batches: Iterator[Any], mesh: Mesh, depth: int = 2) -> Iterator[Any]:
+    """global_batch of each local batch, `depth` batches ahead: their transfers to the
+    devices are started (asynchronously) while the steps before them run."""
+    queue: collections.deque = collections.deque()
+    try:
+        for batch in local_batches:
+            queue.append(global_batch(batch, mesh))
+            if len(queue) >= depth:
+                yield queue.popleft()
+        while queue:
+            yield queue.popleft()
+    finally:
+        close = getattr(local_batches, "close", None)
+        if close is not None:
+            close()

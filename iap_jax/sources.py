@@ -15,7 +15,7 @@ shard, or a chunk of whole series or image files. What cannot be read is recorde
 skip (input, reason, detail, slices) and the rest goes on.
 
 TFRecord shards, TFDS dataset dirs and PNG / .npy images may also be URIs (gs://...), read
-through etils.epath and tf.data; a `**` glob is local only. DICOM folders are local only:
+through etils.epath; a `**` glob is local only. DICOM folders are local only:
 their discovery walks and reads the files in place (copy a bucket's DICOM to a local
 disk first).
 """
@@ -31,15 +31,15 @@ import numpy as np
 from etils import epath
 
 from iap_jax.atomic import is_remote, open_file, relative as relative_path
+from iap_jax import records
 from iap_jax.dicom import DicomError, read_prepared_frame
+from iap_jax.features import DatasetInfo, image_feature
 from iap_jax.iaps import IAP_NAMES
 from iap_jax.preprocess import PixelSpec, preprocess_slice
 
 IMAGE_SUFFIXES = (".png", ".npy")
 # A unit of DICOM or image input holds whole series of at least this many slices.
 UNIT_SLICES = 512
-# TFRecords are decoded in batches of this many records.
-READ_BATCH = 64
 
 
 @dataclasses.dataclass
@@ -109,12 +109,11 @@ class TfrecordSource(Source):
     has_headers = True
 
     def __init__(self, root: str, files: Sequence[str], spec: PixelSpec,
-                 counts: dict[str, int] | None = None, threads: int = 0):
+                 counts: dict[str, int] | None = None):
         super().__init__(root, spec)
         self.files = sorted(files)
         self.counts = counts or {}
-        self.threads = threads
-        self._parse = None
+        self._encoding: str | None = None
 
     def plan(self) -> list[Unit]:
         return [Unit(f"shard-{i:05d}", (self._relative(path),)) for i, path in enumerate(self.files)]
@@ -123,106 +122,56 @@ class TfrecordSource(Source):
         counts = [self.counts.get(u.entries[0]) for u in units]
         return None if any(c is None for c in counts) else sum(counts)
 
-    def _parser(self) -> Callable:
-        import tensorflow as tf
-        import tensorflow_datasets as tfds
-
-        from iap_jax.features import example_features
-
-        # The image is serialized as bytes whatever its size, so one parser reads any size;
-        # the size is checked per record instead of failing the whole shard. Its encoding
-        # (zlib, or raw for iap-prep --image-encoding none) is the one the features.json
-        # beside the shards names; shards without one are read as zlib (the default).
-        features = example_features(self.spec.stored_size)
-        size = self.spec.stored_size
-        compressed = self._image_encoding() == "zlib"
-
-        def parse(serialized):
-            ex = features.deserialize_example(serialized,
-                                              decoders={"image": tfds.decode.SkipDecoding()})
-            data = ex["image"]
-            if compressed:
-                data = tf.io.decode_compressed(data, "ZLIB")
-            raw = tf.io.decode_raw(data, tf.uint16)
-            pixels = tf.size(raw)
-            image = tf.cond(pixels == size * size, lambda: tf.reshape(raw, [size, size]),
-                            lambda: tf.zeros([size, size], tf.uint16))
-            labels = {name: {k: ex["labels"][name][k] for k in ("state", "value", "number")}
-                      for name in IAP_NAMES}
-            return {"image": image, "pixels": pixels, "scale": ex["intensity_scale"],
-                    "offset": ex["intensity_offset"], "series": ex["series"],
-                    "patient": ex["patient"], "phase": ex["phase"],
-                    "slice_index": ex["slice_index"], "labels": labels}
-        return parse
-
     def _image_encoding(self) -> str:
         """"zlib" or "none": from the features.json of the shards' folders (TFDS writes one
         beside every dataset), "zlib" where there is none; folders that disagree are refused."""
-        import tensorflow_datasets as tfds
-        from etils import epath
-
-        found = {}
-        for folder in sorted({os.path.dirname(path) for path in self.files}):
-            if (epath.Path(folder) / "features.json").exists():
-                image = tfds.features.FeatureConnector.from_config(folder)["image"]
-                found[folder] = "none" if image._encoding == tfds.features.Encoding.BYTES else "zlib"
-        if len(set(found.values())) > 1:
-            raise ValueError(f"{self.root}: shards of different image encodings {found}: "
-                             "predict each dataset on its own")
-        return next(iter(found.values()), "zlib")
-
-    def _dataset(self, path: str, skip: int, batch: int):
-        import tensorflow as tf
-
-        if self._parse is None:
-            self._parse = self._parser()
-        ds = tf.data.TFRecordDataset(path).skip(skip)
-        ds = ds.map(self._parse, num_parallel_calls=tf.data.AUTOTUNE).batch(batch)
-        options = tf.data.Options()
-        options.deterministic = True
-        if self.threads:
-            options.threading.private_threadpool_size = self.threads
-        return ds.with_options(options).prefetch(2).as_numpy_iterator()
+        if self._encoding is None:
+            found = {}
+            for folder in sorted({os.path.dirname(path) for path in self.files}):
+                if (epath.Path(folder) / "features.json").exists():
+                    found[folder] = image_feature(folder)[1]
+            if len(set(found.values())) > 1:
+                raise ValueError(f"{self.root}: shards of different image encodings {found}: "
+                                 "predict each dataset on its own")
+            self._encoding = next(iter(found.values()), "zlib")
+        return self._encoding
 
     def read(self, unit: Unit, skips: list[Skip]) -> Iterator[StoredSlice]:
-        """Records in batches of READ_BATCH (a Python object per record is the cost here);
-        after a corrupt batch the shard is read again record by record from that batch's
-        start, so every record before the damage is still predicted."""
-        import tensorflow as tf
-
+        """Every record of the shard in order. A record that fails its checksum or does not
+        parse is skipped with its reason and the rest is read; after damage that hides
+        where the next record starts, the rest of the shard is skipped."""
         relative = unit.entries[0]
         path = os.path.join(self.root, relative)
         size = self.spec.stored_size
+        encoding = self._image_encoding()
         wrong: dict[int, int] = {}
-        read, batch = 0, READ_BATCH
-        iterator = self._dataset(path, 0, batch)
-        while True:
-            try:
-                ex = next(iterator)
-            except StopIteration:
-                break
-            except (tf.errors.DataLossError, tf.errors.InvalidArgumentError,
-                    tf.errors.NotFoundError, tf.errors.PermissionDeniedError) as err:
-                if batch > 1:
-                    batch, iterator = 1, self._dataset(path, read, 1)
-                    continue
-                message = " ".join(str(getattr(err, "message", err)).split())[:200]
-                skips.append(Skip(relative, "corrupt_tfrecord",
-                                  f"stopped after {read} records: {message}", slices=0))
-                break
-            read += len(ex["pixels"])
-            labels = {n: (ex["labels"][n]["state"].tolist(), ex["labels"][n]["value"].tolist(),
-                          ex["labels"][n]["number"].tolist()) for n in IAP_NAMES}
-            for i, pixels in enumerate(ex["pixels"].tolist()):
-                if pixels != size * size:
-                    wrong[pixels] = wrong.get(pixels, 0) + 1
-                    continue
-                headers = [(labels[n][0][i], labels[n][1][i].decode(), labels[n][2][i])
-                           for n in IAP_NAMES]
-                yield StoredSlice(ex["image"][i], float(ex["scale"][i]), float(ex["offset"][i]),
-                                  ex["series"][i].decode(), int(ex["slice_index"][i]), relative,
-                                  patient=ex["patient"][i].decode(), phase=int(ex["phase"][i]),
-                                  headers=headers)
+        read = 0
+        try:
+            with open_file(path, "rb") as f:
+                for item in records.iter_records(f, path):
+                    read += 1
+                    try:
+                        if isinstance(item, records.CorruptRecordError):
+                            raise item
+                        example = records.decode_example(item)
+                        image = records.decode_image(example.image_bytes, encoding, size)
+                    except ValueError as err:
+                        skips.append(Skip(relative, "corrupt_tfrecord",
+                                          f"record {read - 1}: {_message(err, path)}"))
+                        continue
+                    if isinstance(image, int):
+                        wrong[image] = wrong.get(image, 0) + 1
+                        continue
+                    headers = [(state, value.decode(), number)
+                               for state, value, number in example.labels.values()]
+                    yield StoredSlice(image, float(example.scale), float(example.offset),
+                                      example.series, example.slice_index, relative,
+                                      patient=example.patient, phase=example.phase,
+                                      headers=headers)
+        except (records.CorruptRecordError, OSError) as err:
+            skips.append(Skip(relative, "corrupt_tfrecord",
+                              f"stopped after {max(read - 1, 0)} records: {_message(err, path)}",
+                              slices=0))
         for pixels, n in sorted(wrong.items()):
             side = math.isqrt(pixels)
             shape = f"{side}x{side}" if side * side == pixels else f"{pixels}-pixel"
@@ -231,20 +180,19 @@ class TfrecordSource(Source):
                               slices=n))
 
 
-def tfds_source(dataset_dir: str, split: str | None, spec: PixelSpec, threads: int = 0
-                ) -> TfrecordSource:
-    from iap_jax.input_pipeline import load_builder
+def _message(err: Exception, path: str) -> str:
+    """An error's text without the path (the skip names the file relative to the input)."""
+    text = str(getattr(err, "reason", None) or err).replace(path, "").lstrip(": ")
+    return " ".join(text.split())[:200]
 
-    builder = load_builder(dataset_dir)
-    splits = builder.info.splits
+
+def tfds_source(dataset_dir: str, split: str | None, spec: PixelSpec) -> TfrecordSource:
+    info = DatasetInfo.load(dataset_dir)
     if not split:
-        raise ValueError(f"{dataset_dir} is a TFDS dataset: pass --split (one of {sorted(splits)})")
-    if split not in splits:
-        raise ValueError(f"{dataset_dir}: no split {split!r} (has {sorted(splits)})")
-    info = splits[split]
-    files = [os.fspath(p) for p in info.filepaths]
-    counts = {relative_path(f, dataset_dir): int(n) for f, n in zip(files, info.shard_lengths)}
-    return TfrecordSource(dataset_dir, files, spec, counts, threads)
+        raise ValueError(f"{dataset_dir} is a TFDS dataset: pass --split (one of {sorted(info.splits)})")
+    chosen = info.split(split)
+    counts = {relative_path(f, dataset_dir): n for f, n in zip(chosen.files, chosen.shard_lengths)}
+    return TfrecordSource(dataset_dir, list(chosen.files), spec, counts)
 
 
 # --- DICOM folders ------------------------------------------------------------------
@@ -422,10 +370,18 @@ def _glob(pattern: str) -> list[str]:
                   if not p.is_dir())
 
 
+def _with_scheme(path: str, uri: str) -> str:
+    """A path of `uri`'s file system as a URI (gcsfs walks give "bucket/path")."""
+    if is_remote(path):
+        return path
+    return uri.split("://", 1)[0] + "://" + path.lstrip("/")
+
+
 def _files_under(folder: str) -> list[str]:
     found = []
     walk = os.walk(folder) if not is_remote(folder) else (
-        (os.fspath(parent), dirs, files) for parent, dirs, files in epath.Path(folder).walk())
+        (_with_scheme(os.fspath(parent), folder), dirs, files)
+        for parent, dirs, files in epath.Path(folder).walk())
     for parent, dirs, files in walk:
         dirs.sort()
         found.extend(os.path.join(parent, name) for name in files)
@@ -433,7 +389,7 @@ def _files_under(folder: str) -> list[str]:
 
 
 def open_source(spec_text: str, pixel_spec: PixelSpec, *, split: str | None = None,
-                salt: Callable[[], str] | None = None, workers: int = 1, threads: int = 0,
+                salt: Callable[[], str] | None = None, workers: int = 1,
                 progress: bool = True) -> Source:
     """The source a SPEC names (a local path or a URI). `salt` is asked for only by DICOM
     input."""
@@ -443,7 +399,7 @@ def open_source(spec_text: str, pixel_spec: PixelSpec, *, split: str | None = No
             "glob" if glob.has_magic(path) else "")
     if kind == "folder":
         if epath.Path(path, "dataset_info.json").exists():
-            return tfds_source(path, split, pixel_spec, threads)
+            return tfds_source(path, split, pixel_spec)
         files = [f for f in _files_under(path) if not os.path.basename(f).startswith(".")]
         if files and all(_is_image(f) for f in files):
             return ImageSource(path, files, pixel_spec)
@@ -458,7 +414,7 @@ def open_source(spec_text: str, pixel_spec: PixelSpec, *, split: str | None = No
         root = os.path.dirname(path) or "."
         if _is_image(path):
             return ImageSource(root, [path], pixel_spec)
-        return TfrecordSource(root, [path], pixel_spec, threads=threads)
+        return TfrecordSource(root, [path], pixel_spec)
     if kind == "glob":
         files = _glob(path)
         if not files:
@@ -469,5 +425,5 @@ def open_source(spec_text: str, pixel_spec: PixelSpec, *, split: str | None = No
         if any(_is_image(f) for f in files):
             raise ValueError(f"{spec_text}: matches both images and other files; "
                              f"give one kind of input")
-        return TfrecordSource(root, files, pixel_spec, threads=threads)
+        return TfrecordSource(root, files, pixel_spec)
     raise FileNotFoundError(f"{spec_text}: no such file, folder or glob")

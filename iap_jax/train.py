@@ -21,14 +21,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import tensorflow as tf
 from absl import logging
 from etils import epath
-from tensorflow.core.framework import summary_pb2
 from tqdm import tqdm
 
 from iap_jax import atomic
 from iap_jax import checkpoints as checkpoints_lib
+from iap_jax import event_log
 from iap_jax import input_pipeline
 from iap_jax import losses
 from iap_jax import metrics as metrics_lib
@@ -40,11 +39,6 @@ from iap_jax.iaps import IAP_NAMES
 from iap_jax.labels import LabelEncoding
 from iap_jax.models.factory import build_model, describe_convolutions
 from iap_jax.preprocess import PixelSpec, model_input
-
-
-# TensorBoard's scalar-plugin tag, written without the tensorboard package installed.
-_SCALAR_METADATA = summary_pb2.SummaryMetadata(
-    plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"))
 
 
 @flax.struct.dataclass
@@ -131,10 +125,10 @@ class Preemption:
 
 
 # Config fields whose change would make a resumed run differ from an uninterrupted one
-# (input settings that change no batch -- threads, prefetch, cache -- may change).
+# (input settings that change no batch -- workers, prefetch, cache -- may change).
 _RESUME_FIELDS = ("batch_size", "seed", "train_split", "model", "labels", "loss", "optim",
                   "num_epochs", "input")
-_FREE_INPUT_FIELDS = ("threads", "prefetch", "cache")
+_FREE_INPUT_FIELDS = ("workers", "prefetch", "cache")
 
 
 def _resume_view(config: dict) -> dict:
@@ -220,7 +214,7 @@ def check_dataset(config: ml_collections.ConfigDict) -> None:
     """Raises a one-line error when config.dataset_dir is missing or not a prepared dataset."""
     if not config.dataset_dir:
         raise ValueError("no dataset: pass --config.dataset_dir=<the dataset dir iap-prep printed>")
-    input_pipeline.load_builder(config.dataset_dir)
+    input_pipeline.load_dataset_info(config.dataset_dir)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -242,7 +236,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     logging.info("mesh %s over %d processes", dict(mesh.shape), num_processes)
 
     # ---------------------------------------------------------------- input ---------
-    input_pipeline.configure_tensorflow(config.input.threads)
     input_config = input_pipeline.InputConfig.from_config(config.input)
     readers = {split: input_pipeline.SplitReader(
         config.dataset_dir, split, input_config, process_index=jax.process_index(),
@@ -254,7 +247,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     total_steps = steps_per_epoch * config.num_epochs
     spec = input_pipeline.pixel_spec(readers[config.train_split])
     fingerprint = input_pipeline.dataset_fingerprint(config.dataset_dir,
-                                                     readers[config.train_split].builder)
+                                                     readers[config.train_split].info)
     train_stats = input_pipeline.load_split_stats(config.dataset_dir, config.train_split)
     config_json = config_to_json(config)
 
@@ -360,15 +353,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         return sums.summary(encoding)
 
     # ---------------------------------------------------------------- writers -------
-    summary_writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard")) if is_chief else None
+    summary_writer = event_log.EventLog(os.path.join(workdir, "tensorboard")) if is_chief else None
 
     def write_metrics(step: int, scalars: dict) -> None:
         if not is_chief:
             return
         metrics_log.write(step, scalars)
-        with summary_writer.as_default(step=step):
-            for key, value in scalars.items():
-                tf.summary.write(key, tf.constant(value, tf.float32), metadata=_SCALAR_METADATA)
+        for key, value in scalars.items():
+            summary_writer.scalar(key, value, step)
         summary_writer.flush()
 
     def flatten(summary: dict) -> dict:
@@ -380,6 +372,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # ---------------------------------------------------------------- loop ----------
     batches = input_pipeline.train_batches(readers[config.train_split], encoding, local_batch,
                                            seed=config.seed, start_step=start_step)
+    # The next global batch is sent to the devices while the current step runs.
+    device_batches = sharding_lib.prefetch_to_mesh(batches, mesh)
     preemption = Preemption(checkpointer.manager)
     preempted = False
     # A batch job's log gets a line per log step instead of a bar redrawn with carriage returns.
@@ -391,7 +385,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     window_start, window_steps = time.time(), 0
     run_start = time.time()
     while step < total_steps:
-        state, logs = compiled_train_step(state, sharding_lib.global_batch(next(batches), mesh))
+        state, logs = compiled_train_step(state, next(device_batches))
         step += 1
         window_steps += 1
         progress.update(1)
@@ -429,6 +423,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             save(step)
             break
     progress.close()
+    device_batches.close()  # stops the readers
     if step == total_steps and not validation:  # a finished run started again: report
         validation = evaluate()
     checkpointer.close()

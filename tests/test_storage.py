@@ -209,30 +209,41 @@ def test_tfds_dataset_and_its_json_files_are_read_from_a_bucket(trained_run, gcs
             == _rows(str(tmp_path / "local" / "slices.parquet")))
 
 
-def test_tf_data_reads_tfrecords_and_tf_summary_writes_events_in_a_bucket(gcs_bucket):
+def test_records_are_read_and_tensorboard_events_written_in_a_bucket_without_tensorflow(gcs_bucket,
+                                                                                      tmp_path):
     import tensorflow as tf
-    from tensorflow.core.framework import summary_pb2
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.util import tensor_util
 
+    from iap_jax import records
+    from iap_jax.atomic import open_file
+    from iap_jax.event_log import EventLog
+
+    # Records written by TensorFlow's own writer, read back by the training's reader (gcsfs).
     path = f"{gcs_bucket}/records/a.tfrecord"
     with tf.io.TFRecordWriter(path) as writer:
         for i in range(5):
             writer.write(f"record {i}".encode())
-    assert [r.numpy() for r in tf.data.TFRecordDataset(path)] == [f"record {i}".encode()
-                                                                  for i in range(5)]
-    # As training writes its scalars: tf.summary.write with the scalars plugin's metadata.
-    metadata = summary_pb2.SummaryMetadata(
-        plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"))
-    writer = tf.summary.create_file_writer(f"{gcs_bucket}/tensorboard")
-    with writer.as_default(step=3):
-        tf.summary.write("val/mean_top1", tf.constant(0.75), metadata=metadata)
-    writer.flush()
-    writer.close()
-    events = tf.io.gfile.glob(f"{gcs_bucket}/tensorboard/events.out.tfevents.*")
+    with open_file(path, "rb") as f:
+        assert list(records.iter_records(f, path)) == [f"record {i}".encode() for i in range(5)]
+    with open_file(path, "rb") as f:
+        offsets, lengths = records.scan_offsets(f, path)
+        assert records.read_record_at(f, path, 3, int(offsets[3]), int(lengths[3])) == b"record 3"
+    # As training writes its scalars, flushed twice (a bucket's file is rewritten whole);
+    # read back by TensorBoard's own loader from a local copy.
+    log = EventLog(f"{gcs_bucket}/tensorboard")
+    log.scalar("val/mean_top1", 0.75, 3)
+    log.flush()
+    log.scalar("val/mean_top1", 0.5, 4)
+    log.flush()
+    events = list(epath.Path(gcs_bucket, "tensorboard").glob("events.out.tfevents.*"))
     assert len(events) == 1
-    values = [(v.tag, e.step, float(tf.make_ndarray(v.tensor)))
-              for r in tf.data.TFRecordDataset(events[0])
-              for e in [tf.compat.v1.Event.FromString(r.numpy())] for v in e.summary.value]
-    assert values == [("val/mean_top1", 3, 0.75)]
+    local = tmp_path / events[0].name
+    local.write_bytes(events[0].read_bytes())
+    # (the loader turns each scalar into a tensor, as TensorBoard's scalars plugin reads it)
+    values = [(v.tag, e.step, float(tensor_util.make_ndarray(v.tensor)))
+              for e in EventFileLoader(str(local)).Load() for v in e.summary.value]
+    assert values == [("val/mean_top1", 3, 0.75), ("val/mean_top1", 4, 0.5)]
 
 
 def test_orbax_saves_and_restores_a_tree_in_a_bucket(gcs_bucket, gcs_emulator):

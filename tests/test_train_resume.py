@@ -60,7 +60,7 @@ def test_killed_run_resumes_to_the_same_result(train_dataset_dir, tmp_path):
             train.train_and_evaluate(config, str(tmp_path / "resumed"))
     # Settings that change no batch may change: the finished run reports again.
     config = tiny_config(dataset_dir)
-    config.update_from_flattened_dict({"input.threads": 1, "input.cache": True})
+    config.update_from_flattened_dict({"input.workers": 1, "input.cache": False})
     assert train.train_and_evaluate(config, str(tmp_path / "resumed"))["step"] == 8
 
 

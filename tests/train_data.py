@@ -15,7 +15,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from data_prep.stats import compute_stats, write_stats
-from iap_jax.features import example_features
+from data_prep.features import example_features
 from iap_jax.iaps import IAP_NAMES, SPECS, LabelState
 
 MANUFACTURERS = ("GE MEDICAL SYSTEMS", "SIEMENS")
@@ -61,7 +61,8 @@ def _example(rng: np.random.Generator, index: int, image_size: int) -> dict:
 
 
 def write_dataset(root: str, *, num_train: int = 64, num_validation: int = 32,
-                  image_size: int = 32, seed: int = 0, edit=None) -> str:
+                  image_size: int = 32, seed: int = 0, edit=None,
+                  image_encoding: str = "zlib") -> str:
     """Writes the dataset under root; returns its directory (for builder_from_directory).
     edit(split, index, example) may change an example before it is written."""
     rng = np.random.default_rng(seed)
@@ -71,7 +72,7 @@ def write_dataset(root: str, *, num_train: int = 64, num_validation: int = 32,
         splits = {split: [edit(split, i, ex) for i, ex in enumerate(examples)]
                   for split, examples in splits.items()}
     builder = tfds.dataset_builders.store_as_tfds_dataset(
-        name="iap_dataset", version="1.0.0", features=example_features(image_size),
+        name="iap_dataset", version="1.0.0", features=example_features(image_size, image_encoding),
         split_datasets={k: list(enumerate(v)) for k, v in splits.items()}, data_dir=root, disable_shuffling=True)
     dataset_dir = str(builder.data_dir)
     write_stats(dataset_dir, compute_stats(splits))  # the prep stage's own statistics
