@@ -86,10 +86,14 @@ def dataset_dirs(data_dir: str, patients: int, slices: int, image_size: int,
     """{format: dataset dir} of the bench dataset in `formats` (and zlib, the prep's
     default), each prepared by iap-prep from one synthetic cohort on first use, then reused."""
     base = os.path.join(data_dir, f"synth_p{patients}_s{slices}_{image_size}px")
-    leaf = os.path.join("iap_dataset", f"pre_{image_size}", "1.0.0")
-    dirs = {fmt: os.path.join(base, fmt, leaf) for fmt in FORMATS if fmt == "zlib" or fmt in formats}
-    missing = [fmt for fmt, d in dirs.items()
-               if not os.path.exists(os.path.join(d, "dataset_info.json"))]
+
+    def found(fmt: str) -> str | None:  # the prep names a non-default config with a hash
+        made = glob.glob(os.path.join(base, fmt, "iap_dataset", f"pre_{image_size}*", "1.0.0",
+                                      "dataset_info.json"))
+        return os.path.dirname(made[0]) if made else None
+
+    wanted = [fmt for fmt in FORMATS if fmt == "zlib" or fmt in formats]
+    missing = [fmt for fmt in wanted if found(fmt) is None]
     if missing:
         dicom = os.path.join(base, "dicom")
         start = time.perf_counter()
@@ -101,11 +105,11 @@ def dataset_dirs(data_dir: str, patients: int, slices: int, image_size: int,
             _run_cli("data_prep.cli:main", [
                 "--dicom-root", dicom, "--data-dir", os.path.join(base, fmt), "--image-size",
                 str(image_size), "--workers", str(workers), "--salt", "bench-input",
-                "--image-encoding", fmt])
+                "--image-encoding", {"zlib": "zlib", "raw": "none"}[fmt]])
         shutil.rmtree(dicom, ignore_errors=True)
         print(f"bench dataset ({', '.join(missing)}) made with iap-synth + iap-prep in "
               f"{time.perf_counter() - start:.0f} s: {base}", file=sys.stderr)
-    return dirs
+    return {fmt: found(fmt) for fmt in wanted}
 
 
 def bytes_per_image(dataset_dir: str) -> float:

@@ -171,7 +171,6 @@ def _run_jax(conv_impl: str, size: int, batch: int, steps: int, dtype: str, conf
     if dataset:
         from iap_jax.labels import LabelEncoding
 
-        input_pipeline.configure_tensorflow(config.input.threads)
         if "logical_shards" in config.input and batch % config.input.logical_shards:
             config.input.logical_shards = math.gcd(batch, config.input.logical_shards)
         reader = input_pipeline.SplitReader(dataset, "train", input_pipeline.InputConfig.from_config(config.input))
@@ -224,6 +223,7 @@ def _run_jax(conv_impl: str, size: int, batch: int, steps: int, dtype: str, conf
                             in_shardings=(state_shardings, sharding_lib.batch_sharding(mesh)),
                             out_shardings=(state_shardings, sharding_lib.replicated(mesh)))
         flops_lowered = _flops(twin_step.lower(state, device_batch))
+    flops_per_step = flops_lowered or flops_compiled
 
     losses_seen = []
     state, logs = compiled(state, device_batch)  # warm-up, not timed
@@ -231,20 +231,24 @@ def _run_jax(conv_impl: str, size: int, batch: int, steps: int, dtype: str, conf
     jax.block_until_ready(state)
     input_wait = epoch_start_wait = 0.0
     epoch_starts = 0
+    if reader is not None:  # as the training loop does: the next batch sent while a step runs
+        device_batches = sharding_lib.prefetch_to_mesh(stream, mesh)
     start = time.perf_counter()
     for index in range(1, steps + 1):  # the warm-up step took batch 0 of the stream
         if reader is not None:
             before = time.perf_counter()
-            device_batch = sharding_lib.global_batch(next(stream), mesh)
+            device_batch = next(device_batches)
             waited = time.perf_counter() - before
             input_wait += waited
-            if index % steps_per_epoch == 0:  # an epoch's first batch: the pipeline's rebuild
+            if index % steps_per_epoch == 0:  # an epoch's first batch
                 epoch_start_wait += waited
                 epoch_starts += 1
         state, logs = compiled(state, device_batch)
         losses_seen.append(logs["loss"])
     jax.block_until_ready(state)
     elapsed = time.perf_counter() - start
+    if reader is not None:
+        device_batches.close()  # stops the reader processes
     device_stats = jax.devices()[0].memory_stats() or {}
     result = dict(
         compile_s=compile_s,
@@ -252,7 +256,8 @@ def _run_jax(conv_impl: str, size: int, batch: int, steps: int, dtype: str, conf
         step_s=elapsed / steps,
         images_per_s=steps * batch / elapsed,
         losses=[float(x) for x in jax.device_get(losses_seen)],
-        flops_per_step=flops_lowered or flops_compiled,
+        flops_per_step=flops_per_step,
+        flops_per_image=flops_per_step / batch if flops_per_step else None,
         flops_per_step_compiled=flops_compiled,
         peak_rss_delta_mib=_max_rss_mib() - rss_before,
         peak_device_mib=device_stats.get("peak_bytes_in_use", 0) / 2**20,
@@ -263,8 +268,8 @@ def _run_jax(conv_impl: str, size: int, batch: int, steps: int, dtype: str, conf
         version=jax.__version__,
     )
     if reader is not None:
-        # The input pipeline is rebuilt at every epoch start: the rate between those, an
-        # estimate of a long epoch's (a Duke-sized split has hundreds of steps per epoch).
+        # The rate between epoch starts, an estimate of a long epoch's (a Duke-sized split
+        # has hundreds of steps per epoch).
         within = (steps - epoch_starts) * batch / max(elapsed - epoch_start_wait, 1e-9)
         result.update(input_wait_share=input_wait / elapsed, steps_per_epoch=steps_per_epoch,
                       epoch_starts=epoch_starts, epoch_start_wait_s=epoch_start_wait,
@@ -603,8 +608,9 @@ def _write_report(args, batches: list[int], rows: list[dict]) -> None:
         machine=dict(platform=platform.platform(), cpus=os.cpu_count(), python=platform.python_version()),
         repeats=args.repeats,
         note="img/s over the timed steps of a run (one sync at the end), best of the repeats; "
-             "JAX and PyTorch ran side by side, interleaved, in this run; flops_per_step from "
-             "XLA's cost analysis of the lowered step; mfu against PEAK_TFLOPS (dense bf16)",
+             "JAX and PyTorch ran side by side, interleaved, in this run; flops_per_step (and "
+             "flops_per_image, the same over the batch) from XLA's cost analysis of the lowered "
+             "step; mfu against PEAK_TFLOPS (dense bf16)",
         results=rows,
     )
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
