@@ -15,9 +15,8 @@ INSTALL_REQUIRES = [
     "scipy>=1.11,<2",
     "matplotlib>=3.8,<4",
     "etils[epath]>=1.7",
-    # Training input: Grain's worker processes over the TFRecord shards, whose records are
-    # checked with CRC32C and parsed with the protobuf runtime (iap_jax/records.py).
-    "grain>=0.2.12,<0.3",
+    # Training input: TFRecord shards read without TensorFlow, their records checked with
+    # CRC32C and parsed with the protobuf runtime (iap_jax/records.py).
     "google-crc32c>=1.5,<2",
     "protobuf>=4.25",
     # TensorBoard's Event protos, for event files written without TensorFlow (event_log.py).

@@ -1,6 +1,6 @@
 """Training and evaluation input from the prepared dataset's TFRecord shards, one share per
-process, without TensorFlow (iap_jax.records reads and checks the records; Grain runs the
-reading in worker processes).
+process, without TensorFlow (iap_jax.records reads and checks the records; reader processes
+or a reader thread make the batches ahead, iap_jax.reader_pool).
 
 Training reads a split as a fixed number of logical shards (config.input.logical_shards,
 contiguous ranges of the split's records): the global batch of every step holds
@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import itertools
 import os
 import threading
 from typing import Iterator
@@ -35,15 +36,12 @@ from absl import logging
 from etils import epath
 
 from iap_jax import atomic
+from iap_jax import reader_pool
 from iap_jax import records
 from iap_jax.features import STATS_FILE, DatasetInfo, load_iap_stats, load_prep_options
 from iap_jax.iaps import IAP_NAMES
 from iap_jax.labels import LabelEncoding
 from iap_jax.preprocess import NORMALISATIONS, PixelSpec
-
-# The largest step number a training stream is built for (it is endless in practice).
-_MAX_STEPS = 2**40
-
 
 @dataclasses.dataclass(frozen=True)
 class InputConfig:
@@ -155,11 +153,12 @@ class RowReader:
                 yield example
         self._index[i] = (np.asarray(offsets, np.int64), np.asarray(lengths, np.int64))
 
-    def rows(self, positions: np.ndarray) -> dict:
+    def rows(self, positions: np.ndarray, out: np.ndarray | None = None) -> dict:
         """The decoded rows at these positions of the split, in order: image uint16
-        [n, S, S], scale, offset, and the raw labels (value / number / state per IAP)."""
+        [n, S, S] (written into out[:n] where given), scale, offset, and the raw labels
+        (value / number / state per IAP)."""
         n = len(positions)
-        images = np.empty((n, self.size, self.size), np.uint16)
+        images = np.empty((n, self.size, self.size), np.uint16) if out is None else out[:n]
         scale, offset = np.empty(n, np.float32), np.empty(n, np.float32)
         state = {name: np.empty(n, np.int32) for name in IAP_NAMES}
         number = {name: np.empty(n, np.float32) for name in IAP_NAMES}
@@ -356,8 +355,8 @@ class _ReadBatch:
                  rows):
         self.reader, self.positions, self.encoding, self.rows = reader, positions, encoding, rows
 
-    def __call__(self, item: int) -> dict:
-        return _encoded(self.reader.rows(self.positions[self.rows(item)]), self.encoding)
+    def __call__(self, item: int, out: np.ndarray | None = None) -> dict:
+        return _encoded(self.reader.rows(self.positions[self.rows(item)], out), self.encoding)
 
 
 class _GatherBatch:
@@ -372,37 +371,20 @@ class _GatherBatch:
                       else value[picks]) for key, value in self.cache.items()}
 
 
-def _stream(dataset, cfg: InputConfig, in_process: bool = False) -> Iterator:
-    """Runs a Grain MapDataset of batches in order: in cfg.workers processes, or one reader
-    thread of this process (in_process, or no workers)."""
-    import grain
-    from absl import flags
-
-    if not flags.FLAGS.is_parsed():  # Grain reads its absl flags; outside an absl app
-        flags.FLAGS.mark_as_parsed()  # (tests, iap-predict) their defaults stand
-    prefetch = max(1, cfg.prefetch)
-    iterable = dataset.to_iter_dataset(grain.ReadOptions(num_threads=1,
-                                                          prefetch_buffer_size=prefetch))
-    if cfg.workers > 0 and not in_process:
-        iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(
-            num_workers=cfg.workers, per_worker_buffer_size=prefetch))
-    iterator = iter(iterable)
-    try:
-        yield from iterator
-    finally:
-        close = getattr(iterator, "close", None)
-        if close is not None:
-            close()
+def _made_ahead(read: _ReadBatch, items, cfg: InputConfig, rows: int, size: int) -> Iterator:
+    """read(item) for each item, made ahead: in cfg.workers reader processes, or a thread."""
+    if cfg.workers > 0:
+        return reader_pool.in_processes(read, items, cfg.workers, (rows, size, size),
+                                        cfg.workers * max(1, cfg.prefetch))
+    return reader_pool.in_thread(read, items, cfg.prefetch)
 
 
 def _fill_cache(reader: SplitReader, positions: np.ndarray, encoding: LabelEncoding,
                 chunk: int = 256) -> dict:
     """Every owned row read once (by the reader processes), with its labels encoded."""
-    import grain
-
     read = _ReadBatch(reader.row_reader, positions, encoding, _Chunks(chunk, len(positions)))
-    parts = list(_stream(grain.MapDataset.range(-(-len(positions) // chunk)).map(read),
-                         reader.cfg))
+    parts = list(_made_ahead(read, range(-(-len(positions) // chunk)), reader.cfg, chunk,
+                             reader.info.image_size))
 
     def join(items):
         if isinstance(items[0], dict):
@@ -414,8 +396,6 @@ def _fill_cache(reader: SplitReader, positions: np.ndarray, encoding: LabelEncod
 def train_batches(reader: SplitReader, encoding: LabelEncoding, local_batch_size: int, *,
                   seed: int, start_step: int = 0) -> Iterator[dict]:
     """Endless stream of this process's rows of the global batches from step start_step."""
-    import grain
-
     steps = steps_per_epoch(reader, local_batch_size)
     if steps == 0:
         raise ValueError(f"split has {sum(reader.shard_sizes)} examples: its smallest logical "
@@ -426,14 +406,15 @@ def train_batches(reader: SplitReader, encoding: LabelEncoding, local_batch_size
     rows = _TrainRows([len(p) for p in owned], rows_per_shard(reader, local_batch_size), steps,
                       seed, reader.owned_shards)
     reader.row_reader.index_positions(positions)
-    steps_range = grain.MapDataset.range(start_step, _MAX_STEPS)
+    steps_from_start = itertools.count(start_step)
     if reader.cfg.cache and reader.cache_fits():
         cache = _fill_cache(reader, positions, encoding)
-        yield from _stream(steps_range.map(_GatherBatch(cache, rows)), reader.cfg,
-                           in_process=True)
+        yield from reader_pool.in_thread(_GatherBatch(cache, rows), steps_from_start,
+                                         reader.cfg.prefetch)
     else:
-        yield from _stream(steps_range.map(_ReadBatch(reader.row_reader, positions, encoding,
-                                                      rows)), reader.cfg)
+        yield from _made_ahead(_ReadBatch(reader.row_reader, positions, encoding, rows),
+                               steps_from_start, reader.cfg, local_batch_size,
+                               reader.info.image_size)
 
 
 def eval_batches(reader: SplitReader, encoding: LabelEncoding, local_batch_size: int
@@ -441,8 +422,6 @@ def eval_batches(reader: SplitReader, encoding: LabelEncoding, local_batch_size:
     """One pass over this process's share in fixed-shape batches; padding rows (a copy of
     the share's first row, or of the split's where the share is empty) have zero masks.
     Every process yields the same number of batches."""
-    import grain
-
     num_batches = -(-reader.max_process_examples // local_batch_size)
     share = reader.share_positions()
     if not len(share):
@@ -461,8 +440,7 @@ def eval_batches(reader: SplitReader, encoding: LabelEncoding, local_batch_size:
         picks = np.where(picks < valid_rows, picks, 0)
         return _encoded(reader.row_reader.rows(share[picks]), encoding, valid)
 
-    yield from _stream(grain.MapDataset.range(num_batches).map(batch), reader.cfg,
-                       in_process=True)
+    yield from reader_pool.in_thread(batch, range(num_batches), reader.cfg.prefetch)
 
 
 def pixel_spec(reader: SplitReader) -> PixelSpec:
