@@ -1,7 +1,7 @@
 """Files written whole or not at all, and the few path helpers every reader and writer shares.
 
 Paths are local paths or URIs (gs://bucket/...), read and written through etils.epath (for
-gs://, TensorFlow's GCS file system). POSIX-style joins (os.path.join, dirname, basename)
+gs://, gcsfs: iap_jax/__init__.py keeps epath off TensorFlow's GCS file system). POSIX-style joins (os.path.join, dirname, basename)
 are correct for both; what is not (abspath, relpath, normpath, open, os.replace) goes
 through the helpers here.
 

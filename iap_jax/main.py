@@ -86,9 +86,9 @@ def initialise_distributed(config) -> None:
 
 
 class _LibraryInfoFilter(std_logging.Filter):
-    """Keeps the run log about the run: Orbax and TFDS log every save and read at INFO."""
+    """Keeps the run log about the run: Orbax logs every save and restore at INFO."""
 
-    NOISY = ("/orbax/", "/tensorflow_datasets/")
+    NOISY = ("/orbax/",)
     # Saves between evaluations carry no metric by design (they count as "latest" only).
     EXPECTED = ("did not provide metrics",)
 

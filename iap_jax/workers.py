@@ -1,7 +1,7 @@
 """Worker processes for header reading and pixel decoding.
 
-Spawned, not forked: the parent may hold TensorFlow's threads, which fork does not copy
-safely. Each worker runs single-threaded BLAS so that N workers use N cores.
+Spawned, not forked: the parent may hold JAX's (or TensorFlow's) threads, which fork does
+not copy safely. Each worker runs single-threaded BLAS so that N workers use N cores.
 """
 from __future__ import annotations
 
