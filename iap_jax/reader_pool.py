@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import multiprocessing
+import os
 import queue
 import threading
 from multiprocessing import shared_memory
@@ -46,6 +47,7 @@ class ReaderPool:
     def __init__(self, fill: Callable, workers: int, shape: tuple[int, ...], depth: int):
         nbytes = int(np.prod(shape)) * 2
         self.shape, self.depth = shape, max(depth, workers)
+        _check_shared_memory(nbytes * self.depth)
         self._blocks = [shared_memory.SharedMemory(create=True, size=nbytes)
                         for _ in range(self.depth)]
         self._slots = [np.ndarray(shape, np.uint16, buffer=b.buf) for b in self._blocks]
@@ -79,6 +81,21 @@ class ReaderPool:
             block.close()
             block.unlink()
         self._blocks, self._slots = [], []
+
+
+def _check_shared_memory(need: int, folder: str = "/dev/shm") -> None:
+    """A container's /dev/shm is often small (Docker: 64 MiB); a block that outgrows it
+    would kill its reader with SIGBUS mid-batch, so refuse at the start instead."""
+    try:
+        stat = os.statvfs(folder)
+    except OSError:  # no such folder: shared memory lives elsewhere on this system
+        return
+    free = stat.f_bavail * stat.f_frsize
+    if need > free:
+        raise RuntimeError(
+            f"the reader processes need {need / 2**20:.0f} MiB of shared memory and {folder} "
+            f"has {free / 2**20:.0f} MiB free: lower config.input.workers or .prefetch, use "
+            "input.workers=0, or give the container more (docker run --shm-size / --ipc=host)")
 
 
 def in_processes(fill: Callable, items: Iterable, workers: int, shape: tuple[int, ...],

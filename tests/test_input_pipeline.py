@@ -132,3 +132,11 @@ def test_reader_processes_give_the_batches_of_the_training_process(dataset_dir):
             np.testing.assert_array_equal(np.asarray(got["image"]), expected["image"])
             np.testing.assert_array_equal(np.asarray(got["targets"]["FlipAngle"]),
                                           expected["targets"]["FlipAngle"])
+
+
+def test_reader_processes_refuse_more_shared_memory_than_there_is():
+    from iap_jax import reader_pool
+
+    stream = reader_pool.in_processes(dict, range(3), 2, (10**6, 1024, 1024), 4)
+    with pytest.raises(RuntimeError, match="shared memory.*input.workers"):
+        next(stream)
