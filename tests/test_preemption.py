@@ -22,7 +22,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "launch"))
 import local_multiprocess  # noqa: E402
 
-EPOCHS = 6  # 64 examples, batch 16: 4 steps an epoch, 24 steps
+# 64 examples, batch 16: 4 steps an epoch, 12 steps. (Over 24 steps, the rounding of the
+# steps run on 2 processes grows into a difference in half of the values, whether or not
+# the run was stopped: an uninterrupted 2 x 2 run and the 1 x 4 reference differed as
+# much, and agreed to 2e-6 at steps 8 and 12.)
+EPOCHS = 3
 
 
 def _args(dataset_dir, workdir, devices: int) -> list[str]:
@@ -98,7 +102,7 @@ def test_preempted_two_process_run_resumes_on_one_process_exactly(train_dataset_
     # the other 15 equal to 1e-6). So: nearly every value equal at float tolerance, and every
     # tensor within 1% in norm.
     worst, close = _agreement(final["params"], expected["params"])
-    assert worst <= 1e-2 and close >= 0.999, (worst, close)
+    assert worst <= 1e-2 and close >= 0.999, (worst, close, stop)
     # The check tells runs apart: the reference's previous checkpoint (one epoch, 4 batches,
     # fewer) fails it on both counts.
     earlier = restore_model(str(reference), step=EPOCHS * 4 - 4)
