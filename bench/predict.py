@@ -121,11 +121,9 @@ def _run_e2e(size: int, batch: int, batches: int, dtype: str) -> dict:
     """iap-predict over one TFRecord shard of E2E_IMAGES synthetic slices."""
     import jax
     import numpy as np
-    import tensorflow as tf
 
-    from iap_jax import sharding
+    from iap_jax import records, sharding
     from iap_jax.checkpoints import Checkpointer
-    from data_prep.features import example_features
     from iap_jax.iaps import IAP_NAMES
     from iap_jax.predict import build_parser, predict
 
@@ -138,15 +136,13 @@ def _run_e2e(size: int, batch: int, batches: int, dtype: str) -> dict:
                       encoding=restored["label_encoding"],
                       pixel_spec=restored["pixel_spec"], dataset={}, input_position={"step": 1})
     checkpointer.manager.wait_until_finished()  # (close() would stop Orbax's shared executor)
-    features = example_features(size)
-    labels = {n: {"value": "", "number": np.nan, "state": 0} for n in IAP_NAMES}
+    labels = {n: (0, "", np.nan) for n in IAP_NAMES}
     images, scales, _ = _images(batch, size)
-    with tf.io.TFRecordWriter(os.path.join(root, "shard.tfrecord")) as writer:
+    with open(os.path.join(root, "shard.tfrecord"), "wb") as f:  # zlib images, as iap-prep's
         for i in range(E2E_IMAGES):
-            writer.write(features.serialize_example({
-                "image": images[i % batch], "intensity_scale": scales[i % batch],
-                "intensity_offset": 0.0, "patient": "p", "series": f"s{i // 16}", "phase": 0,
-                "slice_index": i % 16, "num_slices": 16, "slice_position": 0.0, "labels": labels}))
+            f.write(records.frame(records.encode_example(
+                images[i % batch], float(scales[i % batch]), 0.0, "p", f"s{i // 16}", 0, i % 16,
+                16, labels)))
     report = predict(build_parser().parse_args([
         "--workdir", os.path.join(root, "train"), "--step", "latest", "--input",
         os.path.join(root, "shard.tfrecord"), "--out", os.path.join(root, "out"), "--quiet",

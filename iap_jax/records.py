@@ -218,6 +218,32 @@ def decode_example(data: bytes) -> DecodedExample:
         raise ValueError(f"not a tf.train.Example ({type(err).__name__}: {err})") from err
 
 
+def encode_example(image: np.ndarray, scale: float, offset: float, patient: str, series: str,
+                   phase: int, slice_index: int, num_slices: int, labels: dict,
+                   encoding: str = "zlib") -> bytes:
+    """A record of the prep's layout, as TFDS writes it (its features.json decides the
+    reading): for writing shards where TensorFlow is not installed (benchmarks, tests);
+    the prep stage writes through TFDS. labels: IAP -> (state, canonical value, number)."""
+    example = Example()
+    feature = example.features.feature
+    data = np.ascontiguousarray(image, np.uint16).tobytes()
+    feature["image"].bytes_list.value.append(zlib.compress(data) if encoding == "zlib" else data)
+    for key, number in (("intensity_scale", scale), ("intensity_offset", offset),
+                        ("slice_position", slice_index / max(num_slices - 1, 1))):
+        feature[key].float_list.value.append(number)
+    for key, number in (("phase", phase), ("slice_index", slice_index),
+                        ("num_slices", num_slices)):
+        feature[key].int64_list.value.append(number)
+    feature["patient"].bytes_list.value.append(patient.encode())
+    feature["series"].bytes_list.value.append(series.encode())
+    for name, state, value, number in _LABEL_KEYS:
+        label_state, label_value, label_number = labels[name]
+        feature[state].int64_list.value.append(int(label_state))
+        feature[value].bytes_list.value.append(label_value.encode())
+        feature[number].float_list.value.append(label_number)
+    return example.SerializeToString()
+
+
 def decode_image(stored: bytes, encoding: str, size: int) -> np.ndarray | int:
     """The uint16 [size, size] image of a record; the pixel count instead where the image
     has another size. Raises ValueError for bytes that do not decompress."""

@@ -83,3 +83,25 @@ def test_training_refuses_a_damaged_record_naming_its_file(dataset_dir, tmp_path
         data[int(offsets[2]) + 20] ^= 0xFF
         with open(path, "wb") as f:
             f.write(bytes(data))
+
+
+def test_records_encoded_without_tensorflow_read_back_in_tfds(dataset_dir):
+    from data_prep.features import example_features
+
+    reader = input_pipeline.SplitReader(dataset_dir, "train", input_pipeline.InputConfig())
+    info = reader.info
+    features = example_features(info.image_size, info.image_encoding)
+    rows = reader.row_reader.rows(np.arange(4))
+    for i, example in enumerate(list(input_pipeline.split_examples(dataset_dir, "train"))[:4]):
+        data = records.encode_example(
+            rows["image"][i], example.scale, example.offset, example.patient, example.series,
+            example.phase, example.slice_index, 1,
+            {k: (s, v.decode(), x) for k, (s, v, x) in example.labels.items()},
+            info.image_encoding)
+        back = features.deserialize_example_np(data)
+        np.testing.assert_array_equal(back["image"], rows["image"][i])
+        assert back["series"].decode() == example.series and back["phase"] == example.phase
+        for name in IAP_NAMES:
+            state, value, number = example.labels[name]
+            assert back["labels"][name]["value"] == value and back["labels"][name]["state"] == state
+            np.testing.assert_equal(back["labels"][name]["number"], number)
