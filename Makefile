@@ -9,7 +9,7 @@ PATIENTS ?= 1000
 SLICES ?= 5
 WORKERS ?= 2
 
-.PHONY: install sysdeps demo synth prep train predict-validation calibrate predict evaluate sort test bench bench-synth bench-prep bench-train bench-predict bench-input bench-gpu-check bench-qa bench-ood clean
+.PHONY: install sysdeps demo synth prep train predict-validation calibrate predict evaluate sort test test-accelerator bench bench-synth bench-prep bench-train bench-predict bench-input bench-gpu-check bench-qa bench-ood clean
 
 # Builds (once per machine, cached) the oneDNN convolution library, or says why it cannot.
 install: $(VENV)/.installed sysdeps
@@ -71,8 +71,13 @@ sort: evaluate
 
 demo: sort
 
+# The suite, less the slow tier; test-accelerator: the slow tier (the accelerator bundle built
+# and run by a Python 3.12 environment holding only an accelerator image's packages).
 test: install
-	$(BIN)/python -m pytest -q -n 2 tests
+	$(BIN)/python -m pytest -q -n 2 -m "not slow" tests
+
+test-accelerator: install
+	$(BIN)/python -m pytest -q -m slow tests
 
 # The PyTorch baseline is pinned to the CPU build that installs without a GPU stack.
 $(VENV)/.torch: $(VENV)/.installed

@@ -378,6 +378,9 @@ def main(argv=None) -> int:
                         help="subset of rows, e.g. train_batches:zlib,tfdata:raw:cache (default: all)")
     parser.add_argument("--target", type=int, default=NODE_TARGET, help="images/s to size the cores for")
     parser.add_argument("--out", default=DEFAULT_OUT)
+    parser.add_argument("--dataset", default=None,
+                        help="measure this prepared dataset (its own image encoding) instead "
+                             "of making the bench's")
     parser.add_argument("--make-only", action="store_true",
                         help="make (or find) the dataset, print its dirs as JSON and stop")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -388,9 +391,18 @@ def main(argv=None) -> int:
         return 0
 
     paths = [p for p in PATHS if not args.paths or _path_key(*p) in args.paths.split(",")]
-    formats = () if args.make_only else {fmt for _, fmt, _ in paths}
-    dirs = dataset_dirs(args.data_dir, args.patients, args.slices, args.image_size, args.workers,
-                        formats)
+    if args.dataset:  # every row on the given dataset, as the format it is
+        from iap_jax.features import DatasetInfo
+
+        info = DatasetInfo.load(args.dataset)
+        fmt = "raw" if info.image_encoding == "none" else info.image_encoding
+        dirs = {fmt: os.path.abspath(args.dataset)}
+        args.image_size = info.image_size
+        paths = list(dict.fromkeys((path, fmt, cache) for path, _, cache in paths))
+    else:
+        formats = () if args.make_only else {fmt for _, fmt, _ in paths}
+        dirs = dataset_dirs(args.data_dir, args.patients, args.slices, args.image_size,
+                            args.workers, formats)
     if args.make_only:
         print(json.dumps({fmt: os.path.abspath(d) for fmt, d in dirs.items()}))
         return 0
@@ -422,7 +434,7 @@ def _write_report(args, dirs: dict, rows: list[dict]) -> None:
     report = {"benchmark": "training_input", "image_size": args.image_size, "batch": args.batch,
               "seconds": args.seconds, "target_images_per_s": args.target,
               "dataset": dict(dirs), "record_bytes_per_image": {f: bytes_per_image(d) for f, d in dirs.items()},
-              "train_examples": _train_examples(dirs["zlib"]),
+              "train_examples": _train_examples(next(iter(dirs.values()))),
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                           "python": platform.python_version()},
               "note": "img/s from the wall clock of a process pinned to `cores` cores; "

@@ -98,14 +98,19 @@ class DatasetInfo:
 
 def _split_info(root: str, dataset: str, split: dict) -> SplitInfo:
     lengths = tuple(int(n) for n in split.get("shardLengths", []))
-    template = split.get("filepathTemplate") or _DEFAULT_TEMPLATE
-    files = []
-    for index in range(len(lengths)):
-        name = template.format(DATASET=dataset, SPLIT=split["name"], FILEFORMAT="tfrecord",
-                               SHARD_INDEX=f"{index:05d}", NUM_SHARDS=f"{len(lengths):05d}",
-                               SHARD_X_OF_Y=f"{index:05d}-of-{len(lengths):05d}")
-        files.append(os.path.join(root, name))
+    template = split.get("filepathTemplate")
+    files = [os.path.join(root, shard_file_name(template, dataset, split["name"], index,
+                                                len(lengths)))
+             for index in range(len(lengths))]
     return SplitInfo(split["name"], tuple(files), lengths)
+
+
+def shard_file_name(template: str | None, dataset: str, split: str, index: int,
+                    count: int) -> str:
+    """The name of shard `index` of `count` of a split, from dataset_info.json's template."""
+    return (template or _DEFAULT_TEMPLATE).format(
+        DATASET=dataset, SPLIT=split, FILEFORMAT="tfrecord", SHARD_INDEX=f"{index:05d}",
+        NUM_SHARDS=f"{count:05d}", SHARD_X_OF_Y=f"{index:05d}-of-{count:05d}")
 
 
 def image_feature(folder: str) -> tuple[int, str]:
