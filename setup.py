@@ -57,6 +57,7 @@ EXTRAS_REQUIRE = {
     "dev": PREP + CPU + BEAM + [
         "pytest>=8,<10",
         "pytest-xdist>=3.5,<4",
+        "hypothesis>=6.100,<7",
         "pydicom-data>=1.0",
         "nibabel>=5.2,<7",
         # Real non-MR files (CT, US, DX, secondary captures) for the modality checks.
