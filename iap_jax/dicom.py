@@ -25,7 +25,8 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import pixel_array
 from pydicom.pixels.decoders.base import get_decoder
 
-from iap_jax.iaps import IAP_NAMES, MISSING, IapValue, LabelState, extract_iaps, find_element_value
+from iap_jax.iaps import (IAP_NAMES, MISSING, IapValue, LabelState, extract_iaps, find_element_value,
+                          one_number)
 from iap_jax.preprocess import PreparedSlice, preprocess_slice
 
 # SOP classes that carry no image to learn from (some, like SEG, still have pixel data).
@@ -63,6 +64,12 @@ class DicomError(Exception):
 
     def __reduce__(self):  # pickled across worker processes
         return DicomError, (self.path, self.reason, self.detail)
+
+
+def _malformed(path: str, err: Exception) -> DicomError:
+    """Any other exception met while reading a header value: pydicom and the conversions
+    here raise many kinds on malformed values, and one file must never stop a run."""
+    return DicomError(path, "malformed", f"{type(err).__name__}: {err}"[:200])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,7 +141,8 @@ def slice_position(ds: Dataset, frame: int = 0) -> float:
         point = np.array([float(v) for v in position])
     except (TypeError, ValueError):
         return math.nan
-    return float(point @ normal) if point.shape == (3,) else math.nan
+    along = float(point @ normal) if point.shape == (3,) else math.nan
+    return along if math.isfinite(along) else math.nan  # an infinite coordinate is no geometry
 
 
 def _non_image_kind(sop_class: str) -> str | None:
@@ -185,7 +193,36 @@ def _open(path: str, defer_size: int | None = 1024) -> Dataset:
     except OSError as err:
         raise DicomError(path, "unreadable", err.strerror or str(err)) from None
     except Exception as err:  # pydicom raises many kinds on malformed files
-        raise DicomError(path, "malformed", f"{type(err).__name__}: {err}"[:200]) from None
+        raise _malformed(path, err) from None
+
+
+def _frame_count(path: str, ds: Dataset) -> int:
+    """NumberOfFrames, 1 where it is absent, empty or 0 (as pydicom's decoders take it); any
+    other value that is no positive whole number makes the file malformed (which frames
+    there are cannot be known)."""
+    raw = ds.get("NumberOfFrames")
+    if raw is None or str(raw).strip() == "":
+        return 1
+    frames = _int_or_none(raw)
+    if frames is None or frames < 0:
+        raise DicomError(path, "malformed", f"NumberOfFrames {str(raw)[:32]!r}")
+    return frames or 1
+
+
+def _rescale(path: str, ds: Dataset, frame: int) -> tuple[float, float]:
+    """RescaleSlope and RescaleIntercept of a frame (1 and 0 where absent or empty); one that
+    is not a finite number makes the file malformed: its intensities cannot be known."""
+    rescale = []
+    for keyword, default in (("RescaleSlope", 1.0), ("RescaleIntercept", 0.0)):
+        raw = find_element_value(ds, keyword, frame)
+        if raw is MISSING or raw is None or str(raw).strip() == "":
+            rescale.append(default)
+            continue
+        try:
+            rescale.append(one_number(raw))
+        except ValueError as err:
+            raise DicomError(path, "malformed", f"{keyword}: {err}") from None
+    return rescale[0], rescale[1]
 
 
 def _check_pixels(path: str, ds: Dataset) -> tuple[int, str]:
@@ -210,7 +247,7 @@ def _check_pixels(path: str, ds: Dataset) -> tuple[int, str]:
             photometric and photometric not in _INTENSITY_PHOTOMETRICS):
         # Only MONOCHROME1/2 pixels are intensities (a palette index or a colour is not).
         raise DicomError(path, "not_monochrome", photometric)
-    frames = _int_or_none(ds.get("NumberOfFrames", 1)) or 1
+    frames = _frame_count(path, ds)
     syntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or
                  "1.2.840.10008.1.2")
     element = ds._dict[_PIXEL_TAG]
@@ -258,6 +295,8 @@ def read_instance_header(path: str) -> InstanceHeader:
         series_uid = _text(ds, "SeriesInstanceUID")
         if not series_uid:
             raise DicomError(path, "malformed", "no SeriesInstanceUID")
+        for frame in range(frames):  # found here, the file is skipped before it is planned
+            _rescale(path, ds, frame)
         frame_headers = tuple(
             FrameHeader(frame, slice_position(ds, frame),
                         tuple((int(v.state), v.value, v.number) for v in extract_iaps(ds, frame).values()))
@@ -281,15 +320,7 @@ def read_instance_header(path: str) -> InstanceHeader:
     except DicomError:
         raise
     except Exception as err:  # a malformed value deep in the header
-        raise DicomError(path, "malformed", f"{type(err).__name__}: {err}"[:200]) from None
-
-
-def _rescale(ds: Dataset, frame: int) -> tuple[float, float]:
-    slope = find_element_value(ds, "RescaleSlope", frame)
-    intercept = find_element_value(ds, "RescaleIntercept", frame)
-    slope = 1.0 if slope is MISSING or slope in ("", None) else float(slope)
-    intercept = 0.0 if intercept is MISSING or intercept in ("", None) else float(intercept)
-    return slope, intercept
+        raise _malformed(path, err) from None
 
 
 @contextlib.contextmanager
@@ -309,12 +340,17 @@ def read_frame(path: str, frame: int = 0) -> np.ndarray:
     """One frame as float32 intensities [rows, columns]; raises DicomError."""
     ds = _open(path)  # the same opener as the header stage; pixels stay on disk until asked for
     with _quiet_pydicom():
-        return _decode_frame(path, ds, frame)
+        try:
+            return _decode_frame(path, ds, frame)
+        except DicomError:
+            raise
+        except Exception as err:  # a value the header stage did not need (or a changed file)
+            raise _malformed(path, err) from None
 
 
 def _decode_frame(path: str, ds: Dataset, frame: int) -> np.ndarray:
+    frames = _frame_count(path, ds)
     try:
-        frames = _int_or_none(ds.get("NumberOfFrames", 1)) or 1
         if frames == 1:
             stored = ds.pixel_array
         else:
@@ -329,7 +365,7 @@ def _decode_frame(path: str, ds: Dataset, frame: int) -> np.ndarray:
         stored = stored[frame]
     if stored.ndim != 2:
         raise DicomError(path, "not_monochrome", f"pixel array of shape {stored.shape}")
-    slope, intercept = _rescale(ds, frame)
+    slope, intercept = _rescale(path, ds, frame)
     pixels = stored.astype(np.float32) * np.float32(slope) + np.float32(intercept)
     if str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1":
         bits = int(ds.get("BitsStored", ds.BitsAllocated))

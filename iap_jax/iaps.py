@@ -216,14 +216,26 @@ def _canonical_options(raw: Any) -> tuple[str, float]:
     return "\\".join(t for t in tokens if t), math.nan
 
 
+def one_number(raw: Any) -> float:
+    """A header value as one finite number; ValueError for text, NaN, infinity or a count of
+    values other than one (the IAPs and the pixel rescale read numbers through this)."""
+    if isinstance(raw, (list, tuple, MultiValue)):
+        if len(raw) != 1:
+            raise ValueError(f"expected one number, got {len(raw)}")
+        raw = raw[0]
+    try:
+        number = float(raw)
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"not a number: {str(raw)[:32]!r}") from None
+    if not math.isfinite(number):
+        raise ValueError(f"not a finite number: {str(raw)[:32]!r}")
+    return number
+
+
 def _number_canonicaliser(decimals: int, valid: Callable[[float], bool]):
     def canonical(raw: Any) -> tuple[str, float]:
-        if isinstance(raw, (list, tuple, MultiValue)):
-            if len(raw) != 1:
-                raise ValueError(f"expected one number, got {len(raw)}")
-            raw = raw[0]
-        number = float(raw)
-        if not math.isfinite(number) or not valid(number):
+        number = one_number(raw)
+        if not valid(number):
             raise ValueError(f"impossible value {number!r}")
         number = round(number, decimals)
         return format_number(number, decimals), number

@@ -113,6 +113,24 @@ def test_bad_dicom_files_are_named_and_the_rest_predicted(trained_run, tmp_path)
     assert report["counts"]["slices"] == good["counts"]["slices"] - 2
 
 
+def test_a_malformed_value_skips_its_file_and_the_rest_is_predicted(trained_run, tmp_path):
+    import pydicom
+
+    root = tmp_path / "dicom"
+    shutil.copytree(trained_run.dicom_root, root)
+    good = run_predict(trained_run, str(tmp_path / "good"), "--input", str(root))
+    used = sorted(set(pq.read_table(tmp_path / "good" / "slices.parquet").column("source").to_pylist()))
+    # RescaleSlope holding the text "abc" (written raw: pydicom would refuse the value).
+    ds = pydicom.dcmread(root / used[0])
+    tag = pydicom.tag.Tag("RescaleSlope")
+    ds[tag] = pydicom.dataelem.RawDataElement(tag, "DS", 4, b"abc ", 0, False, True)
+    ds.save_as(root / used[0])
+    report = run_predict(trained_run, str(tmp_path / "bad"), "--input", str(root))
+    skip = {s["input"]: s for s in report["skipped"]}[used[0]]
+    assert skip["reason"] == "malformed" and "RescaleSlope" in skip["detail"]
+    assert report["counts"]["slices"] == good["counts"]["slices"] - 1
+
+
 def test_png_and_numpy_images_and_their_bad_cousins(trained_run, tmp_path):
     from PIL import Image
 
