@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gzip
+import io
 import logging
 import math
 import os
@@ -51,6 +53,7 @@ _INTENSITY_PHOTOMETRICS = ("MONOCHROME1", "MONOCHROME2")
 _PIXEL_TAG = 0x7FE00010
 _PIXEL_TAG_BYTES = (b"\xe0\x7f\x10\x00", b"\x7f\xe0\x00\x10")  # little, big endian
 _UNDEFINED_LENGTH = 0xFFFFFFFF
+_GZIP_MAGIC = b"\x1f\x8b"  # research archives often keep each file as .dcm.gz
 
 
 class DicomError(Exception):
@@ -152,11 +155,31 @@ def _non_image_kind(sop_class: str) -> str | None:
     return None
 
 
-def _looks_like_dicom_without_preamble(path: str) -> bool:
-    with open(path, "rb") as f:
-        start = f.read(4)
+def _sop_class_name(uid: str, fallback: str = "") -> str:
+    """A SOP class as a user can look it up: its name (where pydicom knows it, else the
+    fallback) and its UID."""
+    name = pydicom.uid.UID(uid).name
+    name = name if name and name != uid else fallback
+    return f"{name} ({uid})" if name else uid
+
+
+def _looks_like_dicom_without_preamble(start: bytes) -> bool:
     # A bare dataset starts with a group 0x0002 or 0x0008 tag, little endian.
     return start[:2] in (b"\x02\x00", b"\x08\x00")
+
+
+def _gunzipped(path: str) -> bytes | None:
+    """The decompressed bytes of a gzip-compressed file, None for any other file (read from
+    disk as it is). Such a file is held in memory whole: gzip offers no random access."""
+    with open(path, "rb") as f:
+        if f.read(2) != _GZIP_MAGIC:
+            return None
+        f.seek(0)
+        try:
+            return gzip.decompress(f.read())
+        except (EOFError, OSError, ValueError) as err:  # cut off or corrupt stream
+            raise DicomError(path, "malformed", f"gzip-compressed file that does not decompress: "
+                             f"{err}"[:200]) from None
 
 
 def _with_inferred_syntax(ds: Dataset) -> Dataset:
@@ -173,19 +196,30 @@ def _with_inferred_syntax(ds: Dataset) -> Dataset:
     return ds
 
 
-def _open(path: str, defer_size: int | None = 1024) -> Dataset:
-    """The dataset of one file, also when it lacks the 128-byte preamble and DICM prefix;
-    values larger than defer_size (pixels, private blobs) stay on disk until asked for."""
+def _open(path: str, defer_size: int | None = 1024) -> tuple[Dataset, bytes | None]:
+    """The dataset of one file, also when it lacks the 128-byte preamble and DICM prefix or
+    is gzip-compressed; values larger than defer_size (pixels, private blobs) stay on disk
+    until asked for. Also the file's decompressed bytes if it was compressed, else None."""
     try:
         size = os.path.getsize(path)
         if size == 0:
             raise DicomError(path, "zero_byte")
+        content = _gunzipped(path)
+        source = path if content is None else io.BytesIO(content)
+        gzipped = "" if content is None else "gzip-compressed, "
         try:
-            return pydicom.dcmread(path, defer_size=defer_size)
+            return pydicom.dcmread(source, defer_size=defer_size), content
         except InvalidDicomError:
-            if not _looks_like_dicom_without_preamble(path):
-                raise DicomError(path, "not_dicom", "no DICM preamble") from None
-            return _with_inferred_syntax(pydicom.dcmread(path, defer_size=defer_size, force=True))
+            if content is None:
+                with open(path, "rb") as f:
+                    start = f.read(4)
+            else:
+                start = content[:4]
+                source.seek(0)
+            if not _looks_like_dicom_without_preamble(start):
+                raise DicomError(path, "not_dicom", gzipped + "no DICM preamble") from None
+            ds = pydicom.dcmread(source, defer_size=defer_size, force=True)
+            return _with_inferred_syntax(ds), content
     except DicomError:
         raise
     except PermissionError as err:
@@ -225,13 +259,14 @@ def _rescale(path: str, ds: Dataset, frame: int) -> tuple[float, float]:
     return rescale[0], rescale[1]
 
 
-def _check_pixels(path: str, ds: Dataset) -> tuple[int, str]:
+def _check_pixels(path: str, ds: Dataset, content: bytes | None) -> tuple[int, str]:
     """(number of frames, a note or ""); raises if the pixel data is absent, truncated or
-    undecodable here."""
+    undecodable here. content: the decompressed bytes of a gzip-compressed file."""
     if _PIXEL_TAG not in ds._dict:
         # pydicom drops an element cut off by the end of the file: look for its tag.
-        with open(path, "rb") as f:
-            content = f.read()
+        if content is None:
+            with open(path, "rb") as f:
+                content = f.read()
         cut_off = any(tag in content for tag in _PIXEL_TAG_BYTES)
         raise DicomError(path, "truncated" if cut_off else "no_pixel_data",
                          "pixel data cut off by the end of the file" if cut_off else "")
@@ -257,7 +292,8 @@ def _check_pixels(path: str, ds: Dataset) -> tuple[int, str]:
         raise DicomError(path, "no_pixel_data", "empty PixelData element")
     if length is not None and length != _UNDEFINED_LENGTH and value_tell is not None:
         # In a deflated file the offset counts the inflated stream, not the file's bytes.
-        if syntax != _DEFLATED and value_tell + length > os.path.getsize(path):
+        size = os.path.getsize(path) if content is None else len(content)
+        if syntax != _DEFLATED and value_tell + length > size:
             raise DicomError(path, "truncated", "pixel data runs past the end of the file")
         expected = rows * columns * frames * bits // 8
         if syntax in _NATIVE_SYNTAXES and length < expected:
@@ -278,20 +314,19 @@ def _check_pixels(path: str, ds: Dataset) -> tuple[int, str]:
 
 def read_instance_header(path: str) -> InstanceHeader:
     """The header of one DICOM file, checked for usable pixels; raises DicomError."""
-    ds = _open(path)
+    ds, content = _open(path)
     try:
         sop_class = str(ds.get("SOPClassUID", "") or getattr(
             getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", "") or "")
         kind = _non_image_kind(sop_class)
-        if kind:
-            raise DicomError(path, "non_image", kind)
+        if kind:  # named by its SOP class, which a user can look up (a prefix covers many)
+            raise DicomError(path, "non_image", _sop_class_name(sop_class, kind))
         modality = _text(ds, "Modality").upper()
         if modality and modality not in ACCEPTED_MODALITIES:
             raise DicomError(path, "not_mr", f"Modality {modality}")
         if sop_class.startswith(_IMAGE_STORAGE) and sop_class not in _MR_STORAGE:
-            name = getattr(pydicom.uid.UID(sop_class), "name", sop_class)
-            raise DicomError(path, "not_mr", f"SOP class {name}")
-        frames, note = _check_pixels(path, ds)
+            raise DicomError(path, "not_mr", f"SOP class {_sop_class_name(sop_class)}")
+        frames, note = _check_pixels(path, ds, content)
         series_uid = _text(ds, "SeriesInstanceUID")
         if not series_uid:
             raise DicomError(path, "malformed", "no SeriesInstanceUID")
@@ -338,21 +373,23 @@ def _quiet_pydicom():
 
 def read_frame(path: str, frame: int = 0) -> np.ndarray:
     """One frame as float32 intensities [rows, columns]; raises DicomError."""
-    ds = _open(path)  # the same opener as the header stage; pixels stay on disk until asked for
+    ds, content = _open(path)  # the same opener as the header stage; pixels stay on disk until asked for
     with _quiet_pydicom():
         try:
-            return _decode_frame(path, ds, frame)
+            return _decode_frame(path, ds, frame, from_disk=content is None)
         except DicomError:
             raise
         except Exception as err:  # a value the header stage did not need (or a changed file)
             raise _malformed(path, err) from None
 
 
-def _decode_frame(path: str, ds: Dataset, frame: int) -> np.ndarray:
+def _decode_frame(path: str, ds: Dataset, frame: int, from_disk: bool = True) -> np.ndarray:
     frames = _frame_count(path, ds)
     try:
         if frames == 1:
             stored = ds.pixel_array
+        elif not from_disk:  # decompressed into memory: the dataset holds the pixels
+            stored = pixel_array(ds, index=frame)
         else:
             try:  # from the path, pydicom reads (and decodes) this frame only
                 stored = pixel_array(path, index=frame)

@@ -200,3 +200,46 @@ def test_real_non_mr_files_are_skipped_by_modality_or_sop_class():
         with pytest.raises(DicomError) as err:
             read_instance_header(os.path.join(root, name))
         assert err.value.reason == "not_mr" and detail in err.value.detail, name
+
+
+def test_raw_data_storage_is_skipped_naming_its_sop_class(tmp_path):
+    # Philips exports keep their raw k-space as Raw Data Storage objects beside the images.
+    ds = _instance(**prep_series.SIEMENS)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = pydicom.uid.RawDataStorage
+    path = str(tmp_path / "raw.dcm")
+    ds.save_as(path, enforce_file_format=True)
+    with pytest.raises(DicomError) as err:
+        read_instance_header(path)
+    assert err.value.reason == "non_image"
+    assert "Raw Data Storage (1.2.840.10008.5.1.4.1.1.66)" in err.value.detail
+
+
+def test_gzip_compressed_files_are_read_in_discovery_and_decoding(tmp_path):
+    import gzip
+    from pydicom.data import get_testdata_file
+    from iap_jax.series import discover
+
+    # A classic slice and an Enhanced MR multi-frame file, each gzip-compressed (.dcm.gz).
+    classic = str(tmp_path / "plain" / "slice.dcm")
+    os.makedirs(os.path.dirname(classic))
+    _instance(**prep_series.SIEMENS).save_as(classic, enforce_file_format=True)
+    enhanced = get_testdata_file("emri_small.dcm")
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    for source, name in ((classic, "slice.dcm.gz"), (enhanced, "enhanced.dcm.gz")):
+        (archive / name).write_bytes(gzip.compress(open(source, "rb").read()))
+        header = read_instance_header(str(archive / name))
+        assert header.frames == read_instance_header(source).frames
+        for frame in (0, len(header.frames) - 1):
+            np.testing.assert_array_equal(read_frame(str(archive / name), frame),
+                                          read_frame(source, frame))
+    # What cannot be used says that it was gzip-compressed.
+    whole = gzip.compress(open(classic, "rb").read())
+    (archive / "cut.dcm.gz").write_bytes(whole[:len(whole) // 2])
+    (archive / "notes.txt.gz").write_bytes(gzip.compress(b"exported by PACS\n"))
+    found = discover(str(archive), progress=False)
+    assert sorted(f for s in found.series for f in s.files) == ["enhanced.dcm.gz", "slice.dcm.gz"]
+    skips = {s.path: s for s in found.skips}
+    assert set(skips) == {"cut.dcm.gz", "notes.txt.gz"}
+    assert all("gzip-compressed" in s.detail for s in skips.values())
+    assert skips["notes.txt.gz"].reason == "not_dicom"
