@@ -1,13 +1,15 @@
 """Robust reading of DICOM files: header IAPs and geometry first, pixels on demand.
 
-Headers are read without pixel data (so an archive can be scanned quickly), checked for
-what would make the pixels unusable (no pixel data, truncated, no decoder), and summarised
+Headers are read without pixel data (so an archive can be scanned quickly; a gzip-compressed
+file is decompressed in memory first), checked for what would make the pixels unusable (no
+pixel data, truncated, no decoder, a rescale or frame count that is no number), and summarised
 into a small picklable `InstanceHeader`. Pixels are decoded one frame at a time into
 float32 intensities: Rescale Slope/Intercept applied (also from Enhanced MR functional
 groups), MONOCHROME1 inverted so that brighter always means more signal.
 
 Every failure is a `DicomError` whose `reason` is a short stable code (for skip reports)
-and whose message names the file.
+and whose message names the file: a malformed value never escapes as another exception, so
+one file cannot stop a run.
 """
 from __future__ import annotations
 

@@ -5,8 +5,8 @@ the predictor on DICOM folders.
 Discovery: headers are read without pixels, in parallel. Instances are grouped by SeriesInstanceUID
 (and TemporalPositionIdentifier, for vendors that keep all DCE phases in one series), never
 by folder; slices are ordered along the slice normal. Files that cannot be used are
-skipped with a reason: unreadable, not DICOM, non-image objects, duplicate
-SOPInstanceUIDs, sizes that differ from the rest of their series.
+skipped with a reason: unreadable, not DICOM, non-image objects, malformed values,
+duplicate SOPInstanceUIDs, sizes that differ from the rest of their series.
 
 A series without PatientID is given to the patient named by (PatientName,
 PatientBirthDate), else to its study, so that one patient's studies stay together where
