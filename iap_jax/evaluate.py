@@ -83,6 +83,26 @@ def slice_patients(table) -> np.ndarray:
     return np.unique(np.asarray(patients, dtype=object).astype(str), return_inverse=True)[1]
 
 
+def out_of_domain_series(table, series_rows) -> int | None:
+    """How many series the predictor marked out of the model's domain (None: predicted
+    without an out-of-distribution model, so nobody checked)."""
+    if "out_of_domain" not in table.column_names:
+        return None
+    outside = table.column("out_of_domain").to_pylist()
+    return sum(bool(outside[rows[0]]) for rows in series_rows)
+
+
+def domain_note(metrics: dict) -> str:
+    """The report's line on the model's domain."""
+    outside = metrics.get("out_of_domain_series")
+    if outside is None:
+        return ("Not checked: these predictions were made without an out-of-distribution model "
+                "(iap-ood), so a series outside the model's domain is not marked")
+    return (f"{outside} of {metrics['series']} series are outside the model's domain (column "
+            f"out_of_domain): their predictions are not to be trusted however confident they "
+            f"read, they got no header QA, and the numbers above include them")
+
+
 def _by_group(values: np.ndarray, groups: np.ndarray, count: int) -> np.ndarray:
     return np.bincount(groups, weights=np.asarray(values, np.float64), minlength=count)
 
@@ -111,6 +131,7 @@ def evaluate(pred_dir: str, resamples: int = 1000, seed: int = 0) -> dict[str, A
                               "calibrators": {k: c.to_json() for k, c in calibrators.items()},
                               "slices": table.num_rows, "series": len(series_keys),
                               "patients": num_patients, "bootstrap_resamples": resamples,
+                              "out_of_domain_series": out_of_domain_series(table, series_rows),
                               "heads": {}, "_plots": {}, "_encoding": encoding}
 
     def interval(values, groups, mask):
@@ -379,6 +400,7 @@ def write_report(metrics: dict, out_dir: str, pred_dir: str | None = None) -> di
     md = [f"# {title}", "", notes, "", "## Categorical IAPs", "", _markdown_table(cat_header, cat), "",
           calibration_note, "",
           "## Continuous IAPs", "", _markdown_table(cont_header, cont), "",
+          "## Model's domain", "", domain_note(metrics) + ".", "",
           "## Header QA", "", qa_note + ".", ""]
     if qa_rows:
         md += [_markdown_table(qa_header, qa_rows), ""]
@@ -412,6 +434,7 @@ figure.qa{{width:170px;margin:4px;font-size:11px}} figure.qa img{{width:160px}}<
 </head><body><h1>{html.escape(title)}</h1><p>{html.escape(notes)}</p>
 <h2>Categorical IAPs</h2>{html_table(cat_header, cat)}<p>{html.escape(calibration_note)}</p>
 <h2>Continuous IAPs</h2>{html_table(cont_header, cont)}
+<h2>Model's domain</h2><p>{html.escape(domain_note(metrics), quote=False)}.</p>
 {qa_section}{sections}</body></html>"""
     write_text_atomic(os.path.join(out_dir, "report.html"), page)
     public = {k: v for k, v in metrics.items() if not k.startswith("_")}
@@ -575,6 +598,8 @@ def main(argv=None) -> int:
             flagged = flagged_series(args.predictions)
             if flagged:
                 print(f"header QA: {len(flagged)} series flagged (listed in the report)")
+            if metrics["out_of_domain_series"]:
+                print(domain_note(metrics))
             cat_header, cat, cont_header, cont = main_table_rows(metrics)
             print(_markdown_table(cat_header, cat) + "\n\n" + _markdown_table(cont_header, cont))
             print("report: " + ", ".join(files.values()))

@@ -6,8 +6,9 @@ diagonal so that it inverts with few examples). A slice's score is its smallest 
 distance to a known scanner; a series' score is the median of its slices'. The threshold is
 the 95th percentile of the validation split's slice scores, so about 5% of known-domain
 slices score above it. Stored beside the calibration in the training workdir (OOD_FILE), for
-the checkpoint step it was fitted for; iap-predict adds `ood_score` to both tables and
-`unknown` to series.parquet when it is present.
+the checkpoint step it was fitted for; iap-predict adds `ood_score` and `out_of_domain` to
+both tables when it is present (the decision made once, in predictions.series_table), and
+gives out-of-domain series no header-QA flags.
 
   python -m iap_jax.ood --workdir TRAIN_WORKDIR [--dataset-dir D] [--step best]   (or iap-ood)
 """

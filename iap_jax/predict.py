@@ -13,7 +13,7 @@ part files; process 0 writes the merged tables and the report.
 
 When the workdir holds a calibration (iap-eval --fit-calibration: a calibrator per
 categorical head, header-QA thresholds) or an out-of-distribution model (iap-ood) fitted for
-the step, they are applied (probabilities, qa_flags, ood_score and unknown) and recorded;
+the step, they are applied (probabilities, qa_flags, ood_score and out_of_domain) and recorded;
 --no-calibration skips both.
 
 Output (OUT_DIR): slices.parquet, series.parquet (iap_jax.predictions), predict_report.json
@@ -456,6 +456,7 @@ def predict(args) -> dict:
     series = predictions.series_table(slices_path, predictor.encoding, metadata, calibrators, qa,
                                       ood.threshold if ood else None)
     predictions.write_parquet_atomic(series, series_path)
+    predictions.mark_out_of_domain_slices(slices_path, series)
     if args.csv:
         predictions.write_csv(predictions.read_table(slices_path), os.path.join(out_dir, "slices.csv"))
         predictions.write_csv(series, os.path.join(out_dir, "series.csv"))
@@ -475,6 +476,8 @@ def predict(args) -> dict:
         "input": {"spec": args.input, "kind": source.kind, "split": args.split,
                   "salt": salt_info.get("source"), **source.notes},
         "counts": {"units": len(units), "slices": rows, "series": series.num_rows,
+                   "out_of_domain_series": (sum(series.column("out_of_domain").to_pylist())
+                                            if "out_of_domain" in series.column_names else None),
                    "skipped_inputs": len(skipped),
                    "skipped_slices": sum(int(s.get("slices", 1)) for s in skipped)},
         "skipped_by_reason": _count_reasons(skipped),
@@ -549,6 +552,9 @@ def main(argv=None) -> int:
                                       os.path.join(args.out, "series.parquet"))
     if table:
         print(table)
+    if counts.get("out_of_domain_series"):
+        print(f"{counts['out_of_domain_series']} series outside the model's domain "
+              f"(out_of_domain): their predictions are not to be trusted and got no header QA")
     print(f"predictions: {os.path.join(args.out, 'slices.parquet')}, "
           f"{os.path.join(args.out, 'series.parquet')}\nreport:      "
           f"{os.path.join(args.out, REPORT_FILE)}")

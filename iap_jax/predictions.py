@@ -11,7 +11,9 @@ slices.parquet, one row per slice:
   with headers:      <IAP>_header (the header's canonical value; "<absent>" / "<empty>" for
                      an IAP whose missing value is a class; null where missing or invalid)
 With an out-of-distribution model (iap_jax.ood) for the step: ood_score per slice, and per
-series its median and `unknown` (above the threshold).
+series its median and `out_of_domain` (the median above the model's threshold: the series'
+predictions are outside the model's domain and not to be trusted, however confident their
+probabilities read); slices.parquet carries its series' `out_of_domain` too.
 series.parquet, one row per series (series_key, patient, phase, num_slices, then per IAP):
   categorical:       <IAP> (argmax of the mean of slice probabilities), <IAP>_prob (that
                      mean), <IAP>_agreement (share of slices whose top-1 is the series answer)
@@ -20,6 +22,8 @@ series.parquet, one row per series (series_key, patient, phase, num_slices, then
                      that chose QA thresholds: qa_flags (the IAPs whose header a prediction is
                      confident is wrong: 1 - P(header's class) at least the IAP's threshold;
                      "missing_header:<IAP>" where a confident prediction fills a missing header)
+                     and qa_note (null where QA was applied; why not where it was not: a series
+                     out of the model's domain gets no flags)
 The schema metadata records the checkpoint, its step, the label encoding (vocabularies), the
 pixel spec and the calibration applied (null for none).
 
@@ -278,6 +282,9 @@ def header_probability(head, mean: np.ndarray, header) -> float | None:
     return None if target is None else float(mean[head.classes.index(target)])
 
 
+OUT_OF_DOMAIN_NOTE = "not applied: the series is outside the model's domain"
+
+
 def series_table(slices_path: str, encoding: LabelEncoding,
                  metadata: Mapping[str, Any] | None = None,
                  calibrators: Mapping[str, calibration_lib.HeadCalibration] | None = None,
@@ -296,11 +303,14 @@ def series_table(slices_path: str, encoding: LabelEncoding,
     columns["num_slices"] = [len(g) for g in groups]
     fields = _key_fields()[:1] + [pa.field("patient", pa.string()), pa.field("phase", pa.int32()),
                                   pa.field("num_slices", pa.int32())]
+    outside = [False] * len(groups)
     if "ood_score" in table.column_names and ood_threshold is not None:
         slice_scores = table.column("ood_score").to_numpy()
         columns["ood_score"] = [float(np.median(slice_scores[g])) for g in groups]
-        columns["unknown"] = [s > ood_threshold for s in columns["ood_score"]]
-        fields += [pa.field("ood_score", pa.float32()), pa.field("unknown", pa.bool_())]
+        # The one out-of-domain decision: the slices table, iap-sort and iap-eval read this
+        # column rather than deciding again.
+        outside = columns["out_of_domain"] = [s > ood_threshold for s in columns["ood_score"]]
+        fields += [pa.field("ood_score", pa.float32()), pa.field("out_of_domain", pa.bool_())]
     flags: list[list[str]] = [[] for _ in groups]
     for head in encoding.heads:
         if head.categorical:
@@ -333,10 +343,26 @@ def series_table(slices_path: str, encoding: LabelEncoding,
                     flags[i] += qa_flags(head, prob, header, header_probability(head, means[i], header),
                                          qa_thresholds[head.name])
     if has_headers and qa_thresholds:
-        columns["qa_flags"] = flags
-        fields.append(pa.field("qa_flags", pa.list_(pa.string())))
+        # Out of its domain the model's confidence means nothing (real archives: a Toshiba
+        # series read as GE at 0.99999), so a header it contradicts is no evidence of an error.
+        columns["qa_flags"] = [[] if out else f for f, out in zip(flags, outside)]
+        columns["qa_note"] = [OUT_OF_DOMAIN_NOTE if out else None for out in outside]
+        fields += [pa.field("qa_flags", pa.list_(pa.string())), pa.field("qa_note", pa.string())]
     schema = pa.schema(fields, metadata=_encode_metadata(metadata))
     return pa.table({f.name: pa.array(columns[f.name], type=f.type) for f in schema}, schema=schema)
+
+
+def mark_out_of_domain_slices(slices_path: str, series: pa.Table) -> None:
+    """Adds to the slices table its series' `out_of_domain` (from series_table), so that a
+    reader of the slices alone sees it too; nothing without an out-of-distribution model."""
+    if "out_of_domain" not in series.column_names:
+        return
+    table = read_table(slices_path)
+    outside = dict(zip(series.column("series_key").to_pylist(),
+                       series.column("out_of_domain").to_pylist()))
+    column = pa.array([outside[k] for k in table.column("series_key").to_pylist()], pa.bool_())
+    write_parquet_atomic(table.append_column(pa.field("out_of_domain", pa.bool_()), column),
+                         slices_path)
 
 
 def target_class(head, header) -> str | None:

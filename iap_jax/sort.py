@@ -61,7 +61,9 @@ def _matches(condition: Any, value: Any) -> bool:
 
 def assign(series: dict, rules: dict, min_confidence: float) -> tuple[str, str, float, str]:
     """(domain, model, confidence, reason) of one series row."""
-    if series.get("unknown"):
+    # The predictor decided it (predictions.series_table); tables written before the column
+    # was named out_of_domain call it `unknown`.
+    if series.get("out_of_domain", series.get("unknown")):
         return UNKNOWN, "", math.nan, f"out of distribution (score {series['ood_score']:.1f})"
     def confidence_of(names):
         probs = [series.get(f"{n}_prob") for n in names]

@@ -246,10 +246,99 @@ def test_fitted_ood_model_marks_series_and_sorting_sends_them_to_unknown(calibra
     slices = pq.read_table(tmp_path / "pred" / "slices.parquet")
     assert np.all(np.isfinite(slices.column("ood_score").to_numpy()))
     for s in series:
-        assert s["unknown"] == (s["ood_score"] > data["threshold"])
+        assert s["out_of_domain"] == (s["ood_score"] > data["threshold"])
     manifest = tmp_path / "manifest.csv"
     sort.sort_series(str(tmp_path / "pred"), None, str(manifest), 0.0)
     rows = {r["series_key"]: r for r in csv.DictReader(open(manifest))}
     for s in series:
-        assert (rows[s["series_key"]]["domain"] == "unknown") == s["unknown"]
+        assert (rows[s["series_key"]]["domain"] == "unknown") == s["out_of_domain"]
     os.remove(os.path.join(run.workdir, ood.OOD_FILE))  # the other tests' run stays as it was
+
+
+def test_series_table_gives_out_of_domain_series_no_header_qa(tmp_path):
+    """Issue 18 item 7, the rule on its own: two series whose header contradicts an equally
+    confident prediction; only the in-domain one is flagged, the other is marked out of the
+    model's domain, on its slices too, and says why it was not checked."""
+    head = HeadEncoding("Manufacturer", "categorical", classes=("GE", "SIEMENS", "<other>"))
+    encoding = LabelEncoding((head,))
+    logits = [[8.0, 0.0, 0.0]] * 4  # GE, near-certain
+    slices = pa.table({"series_key": ["far", "far", "near", "near"], "slice_index": [0, 1, 0, 1],
+                       "patient": ["p"] * 4, "phase": [0] * 4, "source": ["x"] * 4,
+                       "ood_score": pa.array([90.0, 80.0, 1.0, 2.0], pa.float32()),
+                       "Manufacturer": ["GE"] * 4, "Manufacturer_logits": logits,
+                       "Manufacturer_header": ["SIEMENS"] * 4})
+    path = str(tmp_path / "slices.parquet")
+    pq.write_table(slices, path)
+    series = predictions.series_table(path, encoding, qa_thresholds={"Manufacturer": 0.9},
+                                      ood_threshold=10.0)
+    rows = {r["series_key"]: r for r in series.to_pylist()}
+    assert rows["near"]["qa_flags"] == ["Manufacturer"] and not rows["near"]["out_of_domain"]
+    assert rows["near"]["qa_note"] is None
+    assert rows["far"]["qa_flags"] == [] and rows["far"]["out_of_domain"]
+    assert "outside the model's domain" in rows["far"]["qa_note"]
+    predictions.mark_out_of_domain_slices(path, series)
+    marked = pq.read_table(path)
+    assert marked.column("out_of_domain").to_pylist() == [True, True, False, False]
+
+
+def _noise_and_swapped_manufacturer(dicom_root: str, out: str, noisy: int) -> set[str]:
+    """A copy of a DICOM folder whose every file names the other manufacturer (GE <->
+    Siemens, a contradiction the calibrated model flags in its own domain) and whose first
+    `noisy` series (by SeriesInstanceUID) hold uniform noise: no scanner's images."""
+    import pydicom
+
+    files = sorted(os.path.join(d, n) for d, _, names in os.walk(dicom_root) for n in names
+                   if n.endswith(".dcm"))
+    uids = sorted({str(pydicom.dcmread(f, stop_before_pixels=True).SeriesInstanceUID) for f in files})
+    noise_uids = set(uids[:noisy])
+    rng = np.random.default_rng(18)
+    for path in files:
+        ds = pydicom.dcmread(path)
+        ds.Manufacturer = "SIEMENS" if ds.Manufacturer.startswith("GE") else "GE MEDICAL SYSTEMS"
+        if str(ds.SeriesInstanceUID) in noise_uids:
+            pixels = ds.pixel_array
+            ds.PixelData = rng.integers(0, 4000, pixels.shape).astype(pixels.dtype).tobytes()
+        target = os.path.join(out, os.path.relpath(path, dicom_root))
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        ds.save_as(target)
+    return noise_uids
+
+
+def test_out_of_domain_series_get_no_header_qa_and_the_report_says_so(calibrated_run, tmp_path):
+    """Issue 18 item 7 end to end: noise series with contradicting headers are out of the
+    model's domain, get no QA flags, are marked so in both tables, and the report says how
+    many there are and that their predictions and QA are not to be trusted; in-domain series
+    with the same contradiction are still flagged."""
+    from iap_jax import ood
+
+    run, _, _, _ = calibrated_run
+    workdir = tmp_path / "train"  # its own copy: the OOD model stays out of the other tests
+    shutil.copytree(run.workdir, workdir)
+    ood_run = type(run)(run.dicom_root, run.dataset_dir, str(workdir), run.validation)
+    ood.fit(str(workdir))
+    dicom = str(tmp_path / "dicom")
+    _noise_and_swapped_manufacturer(run.dicom_root, dicom, noisy=6)
+    report = run_predict(ood_run, str(tmp_path / "pred"), "--input", dicom)
+    threshold = report["checkpoint"]["ood"]["threshold"]
+    series = pq.read_table(tmp_path / "pred" / "series.parquet").to_pylist()
+    slices = pq.read_table(tmp_path / "pred" / "slices.parquet").to_pylist()
+    outside = {s["series_key"] for s in series if s["out_of_domain"]}
+    inside = [s for s in series if not s["out_of_domain"]]
+    assert outside and inside, [(s["ood_score"], s["out_of_domain"]) for s in series]
+    for s in series:
+        assert s["out_of_domain"] == (s["ood_score"] > threshold)
+        if s["out_of_domain"]:
+            assert s["qa_flags"] == [] and "outside the model's domain" in s["qa_note"]
+    assert {r["series_key"] for r in slices if r["out_of_domain"]} == outside
+    # In its domain QA still applies (this tiny model is sure of little: a few flags).
+    assert any(s["qa_flags"] for s in inside) and all(s["qa_note"] is None for s in inside)
+    # iap-sort reads the predictor's decision.
+    sort.sort_series(str(tmp_path / "pred"), None, str(tmp_path / "manifest.csv"), 0.0)
+    rows = {r["series_key"]: r for r in csv.DictReader(open(tmp_path / "manifest.csv"))}
+    assert {k for k, r in rows.items() if r["reason"].startswith("out of")} == outside
+    files = evaluate.write_report(evaluate.evaluate(str(tmp_path / "pred"), resamples=20),
+                                  str(tmp_path / "report"), str(tmp_path / "pred"))
+    for name in ("report.md", "report.html"):
+        text = open(files[name]).read()
+        assert f"{len(outside)} of {len(series)} series are outside the model's domain" in text
+    assert json.load(open(files["metrics.json"]))["out_of_domain_series"] == len(outside)
