@@ -11,7 +11,8 @@ patient are not independent); the expected calibration error of every categorica
 before and after the calibration the predictions carry, with its bootstrap interval over
 patients and its noise floor (the ECE a perfectly calibrated model of these confidences
 shows on this many series: calibration.ece_noise_floor); confusion matrices, TE/TR scatter
-plots and reliability diagrams as PNG. Writes report.md (laid out like the paper's results
+plots and reliability diagrams as PNG; how many series the predictor marked out of the
+model's domain (their predictions untrusted, their headers not QA'd). Writes report.md (laid out like the paper's results
 table), report.html (one self-contained page) and metrics.json under REPORT_DIR.
 
 --fit-calibration fits one calibrator per categorical head on these predictions (the
