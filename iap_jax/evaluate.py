@@ -12,8 +12,9 @@ before and after the calibration the predictions carry, with its bootstrap inter
 patients and its noise floor (the ECE a perfectly calibrated model of these confidences
 shows on this many series: calibration.ece_noise_floor); confusion matrices, TE/TR scatter
 plots and reliability diagrams as PNG; how many series the predictor marked out of the
-model's domain (their predictions untrusted, their headers not QA'd). Writes report.md (laid out like the paper's results
-table), report.html (one self-contained page) and metrics.json under REPORT_DIR.
+model's domain (their predictions untrusted, their headers not QA'd). Writes report.md (laid
+out like the paper's results table), report.html (one self-contained page) and metrics.json
+under REPORT_DIR.
 
 --fit-calibration fits one calibrator per categorical head on these predictions (the
 validation split's), its family (temperature, bias-corrected temperature, vector scaling:
