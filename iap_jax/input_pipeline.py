@@ -71,10 +71,6 @@ class InputConfig:
                    cache=bool(config.get("cache", False)))
 
 
-def load_dataset_info(dataset_dir: str) -> DatasetInfo:
-    return DatasetInfo.load(dataset_dir)
-
-
 def dataset_fingerprint(dataset_dir: str, info: DatasetInfo) -> dict:
     """What identifies a prepared dataset: split sizes and a hash of its metadata."""
     digest = hashlib.sha256()
@@ -149,7 +145,7 @@ class RowReader:
                     raise ValueError(f"{path}: record {len(offsets)}: {err}") from err
                 offsets.append(offset)
                 lengths.append(len(item))
-                offset += len(item) + 16  # the header (12 bytes) and the data's checksum (4)
+                offset += len(item) + records.FRAMING_BYTES
                 yield example
         self._index[i] = (np.asarray(offsets, np.int64), np.asarray(lengths, np.int64))
 
@@ -189,7 +185,7 @@ class RowReader:
 
 def split_examples(dataset_dir: str, split: str) -> Iterator[records.DecodedExample]:
     """Every record of a split, decoded (images left as stored), in order."""
-    reader = RowReader(load_dataset_info(dataset_dir), split)
+    reader = RowReader(DatasetInfo.load(dataset_dir), split)
     for i in range(len(reader.files)):
         yield from reader.examples(i)
 
@@ -217,7 +213,7 @@ class SplitReader:
         if cfg.logical_shards < 1 or cfg.logical_shards % process_count:
             raise ValueError(f"input.logical_shards={cfg.logical_shards} must be a positive "
                              f"multiple of the process count ({process_count})")
-        self.info = load_dataset_info(dataset_dir)
+        self.info = DatasetInfo.load(dataset_dir)
         self.split_info = self.info.split(split)
         unknown = {name for name, _ in cfg.exclude} - set(IAP_NAMES)
         if unknown:

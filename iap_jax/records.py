@@ -27,6 +27,8 @@ from iap_jax.iaps import IAP_NAMES
 _HEADER = struct.Struct("<QI")
 _FOOTER = struct.Struct("<I")
 _MASK_DELTA = 0xA282EAD8
+# Bytes a record takes beyond its data: the length, its checksum and the data's checksum.
+FRAMING_BYTES = _HEADER.size + _FOOTER.size
 
 
 def masked_crc32c(data: bytes) -> int:
@@ -86,7 +88,7 @@ def iter_records(f: IO[bytes], path: str) -> Iterator[bytes | CorruptRecordError
                 raise
             yield err
         index += 1
-        offset += _HEADER.size + length + _FOOTER.size
+        offset += length + FRAMING_BYTES
 
 
 def frame(data: bytes) -> bytes:
@@ -107,7 +109,7 @@ def scan_offsets(f: IO[bytes], path: str) -> tuple[np.ndarray, np.ndarray]:
             break
         offsets.append(offset)
         lengths.append(length)
-        offset += _HEADER.size + length + _FOOTER.size
+        offset += length + FRAMING_BYTES
         f.seek(offset)
     size = f.seek(0, os.SEEK_END)
     if offset > size:
@@ -118,16 +120,11 @@ def scan_offsets(f: IO[bytes], path: str) -> tuple[np.ndarray, np.ndarray]:
 
 def read_record_at(f: IO[bytes], path: str, index: int, offset: int, length: int) -> bytes:
     """The checked data of the record of `length` bytes at `offset` of an open file."""
-    if hasattr(f, "fileno"):
-        try:  # local files: one positional read, no shared file position between threads
-            block = os.pread(f.fileno(), _HEADER.size + length + _FOOTER.size, offset)
-        except (OSError, ValueError, AttributeError):
-            block = None
-    else:
-        block = None
-    if block is None:
+    try:  # local files: one positional read, no file position shared between threads
+        block = os.pread(f.fileno(), length + FRAMING_BYTES, offset)
+    except (OSError, ValueError, AttributeError):  # a bucket's file object: no descriptor
         f.seek(offset)
-        block = f.read(_HEADER.size + length + _FOOTER.size)
+        block = f.read(length + FRAMING_BYTES)
     header, data, footer = (block[:_HEADER.size], block[_HEADER.size:_HEADER.size + length],
                             block[_HEADER.size + length:])
     if len(header) < _HEADER.size or _HEADER.unpack(header)[0] != length:

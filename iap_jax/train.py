@@ -35,6 +35,7 @@ from iap_jax import optim
 from iap_jax import plots
 from iap_jax import sharding as sharding_lib
 from iap_jax.augment import augment
+from iap_jax.features import DatasetInfo
 from iap_jax.iaps import IAP_NAMES
 from iap_jax.labels import LabelEncoding
 from iap_jax.models.factory import build_model, describe_convolutions
@@ -214,7 +215,7 @@ def check_dataset(config: ml_collections.ConfigDict) -> None:
     """Raises a one-line error when config.dataset_dir is missing or not a prepared dataset."""
     if not config.dataset_dir:
         raise ValueError("no dataset: pass --config.dataset_dir=<the dataset dir iap-prep printed>")
-    input_pipeline.load_dataset_info(config.dataset_dir)
+    DatasetInfo.load(config.dataset_dir)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
