@@ -34,7 +34,7 @@ def main() -> None:
     import pyarrow.parquet as pq
     from sklearn.metrics import roc_auc_score
 
-    from iap_jax import ood, train
+    from iap_jax import local_paths, ood, train
     from iap_jax.predict import build_parser, predict
     from iap_jax.predictions import series_groups
 
@@ -56,7 +56,8 @@ def main() -> None:
     keys, groups = series_groups(table)
     slice_scores = table.column("ood_score").to_numpy()
     models = table.column("ManufacturerModelName_header").to_pylist()
-    sources = table.column("source").to_pylist()
+    paths = local_paths.read(out)["files"]  # which shard (split) each slice came from
+    sources = [paths[key] for key in table.column("file_key").to_pylist()]
     labels, values = {"slice": [], "series": []}, {"slice": [], "series": []}
     for rows in groups:
         model, in_test = models[rows[0]], "-test." in sources[rows[0]]

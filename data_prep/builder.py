@@ -14,9 +14,10 @@ below, which training copies into its checkpoints) and metadata.json (the same
 statistics, skip counts, the archive fingerprint and the decode skips by salted file
 hash). Nothing in it identifies a patient: identifiers are salted hashes and the salt is
 never written there (iap_jax.salt: --salt, $IAP_PREP_SALT, or <data_dir>/prep_salt).
-<data_dir>/prep_report.json lists every skipped file by its path under the DICOM root: a
-local diagnostic (archive paths often contain patient IDs), kept outside the dataset dir
-so the dataset dir can be shared as is.
+<data_dir>/prep_report.json lists every skipped file by its salted file key, and
+<data_dir>/paths.local.json maps those keys to paths under the DICOM root (personal data:
+archive paths often hold patients' names, IDs and UIDs; `--no-local-paths` leaves it out;
+iap_jax.local_paths). Both stay outside the dataset dir, which can be shared as is.
 
 A rerun into the same data dir reuses the dataset of the same config if the archive's
 fingerprint (relative paths, sizes, mtimes) is unchanged; if the archive changed it
@@ -68,8 +69,10 @@ from etils import epath
 
 from data_prep import report as report_lib
 from data_prep.examples import SliceItem, items_of_line, make_example, series_line
+from data_prep.report import FileSkip
+from iap_jax import local_paths
 from iap_jax.atomic import read_json, write_json_atomic
-from data_prep.splits import SPLIT_NAMES, parse_split, salted_hash, split_of
+from data_prep.splits import SPLIT_NAMES, parse_split, split_of
 from data_prep.stats import compute_stats, write_stats
 from iap_jax.dicom import DicomError
 from data_prep.features import example_features
@@ -77,8 +80,8 @@ from iap_jax.features import DATASET_NAME, IMAGE_ENCODINGS, PREP_OPTIONS_FILE, S
 from iap_jax.preprocess import RESIZE_MODES
 from iap_jax.progress import Progress
 from iap_jax.salt import resolve_salt
-from iap_jax.series import (Discovery, SeriesSelection, Skip, archive_fingerprint, discover,
-                            list_files, parse_slices, select)
+from iap_jax.series import (Discovery, SeriesSelection, archive_fingerprint, discover, list_files,
+                            parse_slices, select)
 from iap_jax.workers import worker_pool
 
 REPORT_FILE = "prep_report.json"
@@ -137,11 +140,19 @@ class WorkPlan:
     rejected: collections.Counter  # why series were left out
     used_files: list[str]  # files of the selected series
     no_patient_id: collections.Counter  # selected series without PatientID, by the key used
-    file_notes: dict[str, str] = dataclasses.field(default_factory=dict)  # used files' notes
+    file_notes: dict[str, str] = dataclasses.field(default_factory=dict)  # used files' notes, by key
+    salt: str = ""
+    paths: dict[str, str] = dataclasses.field(default_factory=dict)  # file key -> relative path
+
+    def key(self, relative: str) -> str:
+        """The salted key of a file under the DICOM root, remembered for paths.local.json."""
+        key = local_paths.file_key(self.salt, relative)
+        self.paths[key] = relative
+        return key
 
     @property
     def slices_per_file(self) -> collections.Counter:
-        return collections.Counter(i.relative_path for items in self.items.values() for i in items)
+        return collections.Counter(i.file_key for items in self.items.values() for i in items)
 
     def notes(self) -> dict[str, Any]:
         notes: dict[str, Any] = {}
@@ -158,11 +169,12 @@ def _work_plan(discovery: Discovery, config: IapDatasetConfig, dicom_root: str, 
     kept, rejected = select(discovery, SeriesSelection(config.series_filter, config.phases),
                             config.slices, salt)
     plan = WorkPlan({name: [] for name in SPLIT_NAMES}, collections.Counter(rejected), [],
-                    collections.Counter())
+                    collections.Counter(), salt=salt)
     for chosen in kept:
         series = chosen.series
         plan.used_files.extend(series.files)
-        plan.file_notes.update({f: discovery.notes[f] for f in series.files if f in discovery.notes})
+        plan.file_notes.update({plan.key(f): discovery.notes[f] for f in series.files
+                                if f in discovery.notes})
         if series.patient_key_source != "patient_id":
             plan.no_patient_id[series.patient_key_source] += 1
         split = split_of(series.patient_id, salt, fractions)
@@ -171,7 +183,7 @@ def _work_plan(discovery: Discovery, config: IapDatasetConfig, dicom_root: str, 
             ref = series.slices[index]
             plan.items[split].append(SliceItem(
                 key=f"{chosen.series_hash}_{index:05d}", path=ref.path,
-                relative_path=os.path.relpath(ref.path, dicom_root), frame=ref.frame,
+                file_key=plan.key(os.path.relpath(ref.path, dicom_root)), frame=ref.frame,
                 patient=chosen.patient_hash, series=chosen.series_hash, phase=chosen.phase,
                 slice_index=index, num_slices=num_slices, iaps=ref.iaps))
     return plan
@@ -208,17 +220,21 @@ def _beam_examples(item: SliceItem, image_size: int, resize_mode: str) -> Iterat
     key, result = make_example(item, image_size, resize_mode)
     if isinstance(result, DicomError):
         beam.metrics.Metrics.counter("iap_prep", f"skipped_{result.reason}").inc()
-        yield beam.pvalue.TaggedOutput(SKIP_TAG, dataclasses.asdict(
-            Skip(item.relative_path, result.reason, result.detail)))
+        yield beam.pvalue.TaggedOutput(SKIP_TAG, dataclasses.asdict(_decode_skip(item, result)))
         return
     yield key, result
 
 
-def _hashed_skips(skips: Sequence[Skip], salt: str) -> list[dict[str, Any]]:
-    """Decode skips without their paths (which may name patients): file hash, reason, count."""
-    counts = collections.Counter((s.path, s.reason) for s in skips)
-    return sorted(({"file": salted_hash(salt, "file", path), "reason": reason, "slices": n}
-                   for (path, reason), n in counts.items()), key=lambda s: (s["file"], s["reason"]))
+def _decode_skip(item: SliceItem, err: DicomError) -> FileSkip:
+    """A slice whose pixels failed, by its file's key (the detail without the file's path)."""
+    return FileSkip(item.file_key, err.reason, local_paths.scrub(err.detail, item.path))
+
+
+def _counted_skips(skips: Sequence[FileSkip]) -> list[dict[str, Any]]:
+    """Decode skips for the dataset's metadata: file key, reason, count (no detail)."""
+    counts = collections.Counter((s.file, s.reason) for s in skips)
+    return sorted(({"file": file, "reason": reason, "slices": n}
+                   for (file, reason), n in counts.items()), key=lambda s: (s["file"], s["reason"]))
 
 
 def remove_incomplete_dirs(dataset_dir) -> list[str]:
@@ -251,17 +267,19 @@ class IapDataset(tfds.core.GeneratorBasedBuilder):
         "Duke-Breast-Cancer-MRI download from TCIA or the output of `iap-synth`.")
 
     def __init__(self, *, workers: int = 1, progress: bool = True, salt: str | None = None,
-                 overwrite: bool = False, **kwargs):
+                 overwrite: bool = False, write_local_paths: bool = True, **kwargs):
         self._workers = max(1, int(workers))
         self._progress = progress
         self._given_salt = salt
         self._salt: str | None = None
         self._overwrite = overwrite
+        self._write_local_paths = write_local_paths
+        self._dicom_root: str | None = None
         self._use_beam = False
         self._report: dict[str, Any] | None = None
         self._plan: WorkPlan | None = None
         self._fingerprint: str | None = None
-        self._decode_skips: list[Skip] = []
+        self._decode_skips: list[FileSkip] = []
         super().__init__(**kwargs)
         assert DATASET_NAME == self.name, (DATASET_NAME, self.name)
 
@@ -281,7 +299,13 @@ class IapDataset(tfds.core.GeneratorBasedBuilder):
 
     def _plan_work(self, dicom_root: str) -> tuple[Discovery, WorkPlan]:
         found = discover(dicom_root, self._workers, progress=self._progress)
+        self._dicom_root = dicom_root
         return found, _work_plan(found, self.builder_config, dicom_root, self._resolve_salt())
+
+    def _new_report(self, found: Discovery, plan: WorkPlan) -> dict[str, Any]:
+        return report_lib.new_report(found, report_lib.discovery_skips(found, plan.key), plan.rejected,
+                                     plan.used_files, plan.items, self.builder_config.name,
+                                     plan.notes())
 
     # --- generation ---------------------------------------------------------------
 
@@ -292,8 +316,7 @@ class IapDataset(tfds.core.GeneratorBasedBuilder):
         found, self._plan = self._plan_work(dicom_root)
         self._fingerprint = found.fingerprint
         items = self._plan.items
-        self._report = report_lib.new_report(found, self._plan.rejected, self._plan.used_files,
-                                             items, config.name, self._plan.notes())
+        self._report = self._new_report(found, self._plan)
         self._write_report()
         empty = [name for name in SPLIT_NAMES if not items[name]]
         if len(empty) == len(SPLIT_NAMES):
@@ -347,32 +370,32 @@ class IapDataset(tfds.core.GeneratorBasedBuilder):
         """The work-items files of a Beam run (write_work_items), removed when it ends."""
         return epath.Path(self._data_dir_root) / f".beam_work.{self.builder_config.name}"
 
-    def _collect_beam_skips(self) -> list[Skip]:
+    def _collect_beam_skips(self) -> list[FileSkip]:
         folder = self._beam_skips_dir()
         if not folder.exists():
             return []
-        skips = [Skip(**json.loads(line)) for path in sorted(folder.glob("*.jsonl"))
+        skips = [FileSkip(**json.loads(line)) for path in sorted(folder.glob("*.jsonl"))
                  for line in path.read_text().splitlines() if line.strip()]
         folder.rmtree()
         return skips
 
     def _generate_locally(self, items: Sequence[SliceItem], make) -> Iterator[tuple[str, Any]]:
         meter = Progress("slices", len(items), unit="slices") if self._progress else None
-        paths = {item.key: item.relative_path for item in items}
+        by_key = {item.key: item for item in items}
         if self._workers > 1 and len(items) > 1:
             with worker_pool(self._workers) as pool:
-                yield from self._collect(pool.imap(make, items, chunksize=4), paths, meter)
+                yield from self._collect(pool.imap(make, items, chunksize=4), by_key, meter)
         else:
-            yield from self._collect(map(make, items), paths, meter)
+            yield from self._collect(map(make, items), by_key, meter)
         if meter:
             meter.close()
 
-    def _collect(self, results, paths, meter):
+    def _collect(self, results, by_key, meter):
         for key, result in results:
             if meter:
                 meter.advance()
             if isinstance(result, DicomError):
-                self._decode_skips.append(Skip(paths[key], result.reason, result.detail))
+                self._decode_skips.append(_decode_skip(by_key[key], result))
                 continue
             yield key, result
 
@@ -388,7 +411,7 @@ class IapDataset(tfds.core.GeneratorBasedBuilder):
         report_lib.finish_report(self._report, skips, self._plan.slices_per_file)
         self._write_report()
         self.info.metadata.update({"archive_fingerprint": self._fingerprint,
-                                   "decode_skips": _hashed_skips(skips, self._resolve_salt())})
+                                   "decode_skips": _counted_skips(skips)})
 
     # --- before: an existing dataset; after the shards: statistics, metadata, report --------
 
@@ -455,15 +478,13 @@ class IapDataset(tfds.core.GeneratorBasedBuilder):
     def _rebuild_report(self, dicom_root: str) -> None:
         """The report of the run that wrote the dataset: discovery again, and the decode skips
         from the metadata (file hashes matched against the selected files)."""
-        found, plan = self._plan_work(dicom_root)
-        salt = self._resolve_salt()
-        by_hash = {salted_hash(salt, "file", path): path for path in plan.slices_per_file}
-        skips = [Skip(by_hash[entry["file"]], entry["reason"], "found by the run that wrote the dataset")
-                 for entry in self.info.metadata.get("decode_skips", []) if entry["file"] in by_hash
+        found, self._plan = self._plan_work(dicom_root)
+        per_file = self._plan.slices_per_file
+        skips = [FileSkip(entry["file"], entry["reason"], "found by the run that wrote the dataset")
+                 for entry in self.info.metadata.get("decode_skips", []) if entry["file"] in per_file
                  for _ in range(entry["slices"])]
-        self._report = report_lib.new_report(found, plan.rejected, plan.used_files, plan.items,
-                                             self.builder_config.name, plan.notes())
-        report_lib.finish_report(self._report, skips, plan.slices_per_file)
+        self._report = self._new_report(found, self._plan)
+        report_lib.finish_report(self._report, skips, per_file)
         self._write_report()
 
     def compute_stats(self) -> dict[str, Any]:
@@ -477,7 +498,11 @@ class IapDataset(tfds.core.GeneratorBasedBuilder):
         return epath.Path(self._data_dir_root) / REPORT_FILE
 
     def _write_report(self) -> None:
+        """The report, and paths.local.json for the files it names (unless disabled)."""
         self._report_path().parent.mkdir(parents=True, exist_ok=True)
+        if self._write_local_paths and self._plan is not None:
+            local_paths.write(os.fspath(self._data_dir_root), os.path.abspath(self._dicom_root),
+                              report_lib.named_files(self._report, self._plan.paths))
         write_json_atomic(self._report_path(), self._report)
 
     def _load_report(self) -> dict[str, Any] | None:
@@ -491,11 +516,12 @@ def prepare(dicom_root: str, data_dir: str, *, series_filter: str | None = None,
             split: str | Sequence[float] = (0.7, 0.15, 0.15), salt: str | None = None,
             workers: int = 1, resize: str = "resize", image_encoding: str = "zlib",
             beam_runner: Any = None,
-            beam_options: Any = None, overwrite: bool = False, progress: bool = True) -> str:
+            beam_options: Any = None, overwrite: bool = False, progress: bool = True,
+            write_local_paths: bool = True) -> str:
     """DICOM archive -> TFDS dataset; returns the dataset dir (for tfds.builder_from_directory).
     salt None: $IAP_PREP_SALT, else the data dir's kept salt (iap_jax.salt). beam_runner or
     beam_options (apache_beam PipelineOptions, e.g. the DirectRunner's direct_num_workers)
-    prepare with Beam."""
+    prepare with Beam. write_local_paths False: no <data_dir>/paths.local.json."""
     if not os.path.isdir(dicom_root):
         raise FileNotFoundError(f"{dicom_root}: DICOM root is not a directory")
     config = make_config(series_filter=series_filter, phases=phases, image_size=image_size,
@@ -504,7 +530,7 @@ def prepare(dicom_root: str, data_dir: str, *, series_filter: str | None = None,
     predefined = {c.name for c in IapDataset.BUILDER_CONFIGS}
     builder = IapDataset(config=config.name if config.name in predefined else config,
                          data_dir=data_dir, workers=workers, progress=progress, salt=salt,
-                         overwrite=overwrite)
+                         overwrite=overwrite, write_local_paths=write_local_paths)
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
         manual_dir=dicom_root, beam_runner=beam_runner, beam_options=beam_options))
     return os.fspath(builder.data_dir)

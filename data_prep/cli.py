@@ -3,7 +3,7 @@
   iap-prep --dicom-root DIR --data-dir OUT [--series-filter REGEX] [--phases pre|all]
            [--image-size 224] [--slices all|central:F|stride:K] [--split 0.7,0.15,0.15]
            [--salt S] [--workers N] [--resize resize|pad] [--image-encoding zlib|none] [--beam-runner DirectRunner]
-           [--overwrite]
+           [--overwrite] [--no-local-paths]
 
 Prints the dataset dir (for tfds.builder_from_directory) last on stdout. Exit status 2
 on bad arguments, an unusable DICOM root or data dir, or a changed archive.
@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true",
                         help="rebuild a dataset of the same options written from an archive that "
                              "has changed since (default: stop with an error)")
+    parser.add_argument("--no-local-paths", action="store_true",
+                        help="do not write DATA_DIR/paths.local.json (the paths of the files "
+                             "prep_report.json names by salted key; personal data)")
     return parser
 
 
@@ -56,7 +59,8 @@ def main(argv=None) -> int:
                               split=args.split, salt=args.salt, workers=args.workers,
                               resize=args.resize, image_encoding=args.image_encoding,
                               beam_runner=args.beam_runner,
-                              overwrite=args.overwrite)
+                              overwrite=args.overwrite,
+                              write_local_paths=not args.no_local_paths)
     except ValueError as err:
         print(f"iap-prep: error: {err}", file=sys.stderr)
         return 2

@@ -19,7 +19,7 @@ from iap_jax.iaps import IAP_NAMES
 class SliceItem:
     key: str  # unique, stable: the example key
     path: str  # absolute path of the file
-    relative_path: str  # for skip reports only, never written into the dataset
+    file_key: str  # the file's salted key (iap_jax.local_paths), for skip reports
     frame: int
     patient: str  # salted hash
     series: str  # salted hash

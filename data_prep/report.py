@@ -1,13 +1,16 @@
 """The skip report (prep_report.json) and the readable summary printed after a run.
 
-The report lists skipped files by their path under the DICOM root, which may contain
-patient IDs, so it is a local diagnostic written beside (never inside) the dataset dir.
+The report names files by their salted keys (iap_jax.local_paths), never by a path: file
+and folder names of real archives hold patients' names and UIDs. It is written beside
+(never inside) the dataset dir, with paths.local.json, which maps its keys to the paths.
 """
 from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Any, Mapping, Sequence
+import json
+import re
+from typing import Any, Callable, Mapping, Sequence
 
 from etils import epath
 
@@ -15,12 +18,27 @@ from iap_jax.atomic import read_json
 from iap_jax.iaps import IAP_NAMES, SPECS, Kind
 
 
-def new_report(found, rejected: Mapping[str, int], used_files: Sequence[str],
-               items: Mapping[str, Sequence], config_name: str,
+@dataclasses.dataclass(frozen=True)
+class FileSkip:
+    """A skipped file (or frames of it) as the report lists it: by its salted key."""
+
+    file: str
+    reason: str
+    detail: str = ""
+
+
+def discovery_skips(found, key_of: Callable[[str], str]) -> list[FileSkip]:
+    """Discovery's skips (iap_jax.series.Skip, by relative path) by file key."""
+    return [FileSkip(*skip.keyed(key_of)) for skip in found.skips]
+
+
+def new_report(found, skips: Sequence[FileSkip], rejected: Mapping[str, int],
+               used_files: Sequence[str], items: Mapping[str, Sequence], config_name: str,
                notes: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """What discovery and selection decided, before any pixel is decoded. `notes` are
-    facts about used series that are not skips (e.g. series without PatientID)."""
-    skipped = [dataclasses.asdict(s) for s in found.skips]
+    """What discovery and selection decided, before any pixel is decoded (skips: discovery's,
+    by key). `notes` are facts about used series that are not skips (e.g. series without
+    PatientID)."""
+    skipped = sorted((dataclasses.asdict(s) for s in skips), key=lambda s: s["file"])
     return {
         "config": config_name,
         "archive_fingerprint": found.fingerprint,
@@ -39,11 +57,12 @@ def new_report(found, rejected: Mapping[str, int], used_files: Sequence[str],
 
 def finish_report(report: dict[str, Any], decode_skips: Sequence,
                   slices_per_file: Mapping[str, int]) -> None:
-    """Adds the slices whose pixels failed to decode. A file counts as skipped when every
-    selected slice (frame) of it failed, else as used and partly skipped."""
+    """Adds the slices whose pixels failed to decode (FileSkip, by file key). A file counts
+    as skipped when every selected slice (frame) of it failed, else as used and partly
+    skipped."""
     failed: dict[str, list] = {}
     for skip in decode_skips:
-        failed.setdefault(skip.path, []).append(skip)
+        failed.setdefault(skip.file, []).append(skip)
     whole, partly = [], []
     for path, skips in sorted(failed.items()):
         entry = dataclasses.asdict(skips[0])
@@ -56,10 +75,17 @@ def finish_report(report: dict[str, Any], decode_skips: Sequence,
     report["files"]["used"] -= len(whole)
     report["files"]["skipped"] += len(whole)
     report["files"]["partly_skipped"] = len(partly)
-    report["skipped"] = sorted(report["skipped"] + whole, key=lambda s: s["path"])
+    report["skipped"] = sorted(report["skipped"] + whole, key=lambda s: s["file"])
     report["partly_skipped"] = partly
     report["skipped_by_reason"] = dict(sorted(
         collections.Counter(s["reason"] for s in report["skipped"]).items()))
+
+
+def named_files(report: Mapping[str, Any], keys: Mapping[str, str]) -> dict[str, str]:
+    """The entries of `keys` (file key -> path) whose key the report names anywhere (a skip's
+    file, the file a duplicate copies, a note): what paths.local.json must map."""
+    named = set(re.findall(r"[0-9a-f]{16}", json.dumps(report)))
+    return {key: path for key, path in keys.items() if key in named}
 
 
 def load_report(path) -> dict[str, Any] | None:

@@ -324,47 +324,51 @@ def flagged_series(pred_dir: str) -> list[dict]:
 
 
 def middle_slices(pred_dir: str, series_keys) -> dict[str, np.ndarray]:
-    """The stored middle slice of each of these series, read back from the input (the
-    predictions' report and slices table read once; each TFRecord shard scanned once).
+    """The stored middle slice of each of these series, read back from the input through the
+    prediction's paths.local.json (none without it; each TFRecord shard scanned once).
     A series whose slice cannot be read has no entry: a thumbnail is a courtesy, the flag is
     listed either way."""
-    from iap_jax import sources
+    from iap_jax import local_paths, sources
     from iap_jax.preprocess import PixelSpec
 
     wanted = set(series_keys)
     if not wanted:
         return {}
+    try:
+        kept = local_paths.read(pred_dir)
+    except FileNotFoundError:
+        return {}
     report = read_json(os.path.join(pred_dir, "predict_report.json"))
     table = predictions.read_table(os.path.join(pred_dir, "slices.parquet"),
-                                   columns=["series_key", "slice_index", "source"])
+                                   columns=["series_key", "slice_index", "file_key", "frame"])
     by_series: dict[str, list] = {}
     for row in table.to_pylist():
         if row["series_key"] in wanted:
             by_series.setdefault(row["series_key"], []).append(row)
     middle = {k: sorted(rows, key=lambda r: r["slice_index"])[len(rows) // 2]
               for k, rows in by_series.items()}
-    spec_text, kind = report["input"]["spec"], report["input"]["kind"]
-    root = spec_text if epath.Path(spec_text).is_dir() else os.path.dirname(spec_text)
+    root, kind = kept["root"], report["input"]["kind"]
     spec = PixelSpec.from_json(report["checkpoint"]["pixel_spec"])
     images: dict[str, np.ndarray] = {}
     if kind == "tfrecord":
-        targets = {(k, r["slice_index"]): k for k, r in middle.items()}
-        for shard in sorted({r["source"] for r in middle.values()}):
-            source = sources.TfrecordSource(root, [os.path.join(root, shard)], spec)
-            for s in source.read(sources.Unit("thumbnails", (shard,)), []):
-                if (s.series_key, s.slice_index) in targets:
+        for file in sorted({r["file_key"] for r in middle.values()}):
+            targets = {(k, r["frame"]): k for k, r in middle.items() if r["file_key"] == file}
+            source = sources.TfrecordSource(root, [os.path.join(root, kept["files"][file])], spec)
+            unit = source.plan()[0]
+            for s in source.read(unit, []):
+                if (s.series_key, s.frame) in targets:
                     images[s.series_key] = s.image
         return images
     from iap_jax.dicom import DicomError, read_prepared_frame
 
     for key, row in middle.items():
-        path = os.path.join(root, row["source"])
+        path = os.path.join(root, kept["files"][row["file_key"]])
         try:
             if kind == "dicom":
-                images[key] = read_prepared_frame(path, 0, spec.stored_size, spec.resize).image
+                images[key] = read_prepared_frame(path, row["frame"], spec.stored_size, spec.resize).image
             else:
                 array = sources._load_image(path)
-                images[key] = array[row["slice_index"]] if array.ndim == 3 else array
+                images[key] = array[row["frame"]] if array.ndim == 3 else array
         except (DicomError, OSError, ValueError):
             continue
     return images

@@ -19,7 +19,10 @@ the step, they are applied (probabilities, qa_flags, ood_score and out_of_domain
 Output (OUT_DIR): slices.parquet, series.parquet (iap_jax.predictions), predict_report.json
 (inputs, counts, every skipped input with its reason, checkpoint, devices, speed), and
 parts/ (one Parquet file per unit of input, the plan and the run's signature: what a
-killed run resumes from; delete it once the tables are written if space matters).
+killed run resumes from; delete it once the tables are written if space matters). None of
+them holds a path or a file or folder name of the input: files are named by salted keys.
+paths.local.json maps the keys to the input's paths (personal data: real archives name
+files after patients and UIDs; iap_jax.local_paths); --no-local-paths leaves it out.
 Exit status: 0; 1 when nothing could be predicted (or, with --strict, when anything was
 skipped); 2 on bad arguments or an unusable checkpoint or input.
 """
@@ -38,6 +41,7 @@ from typing import Any, Iterator
 from etils import epath
 
 from iap_jax.atomic import absolute, makedirs, read_json, write_json_atomic
+from iap_jax.salt import salted_hash
 
 PARTS = "parts"
 REPORT_FILE = "predict_report.json"
@@ -76,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
                         help="compute dtype (default: the trained one; float32 on a CPU)")
     parser.add_argument("--csv", action="store_true", help="also write slices.csv and series.csv")
+    parser.add_argument("--no-local-paths", action="store_true",
+                        help="do not write OUT_DIR/paths.local.json (the input paths of the "
+                             "files' salted keys; iap-sort --link-into and iap-eval's "
+                             "thumbnails read it)")
     parser.add_argument("--no-calibration", action="store_true",
                         help="ignore the workdir's calibration.json (iap-eval --fit-calibration) "
                              "and ood.json (iap-ood)")
@@ -296,7 +304,8 @@ def _run_signature(args, restored: dict, source, spec, units, salt: str | None) 
     return {"checkpoint": restored["directory"], "step": restored["step"],
             "label_encoding_sha256": _encoding_sha256(restored["label_encoding"]),
             "pixel_spec": spec.to_json(),
-            "input": absolute(args.input), "split": args.split, "kind": source.kind,
+            "input": salted_hash(source.salt, "input", absolute(args.input)),
+            "split": args.split, "kind": source.kind,
             "top_k": args.top_k,
             "salt_sha256": hashlib.sha256(salt.encode()).hexdigest() if salt else None,
             "plan_sha256": _sha256([[u.id, list(u.entries)] for u in units])}
@@ -322,7 +331,7 @@ def predict(args) -> dict:
     """Runs the prediction of `args` (see build_parser); returns the report."""
     import jax
 
-    from iap_jax import predictions, sources
+    from iap_jax import local_paths, predictions, sources
     from iap_jax.calibration import CALIBRATION_FILE, head_calibrators, load_calibration
     from iap_jax.checkpoints import restore_model
     from iap_jax.ood import load_ood
@@ -473,8 +482,8 @@ def predict(args) -> dict:
                        "label_encoding_sha256": predictor.encoding_sha256(),
                        "pixel_spec": spec.to_json(), "calibration": calibration,
                        "ood": ood.summary() if ood else None},
-        "input": {"spec": args.input, "kind": source.kind, "split": args.split,
-                  "salt": salt_info.get("source"), **source.notes},
+        "input": {"kind": source.kind, "split": args.split, "salt": salt_info.get("source"),
+                  **source.notes},
         "counts": {"units": len(units), "slices": rows, "series": series.num_rows,
                    "out_of_domain_series": (sum(series.column("out_of_domain").to_pylist())
                                             if "out_of_domain" in series.column_names else None),
@@ -500,8 +509,14 @@ def predict(args) -> dict:
                 "units_resumed": sum(p["units_resumed"] for p in processes),
                 "wall_s": round(time.time() - started, 1)},
         "outputs": {"slices": "slices.parquet", "series": "series.parquet",
-                    **({"csv": ["slices.csv", "series.csv"]} if args.csv else {})},
+                    **({"csv": ["slices.csv", "series.csv"]} if args.csv else {}),
+                    "local_paths": None if args.no_local_paths else local_paths.FILE_NAME},
     }
+    paths_file = os.path.join(out_dir, local_paths.FILE_NAME)
+    if args.no_local_paths:  # a file of an earlier run would name files this run does not
+        epath.Path(paths_file).unlink(missing_ok=True)
+    else:
+        local_paths.write(out_dir, absolute(source.root), source.paths, input=absolute(args.input))
     write_json_atomic(os.path.join(out_dir, REPORT_FILE), report)
     return report
 

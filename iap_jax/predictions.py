@@ -1,8 +1,9 @@
 """The predictor's tables: per slice and per series, as Parquet (pyarrow).
 
 slices.parquet, one row per slice:
-  series_key, slice_index, patient, phase, source   (what iap-prep writes for the same
-                     slice with the same salt; source: the file or shard, relative to the input)
+  series_key, slice_index, patient, phase   (what iap-prep writes for the same slice with
+                     the same salt), file_key, frame (the salted key of the input file or
+                     shard, iap_jax.local_paths, and where in it: frame, tile, plane, record)
   categorical IAP:   <IAP> (top-1 class), <IAP>_prob, <IAP>_topk, <IAP>_topk_prob (through
                      the head's calibrator, iap_jax.calibration, when the workdir has a
                      calibration for the step; the top-1 class is the calibrated argmax),
@@ -48,13 +49,13 @@ from iap_jax.atomic import is_remote, open_file, replacing
 from iap_jax.iaps import IAP_NAMES, SPECS, LabelState
 from iap_jax.labels import ABSENT, EMPTY, OTHER, LabelEncoding
 
-KEY_COLUMNS = ("series_key", "slice_index", "patient", "phase", "source")
+KEY_COLUMNS = ("series_key", "slice_index", "patient", "phase", "file_key", "frame")
 
 
 def _key_fields() -> list[pa.Field]:
     return [pa.field("series_key", pa.string()), pa.field("slice_index", pa.int32()),
             pa.field("patient", pa.string()), pa.field("phase", pa.int32()),
-            pa.field("source", pa.string())]
+            pa.field("file_key", pa.string()), pa.field("frame", pa.int32())]
 
 
 def slice_schema(encoding: LabelEncoding, has_headers: bool,
@@ -168,7 +169,8 @@ def slice_table(slices: Sequence, logits: Mapping[str, np.ndarray], encoding: La
         "slice_index": [int(s.slice_index) for s in slices],
         "patient": [s.patient for s in slices],
         "phase": [s.phase for s in slices],
-        "source": [s.source for s in slices],
+        "file_key": [s.file_key for s in slices],
+        "frame": [int(s.frame) for s in slices],
     }
     if "ood_score" in schema.names:
         columns["ood_score"] = np.asarray(ood_scores, np.float32)

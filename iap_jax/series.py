@@ -34,7 +34,7 @@ import dataclasses
 import hashlib
 import os
 import re
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from iap_jax.dicom import DicomError, InstanceHeader, order_frames, read_instance_header
 from iap_jax.progress import Progress
@@ -43,9 +43,15 @@ from iap_jax.workers import worker_pool
 
 @dataclasses.dataclass(frozen=True)
 class Skip:
-    path: str  # relative to the DICOM root
+    path: str  # relative to the DICOM root; outputs name the file by its key instead
     reason: str
     detail: str = ""
+    same_as: str = ""  # the file (relative path) this one duplicates, named by key in outputs
+
+    def keyed(self, key_of: Callable[[str], str]) -> tuple[str, str, str]:
+        """(file key, reason, detail) as outputs give it: files named by their keys only."""
+        detail = f"{self.detail} (file {key_of(self.same_as)})" if self.same_as else self.detail
+        return key_of(self.path), self.reason, detail
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,7 +181,7 @@ def _drop_duplicates(root: str, headers: list[InstanceHeader]) -> tuple[list[Ins
         uid = header.sop_instance_uid
         if uid and uid in seen:
             skips.append(Skip(_relative(root, header.path), "duplicate_sop_instance",
-                              f"same SOPInstanceUID as {seen[uid]}"))
+                              "same SOPInstanceUID as the file kept", same_as=seen[uid]))
             continue
         if uid:
             seen[uid] = _relative(root, header.path)

@@ -16,7 +16,8 @@ manufacturer and field strength. A rules file decides otherwise, first match win
 
 `when` takes a class (or a list of them) for a categorical IAP and {"min", "max"} for a
 continuous one; a series no rule matches is `unknown`. --link-into DIR keeps DIR/<domain>/
-<series_key> symbolic links to each series' folder (file inputs only): a rerun adds what is
+<series_key> symbolic links to each series' folder (file inputs, whose paths the prediction
+kept in paths.local.json; the manifest names no path): a rerun adds what is
 new, moves a series whose domain changed, and never duplicates or deletes anything else.
 """
 from __future__ import annotations
@@ -31,14 +32,13 @@ import re
 import sys
 from typing import Any
 
-from etils import epath
-
+from iap_jax import local_paths
 from iap_jax.atomic import absolute, is_remote, makedirs, read_json, write_text_atomic
 from iap_jax.predictions import read_table
 
 UNKNOWN = "unknown"
 DEFAULT_MIN_CONFIDENCE = 0.8
-MANIFEST_COLUMNS = ("series_key", "patient", "domain", "model", "confidence", "reason", "folder")
+MANIFEST_COLUMNS = ("series_key", "patient", "domain", "model", "confidence", "reason")
 
 
 def default_rules() -> dict:
@@ -92,31 +92,34 @@ def assign(series: dict, rules: dict, min_confidence: float) -> tuple[str, str, 
     return domain, model, confidence, ""
 
 
-def _series_folders(pred_dir: str) -> tuple[dict[str, str], str | None]:
-    """Each series' folder relative to the input root (common parent of its files), and the
-    input root; empty for TFRecord inputs."""
+def _series_folders(pred_dir: str) -> tuple[dict[str, str], str]:
+    """Each series' folder relative to the input root (common parent of its files) and the
+    input root, from the run's paths.local.json (the only file that names input paths)."""
     report = read_json(os.path.join(pred_dir, "predict_report.json"))
     if report["input"]["kind"] == "tfrecord":
-        return {}, None
-    table = read_table(os.path.join(pred_dir, "slices.parquet"), columns=["series_key", "source"])
+        raise ValueError("--link-into needs predictions of DICOM or image files, not TFRecords")
+    try:
+        kept = local_paths.read(pred_dir)
+    except FileNotFoundError as err:
+        raise ValueError(f"--link-into needs the input's paths: {err}") from None
+    table = read_table(os.path.join(pred_dir, "slices.parquet"), columns=["series_key", "file_key"])
     folders: dict[str, set] = {}
-    for key, source in zip(table.column("series_key").to_pylist(), table.column("source").to_pylist()):
-        folders.setdefault(key, set()).add(os.path.dirname(source) or ".")
-    root = report["input"]["spec"]
-    root = root if epath.Path(root).is_dir() else os.path.dirname(root)
+    for key, file in zip(table.column("series_key").to_pylist(), table.column("file_key").to_pylist()):
+        folders.setdefault(key, set()).add(os.path.dirname(kept["files"][file]) or ".")
     return {k: os.path.commonpath(sorted(v)) if len(v) > 1 else next(iter(v))
-            for k, v in folders.items()}, absolute(root)
+            for k, v in folders.items()}, kept["root"]
 
 
-def link_into(manifest: list[dict], link_dir: str, root: str) -> dict[str, int]:
+def link_into(manifest: list[dict], link_dir: str, pred_dir: str) -> dict[str, int]:
     """DIR/<domain>/<series_key> -> the series folder; moves changed series, adds new ones.
     Symbolic links are local: DIR, and the input they point into, are local folders."""
+    folders, root = _series_folders(pred_dir)
     for folder in (link_dir, root):
         if is_remote(folder):
             raise ValueError(f"--link-into: {folder} is not local; symbolic links need a local "
                              f"folder and a local input")
     wanted = {row["series_key"]: os.path.join(link_dir, _slug(row["domain"]), row["series_key"])
-              for row in manifest if row["folder"]}
+              for row in manifest if row["series_key"] in folders}
     counts = {"added": 0, "moved": 0, "kept": 0}
     existing = {}
     if os.path.isdir(link_dir):
@@ -130,7 +133,7 @@ def link_into(manifest: list[dict], link_dir: str, root: str) -> dict[str, int]:
         key = row["series_key"]
         if key not in wanted:
             continue
-        target = os.path.join(root, row["folder"])
+        target = os.path.join(root, folders[key])
         path = wanted[key]
         stale = [p for p in existing.get(key, []) if p != path]
         for p in stale:
@@ -152,14 +155,13 @@ def sort_series(pred_dir: str, rules: dict | None, out: str, min_confidence: flo
     rules = rules or default_rules()
     threshold = min_confidence if min_confidence is not None else rules.get(
         "min_confidence", DEFAULT_MIN_CONFIDENCE)
-    folders, root = _series_folders(pred_dir)
     manifest = []
     for series in table.to_pylist():
         domain, model, confidence, reason = assign(series, rules, threshold)
         manifest.append({"series_key": series["series_key"], "patient": series["patient"],
                          "domain": domain, "model": model,
                          "confidence": "" if math.isnan(confidence) else f"{confidence:.4f}",
-                         "reason": reason, "folder": folders.get(series["series_key"], "")})
+                         "reason": reason})
     makedirs(os.path.dirname(absolute(out)))
     text = io.StringIO(newline="")
     writer = csv.DictWriter(text, fieldnames=MANIFEST_COLUMNS)
@@ -170,9 +172,7 @@ def sort_series(pred_dir: str, rules: dict | None, out: str, min_confidence: flo
     for row in manifest:
         summary["domains"][row["domain"]] = summary["domains"].get(row["domain"], 0) + 1
     if link_dir:
-        if root is None:
-            raise ValueError("--link-into needs predictions of DICOM or image files, not TFRecords")
-        summary["links"] = link_into(manifest, link_dir, root)
+        summary["links"] = link_into(manifest, link_dir, pred_dir)
     return summary
 
 

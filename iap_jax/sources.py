@@ -18,6 +18,9 @@ TFRecord shards, TFDS dataset dirs and PNG / .npy images may also be URIs (gs://
 through etils.epath; a `**` glob is local only. DICOM folders are local only:
 their discovery walks and reads the files in place (copy a bucket's DICOM to a local
 disk first).
+No name taken from the input leaves a source: every file (shard, DICOM file, image) is named
+by its salted key (local_paths.file_key), in the units (so in plan.json), the slices and the
+skips; `paths` maps the keys a source has named back to paths, for paths.local.json.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ import dataclasses
 import glob
 import math
 import os
+import secrets
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -35,7 +39,9 @@ from iap_jax import records
 from iap_jax.dicom import DicomError, read_prepared_frame
 from iap_jax.features import DatasetInfo, image_feature
 from iap_jax.iaps import IAP_NAMES
+from iap_jax.local_paths import file_key, scrub
 from iap_jax.preprocess import PixelSpec, preprocess_slice
+from iap_jax.salt import salted_hash
 
 IMAGE_SUFFIXES = (".png", ".npy")
 # A unit of DICOM or image input holds whole series of at least this many slices.
@@ -49,7 +55,8 @@ class StoredSlice:
     offset: float
     series_key: str
     slice_index: int
-    source: str  # the file or shard, relative to the input root
+    file_key: str  # the salted key of the file or shard it came from
+    frame: int = 0  # where in that file: the frame (or tile), the .npy plane, the record
     patient: str | None = None  # salted hash
     phase: int | None = None
     headers: Sequence[Sequence] | None = None  # (state, canonical value, number) per IAP_NAMES
@@ -63,7 +70,7 @@ class Unit:
 
 @dataclasses.dataclass
 class Skip:
-    input: str  # relative to the input root
+    file: str  # the salted key of the input file
     reason: str
     detail: str = ""
     slices: int = 1
@@ -74,16 +81,27 @@ class Skip:
 
 class Source:
     """One input SPEC. `plan()` lists the units; `read(unit, skips)` yields its slices and
-    appends what it could not read to skips."""
+    appends what it could not read to skips. `salt` (asked for once, when a first key is
+    needed) keys the files, and the series of sources that have no keys of their own; None
+    for keys that never leave this process (a random salt)."""
 
     kind = ""
     has_headers = False
 
-    def __init__(self, root: str, spec: PixelSpec):
+    def __init__(self, root: str, spec: PixelSpec, salt: Callable[[], str] | None):
         self.root = root
         self.spec = spec
+        self._salt_of = salt or (lambda: secrets.token_hex(16))
+        self._salt: str | None = None
+        self.paths: dict[str, str] = {}  # file key -> path relative to root, of files named
         self.plan_skips: list[Skip] = []  # found while planning (DICOM headers)
         self.notes: dict[str, Any] = {}
+
+    @property
+    def salt(self) -> str:
+        if self._salt is None:
+            self._salt = self._salt_of()
+        return self._salt
 
     def plan(self) -> list[Unit]:
         raise NotImplementedError
@@ -98,8 +116,34 @@ class Source:
     def close(self) -> None:
         pass
 
+    def _listing(self) -> list[str]:
+        """Every input file, relative to the root (to find a key planned by another process)."""
+        raise NotImplementedError
+
     def _relative(self, path: str) -> str:
         return relative_path(path, self.root)
+
+    def key(self, relative: str) -> str:
+        """The key of a file (relative to the root), remembered for `paths`."""
+        key = file_key(self.salt, relative)
+        self.paths[key] = relative
+        return key
+
+    def path(self, key: str) -> str:
+        """The full path of a file planned under `key` (on any process)."""
+        if key not in self.paths:
+            for relative in self._listing():
+                self.key(relative)
+        if key not in self.paths:
+            raise FileNotFoundError(f"{self.root}: no input file has key {key} (the input "
+                                    f"changed since it was planned)")
+        return os.path.join(self.root, self.paths[key])
+
+    def skip(self, key: str, reason: str, detail: str = "", slices: int = 1) -> Skip:
+        """A skip of the file `key`, its detail without the file's path."""
+        relative = self.paths.get(key, "")
+        names = (os.path.join(self.root, relative), relative) if relative else ()
+        return Skip(key, reason, scrub(detail, *names), slices)
 
 
 # --- TFRecord shards ----------------------------------------------------------------
@@ -109,17 +153,21 @@ class TfrecordSource(Source):
     has_headers = True
 
     def __init__(self, root: str, files: Sequence[str], spec: PixelSpec,
-                 counts: dict[str, int] | None = None):
-        super().__init__(root, spec)
+                 salt: Callable[[], str] | None = None, counts: dict[str, int] | None = None):
+        super().__init__(root, spec, salt)
         self.files = sorted(files)
-        self.counts = counts or {}
+        self.counts = counts or {}  # records per shard, by path relative to the root
         self._encoding: str | None = None
 
+    def _listing(self) -> list[str]:
+        return [self._relative(path) for path in self.files]
+
     def plan(self) -> list[Unit]:
-        return [Unit(f"shard-{i:05d}", (self._relative(path),)) for i, path in enumerate(self.files)]
+        return [Unit(f"shard-{i:05d}", (self.key(relative),))
+                for i, relative in enumerate(self._listing())]
 
     def expected_slices(self, units):
-        counts = [self.counts.get(u.entries[0]) for u in units]
+        counts = [self.counts.get(self.paths.get(u.entries[0], "")) for u in units]
         return None if any(c is None for c in counts) else sum(counts)
 
     def _image_encoding(self) -> str:
@@ -140,8 +188,8 @@ class TfrecordSource(Source):
         """Every record of the shard in order. A record that fails its checksum or does not
         parse is skipped with its reason and the rest is read; after damage that hides
         where the next record starts, the rest of the shard is skipped."""
-        relative = unit.entries[0]
-        path = os.path.join(self.root, relative)
+        key = unit.entries[0]
+        path = self.path(key)
         size = self.spec.stored_size
         encoding = self._image_encoding()
         wrong: dict[int, int] = {}
@@ -156,8 +204,8 @@ class TfrecordSource(Source):
                         example = records.decode_example(item)
                         image = records.decode_image(example.image_bytes, encoding, size)
                     except ValueError as err:
-                        skips.append(Skip(relative, "corrupt_tfrecord",
-                                          f"record {read - 1}: {_message(err, path)}"))
+                        skips.append(self.skip(key, "corrupt_tfrecord",
+                                               f"record {read - 1}: {_message(err, path)}"))
                         continue
                     if isinstance(image, int):
                         wrong[image] = wrong.get(image, 0) + 1
@@ -165,34 +213,35 @@ class TfrecordSource(Source):
                     headers = [(state, value.decode(), number)
                                for state, value, number in example.labels.values()]
                     yield StoredSlice(image, float(example.scale), float(example.offset),
-                                      example.series, example.slice_index, relative,
+                                      example.series, example.slice_index, key, read - 1,
                                       patient=example.patient, phase=example.phase,
                                       headers=headers)
         except (records.CorruptRecordError, OSError) as err:
-            skips.append(Skip(relative, "corrupt_tfrecord",
-                              f"stopped after {max(read - 1, 0)} records: {_message(err, path)}",
-                              slices=0))
+            skips.append(self.skip(key, "corrupt_tfrecord",
+                                   f"stopped after {max(read - 1, 0)} records: {_message(err, path)}",
+                                   slices=0))
         for pixels, n in sorted(wrong.items()):
             side = math.isqrt(pixels)
             shape = f"{side}x{side}" if side * side == pixels else f"{pixels}-pixel"
-            skips.append(Skip(relative, "wrong_image_shape",
-                              f"{shape} images; the checkpoint was trained on {size}x{size}",
-                              slices=n))
+            skips.append(self.skip(key, "wrong_image_shape",
+                                   f"{shape} images; the checkpoint was trained on {size}x{size}",
+                                   slices=n))
 
 
 def _message(err: Exception, path: str) -> str:
-    """An error's text without the path (the skip names the file relative to the input)."""
+    """An error's text without the path (the skip names the file by its key)."""
     text = str(getattr(err, "reason", None) or err).replace(path, "").lstrip(": ")
     return " ".join(text.split())[:200]
 
 
-def tfds_source(dataset_dir: str, split: str | None, spec: PixelSpec) -> TfrecordSource:
+def tfds_source(dataset_dir: str, split: str | None, spec: PixelSpec,
+                salt: Callable[[], str] | None = None) -> TfrecordSource:
     info = DatasetInfo.load(dataset_dir)
     if not split:
         raise ValueError(f"{dataset_dir} is a TFDS dataset: pass --split (one of {sorted(info.splits)})")
     chosen = info.split(split)
     counts = {relative_path(f, dataset_dir): n for f, n in zip(chosen.files, chosen.shard_lengths)}
-    return TfrecordSource(dataset_dir, list(chosen.files), spec, counts)
+    return TfrecordSource(dataset_dir, list(chosen.files), spec, salt, counts)
 
 
 # --- DICOM folders ------------------------------------------------------------------
@@ -213,26 +262,30 @@ class DicomSource(Source):
     kind = "dicom"
     has_headers = True
 
-    def __init__(self, root: str, spec: PixelSpec, salt: str, workers: int = 1,
+    def __init__(self, root: str, spec: PixelSpec, salt: Callable[[], str], workers: int = 1,
                  progress: bool = True):
-        super().__init__(root, spec)
-        self.salt = salt
+        super().__init__(root, spec, salt)
         self.workers = max(1, int(workers))
         self.progress = progress
         self._pool = None
+
+    def _listing(self) -> list[str]:
+        from iap_jax.series import list_files
+
+        return list_files(self.root)
 
     def plan(self) -> list[Unit]:
         from iap_jax.series import SeriesSelection, discover, select
 
         found = discover(self.root, self.workers, progress=self.progress)
-        self.plan_skips = [Skip(s.path, s.reason, s.detail) for s in found.skips]
+        self.plan_skips = [self.skip(*s.keyed(self.key)) for s in found.skips]
         kept, rejected = select(found, SeriesSelection(self.spec.series_filter, self.spec.phases),
                                 self.spec.slices, self.salt)
         units, entries = [], []
         for chosen in kept:
             for index in chosen.indices:
                 ref = chosen.series.slices[index]
-                entries.append((self._relative(ref.path), ref.frame, chosen.series_hash,
+                entries.append((self.key(self._relative(ref.path)), ref.frame, chosen.series_hash,
                                 chosen.patient_hash, index, chosen.phase, [list(v) for v in ref.iaps]))
             if len(entries) >= UNIT_SLICES:
                 units.append(Unit(f"dicom-{len(units):05d}", tuple(entries)))
@@ -240,10 +293,11 @@ class DicomSource(Source):
         if entries:
             units.append(Unit(f"dicom-{len(units):05d}", tuple(entries)))
         used = {e[0] for unit in units for e in unit.entries}
+        notes = {self.key(p): n for p, n in found.notes.items()}
         self.notes = {"files_found": found.num_files, "series_found": len(found.series),
                       "series_not_selected": dict(sorted(rejected.items())),
                       "archive_fingerprint": found.fingerprint,
-                      "file_notes": {p: n for p, n in found.notes.items() if p in used}}
+                      "file_notes": {k: n for k, n in sorted(notes.items()) if k in used}}
         return units
 
     def expected_slices(self, units):
@@ -251,7 +305,7 @@ class DicomSource(Source):
 
     def read(self, unit: Unit, skips: list[Skip]) -> Iterator[StoredSlice]:
         size, resize = self.spec.stored_size, self.spec.resize
-        jobs = [(os.path.join(self.root, e[0]), e[1], size, resize) for e in unit.entries]
+        jobs = [(self.path(e[0]), e[1], size, resize) for e in unit.entries]
         if self.workers > 1:
             if self._pool is None:
                 from iap_jax.workers import worker_pool
@@ -260,12 +314,12 @@ class DicomSource(Source):
         else:
             results = map(_decode_dicom, jobs)
         for entry, result in zip(unit.entries, results):
-            relative, _, series_key, patient, index, phase, iaps = entry
+            key, frame, series_key, patient, index, phase, iaps = entry
             if isinstance(result, DicomError):
-                skips.append(Skip(relative, result.reason, result.detail))
+                skips.append(self.skip(key, result.reason, result.detail))
                 continue
             yield StoredSlice(result.image, result.scale, result.offset, series_key, index,
-                              relative, patient=patient, phase=phase, headers=iaps)
+                              key, frame, patient=patient, phase=phase, headers=iaps)
 
     def close(self) -> None:
         if self._pool is not None:
@@ -300,45 +354,54 @@ def _decode_image(file, path: str) -> np.ndarray:
 
 class ImageSource(Source):
     """PNG / .npy files: the files of one folder are the slices of one series (sorted by
-    name), a 3D .npy is a series of its own; series keys are relative paths."""
+    name), a 3D .npy is a series of its own; series keys are salted hashes of the folder or
+    file's path relative to the root."""
 
     kind = "images"
 
-    def __init__(self, root: str, files: Sequence[str], spec: PixelSpec):
-        super().__init__(root, spec)
+    def __init__(self, root: str, files: Sequence[str], spec: PixelSpec, salt: Callable[[], str]):
+        super().__init__(root, spec, salt)
         self.files = sorted(files)
+
+    def _listing(self) -> list[str]:
+        return [self._relative(path) for path in self.files]
+
+    def _series_key(self, relative: str) -> str:
+        return salted_hash(self.salt, "series", relative)
 
     def plan(self) -> list[Unit]:
         index_in_folder: dict[str, int] = {}
         entries = []
-        for path in self.files:
-            relative = self._relative(path)
+        for relative in self._listing():
             folder = os.path.dirname(relative) or "."
             index = index_in_folder.get(folder, 0)
             index_in_folder[folder] = index + 1
-            entries.append((relative, folder, index))
+            entries.append((self.key(relative), self._series_key(folder), index))
         return [Unit(f"images-{i // UNIT_SLICES:05d}", tuple(entries[i:i + UNIT_SLICES]))
                 for i in range(0, len(entries), UNIT_SLICES)]
 
     def read(self, unit: Unit, skips: list[Skip]) -> Iterator[StoredSlice]:
         size, resize = self.spec.stored_size, self.spec.resize
-        for relative, folder, index in unit.entries:
+        for key, series_key, index in unit.entries:
+            path = self.path(key)
             try:
-                array = _load_image(os.path.join(self.root, relative))
+                array = _load_image(path)
                 if array.ndim == 2:
-                    planes = [(folder, index, array)]
-                elif array.ndim == 3 and relative.endswith(".npy"):
-                    planes = [(relative, k, plane) for k, plane in enumerate(array)]
+                    planes = [(series_key, index, array)]
+                elif array.ndim == 3 and path.endswith(".npy"):
+                    volume = self._series_key(self.paths[key])
+                    planes = [(volume, k, plane) for k, plane in enumerate(array)]
                 else:
                     raise ValueError(f"array of shape {array.shape}, expected [rows, columns]"
-                                     + (" or [slices, rows, columns]" if relative.endswith(".npy") else ""))
-                prepared = [(key, k, preprocess_slice(plane, size, resize)) for key, k, plane in planes]
+                                     + (" or [slices, rows, columns]" if path.endswith(".npy") else ""))
+                prepared = [(series, k, preprocess_slice(plane, size, resize)) for series, k, plane in planes]
             except (OSError, ValueError, EOFError) as err:
                 reason = "wrong_image_shape" if "shape" in str(err) else "unreadable"
-                skips.append(Skip(relative, reason, f"{type(err).__name__}: {err}"[:200]))
+                skips.append(self.skip(key, reason, f"{type(err).__name__}: {err}"[:200]))
                 continue
-            for key, k, p in prepared:
-                yield StoredSlice(p.image, p.scale, p.offset, key, k, relative)
+            for series, k, p in prepared:
+                yield StoredSlice(p.image, p.scale, p.offset, series, k, key,
+                                  k if len(prepared) > 1 else 0)
 
 
 # --- SPEC -> source -------------------------------------------------------------------
@@ -391,39 +454,37 @@ def _files_under(folder: str) -> list[str]:
 def open_source(spec_text: str, pixel_spec: PixelSpec, *, split: str | None = None,
                 salt: Callable[[], str] | None = None, workers: int = 1,
                 progress: bool = True) -> Source:
-    """The source a SPEC names (a local path or a URI). `salt` is asked for only by DICOM
-    input."""
+    """The source a SPEC names (a local path or a URI). `salt` is asked for once a key is
+    needed (the file keys; DICOM and image series keys)."""
     path = spec_text.rstrip(os.sep) or os.sep
     where = epath.Path(path)
     kind = ("folder" if where.is_dir() else "file" if where.exists() else
             "glob" if glob.has_magic(path) else "")
     if kind == "folder":
         if epath.Path(path, "dataset_info.json").exists():
-            return tfds_source(path, split, pixel_spec)
+            return tfds_source(path, split, pixel_spec, salt)
         files = [f for f in _files_under(path) if not os.path.basename(f).startswith(".")]
         if files and all(_is_image(f) for f in files):
-            return ImageSource(path, files, pixel_spec)
+            return ImageSource(path, files, pixel_spec, salt)
         if is_remote(path):
             raise ValueError(f"{path}: neither a TFDS dataset dir nor a folder of PNG / .npy "
                              f"images; a DICOM folder must be local (its files are discovered "
                              f"and decoded in place): copy it to a local disk first")
-        if salt is None:
-            raise ValueError(f"{path}: a DICOM folder needs a salt for its series keys")
-        return DicomSource(path, pixel_spec, salt(), workers, progress)
+        return DicomSource(path, pixel_spec, salt, workers, progress)
     if kind == "file":
         root = os.path.dirname(path) or "."
         if _is_image(path):
-            return ImageSource(root, [path], pixel_spec)
-        return TfrecordSource(root, [path], pixel_spec)
+            return ImageSource(root, [path], pixel_spec, salt)
+        return TfrecordSource(root, [path], pixel_spec, salt)
     if kind == "glob":
         files = _glob(path)
         if not files:
             raise FileNotFoundError(f"{spec_text}: no file matches")
         root = _glob_root(path)
         if all(_is_image(f) for f in files):
-            return ImageSource(root, files, pixel_spec)
+            return ImageSource(root, files, pixel_spec, salt)
         if any(_is_image(f) for f in files):
             raise ValueError(f"{spec_text}: matches both images and other files; "
                              f"give one kind of input")
-        return TfrecordSource(root, files, pixel_spec)
+        return TfrecordSource(root, files, pixel_spec, salt)
     raise FileNotFoundError(f"{spec_text}: no such file, folder or glob")

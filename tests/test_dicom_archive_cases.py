@@ -10,6 +10,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.uid import DeflatedExplicitVRLittleEndian, JPEG2000Lossless, generate_uid
 
 import prep_series
+from local_paths_view import path_of
 from iap_jax.dicom import DicomError, read_frame, read_instance_header
 
 
@@ -159,7 +160,8 @@ def test_pixel_data_beyond_number_of_frames_is_used_and_reported(tmp_path):
     prepare(str(root), str(data_dir), image_size=16, split=(1.0, 0.0, 0.0), salt="s", progress=False)
     report = __import__("json").load(open(data_dir / REPORT_FILE))
     relative = os.path.relpath(paths[0], root)
-    assert "holds 2 frames" in report["notes"]["files"][relative]
+    notes = {path_of(key, data_dir): note for key, note in report["notes"]["files"].items()}
+    assert "holds 2 frames" in notes[relative]
     assert report["files"]["used"] == 3 and report["files"]["skipped"] == 0
 
 

@@ -15,6 +15,7 @@ from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 
 import prep_series
+from local_paths_view import by_path
 from iap_jax.dicom import DicomError, FrameHeader, iap_values, read_prepared_frame
 from iap_jax.iaps import SPECS, LabelState
 from iap_jax.series import discover
@@ -167,7 +168,7 @@ def test_text_in_rescale_slope_skips_that_file_and_prepares_the_rest(tmp_path):
                           split=(1, 0, 0))
     with open(os.path.join(data_dir, REPORT_FILE)) as f:
         report = json.load(f)
-    skip = {s["path"]: s for s in report["skipped"]}[os.path.relpath(bad_file, root)]
+    skip = by_path(report["skipped"], data_dir)[os.path.relpath(bad_file, root)]
     assert skip["reason"] == "malformed"
     assert "RescaleSlope" in skip["detail"] and "abc" in skip["detail"]
     examples = tfds.builder_from_directory(dataset_dir).as_dataset(split="train")

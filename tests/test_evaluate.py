@@ -263,7 +263,7 @@ def test_series_table_gives_out_of_domain_series_no_header_qa(tmp_path):
     encoding = LabelEncoding((head,))
     logits = [[8.0, 0.0, 0.0]] * 4  # GE, near-certain
     slices = pa.table({"series_key": ["far", "far", "near", "near"], "slice_index": [0, 1, 0, 1],
-                       "patient": ["p"] * 4, "phase": [0] * 4, "source": ["x"] * 4,
+                       "patient": ["p"] * 4, "phase": [0] * 4, "file_key": ["x"] * 4,
                        "ood_score": pa.array([90.0, 80.0, 1.0, 2.0], pa.float32()),
                        "Manufacturer": ["GE"] * 4, "Manufacturer_logits": logits,
                        "Manufacturer_header": ["SIEMENS"] * 4})

@@ -10,12 +10,13 @@ import pyarrow.parquet as pq
 import tensorflow as tf
 
 from data_prep.builder import prepare
-from iap_jax import input_pipeline, sources
+from iap_jax import input_pipeline, local_paths, sources
 from iap_jax.checkpoints import restore_model
 from data_prep.features import example_features
 from iap_jax.labels import LabelEncoding
 from iap_jax.predict import main as predict_main
 from iap_jax.preprocess import model_input
+from local_paths_view import by_path, slice_paths
 from predict_data import SALT, run_predict
 
 
@@ -74,28 +75,27 @@ def test_bad_tfrecords_are_named_and_the_rest_predicted(trained_run, tmp_path):
         writer.write(_serialized(32, "small", 0))
     out = tmp_path / "bad"
     report = run_predict(trained_run, str(out), "--input", str(archive / "*.tfrecord*"))
-    reasons = {(s["input"], s["reason"]): s for s in report["skipped"]}
+    files = local_paths.read(str(out))["files"]
+    reasons = {(files[s["file"]], s["reason"]): s for s in report["skipped"]}
     assert (test_shard, "corrupt_tfrecord") in reasons
     assert "stopped after" in reasons[(test_shard, "corrupt_tfrecord")]["detail"]
     assert ("notes.tfrecord", "corrupt_tfrecord") in reasons
     wrong = reasons[("other-size.tfrecord", "wrong_image_shape")]
     assert wrong["slices"] == 2 and "48x48" in wrong["detail"] and "32x32" in wrong["detail"]
     rows = pq.read_table(out / "slices.parquet")
-    sources_seen = set(rows.column("source").to_pylist())
+    sources_seen = set(slice_paths(out))
     assert {n for n in shards if n != test_shard} <= sources_seen and "other-size.tfrecord" in sources_seen
     # Everything before the cut is still predicted; nothing else is lost.
-    kept = rows.num_rows - 1 - (good["counts"]["slices"] - sum(
-        1 for s in pq.read_table(tmp_path / "good" / "slices.parquet").column("source").to_pylist()
-        if s == test_shard))
-    assert 0 <= kept < sum(1 for s in pq.read_table(tmp_path / "good" / "slices.parquet")
-                          .column("source").to_pylist() if s == test_shard)
+    in_test_shard = slice_paths(tmp_path / "good").count(test_shard)
+    kept = rows.num_rows - 1 - (good["counts"]["slices"] - in_test_shard)
+    assert 0 <= kept < in_test_shard
 
 
 def test_bad_dicom_files_are_named_and_the_rest_predicted(trained_run, tmp_path):
     root = tmp_path / "dicom"
     shutil.copytree(trained_run.dicom_root, root)
     good = run_predict(trained_run, str(tmp_path / "good"), "--input", trained_run.dicom_root)
-    used = sorted(set(pq.read_table(tmp_path / "good" / "slices.parquet").column("source").to_pylist()))
+    used = sorted(set(slice_paths(tmp_path / "good")))
     # A file cut off inside its pixel data, and a file whose pixel data cannot be decoded.
     cut, broken = (os.path.join(root, used[i]) for i in (0, 5))
     data = open(cut, "rb").read()
@@ -107,7 +107,7 @@ def test_bad_dicom_files_are_named_and_the_rest_predicted(trained_run, tmp_path)
     ds.PixelData = pydicom.encaps.encapsulate([b"\x00\x01garbage" * 8])
     ds.save_as(broken, enforce_file_format=True)
     report = run_predict(trained_run, str(tmp_path / "bad"), "--input", str(root))
-    reasons = {s["input"]: s["reason"] for s in report["skipped"]}
+    reasons = {p: s["reason"] for p, s in by_path(report["skipped"], tmp_path / "bad").items()}
     assert reasons[os.path.relpath(cut, root)] == "truncated"
     assert reasons[os.path.relpath(broken, root)] == "undecodable"
     assert report["counts"]["slices"] == good["counts"]["slices"] - 2
@@ -119,14 +119,14 @@ def test_a_malformed_value_skips_its_file_and_the_rest_is_predicted(trained_run,
     root = tmp_path / "dicom"
     shutil.copytree(trained_run.dicom_root, root)
     good = run_predict(trained_run, str(tmp_path / "good"), "--input", str(root))
-    used = sorted(set(pq.read_table(tmp_path / "good" / "slices.parquet").column("source").to_pylist()))
+    used = sorted(set(slice_paths(tmp_path / "good")))
     # RescaleSlope holding the text "abc" (written raw: pydicom would refuse the value).
     ds = pydicom.dcmread(root / used[0])
     tag = pydicom.tag.Tag("RescaleSlope")
     ds[tag] = pydicom.dataelem.RawDataElement(tag, "DS", 4, b"abc ", 0, False, True)
     ds.save_as(root / used[0])
     report = run_predict(trained_run, str(tmp_path / "bad"), "--input", str(root))
-    skip = {s["input"]: s for s in report["skipped"]}[used[0]]
+    skip = by_path(report["skipped"], tmp_path / "bad")[used[0]]
     assert skip["reason"] == "malformed" and "RescaleSlope" in skip["detail"]
     assert report["counts"]["slices"] == good["counts"]["slices"] - 1
 
@@ -144,13 +144,19 @@ def test_png_and_numpy_images_and_their_bad_cousins(trained_run, tmp_path):
     np.save(tmp_path / "images" / "line.npy", np.zeros(10))
     out = tmp_path / "out"
     report = run_predict(trained_run, str(out), "--input", str(tmp_path / "images"))
-    reasons = {s["input"]: s for s in report["skipped"]}
+    reasons = by_path(report["skipped"], out)
     assert reasons["series_a/colour.png"]["reason"] == "unreadable"
     assert "not grayscale" in reasons["series_a/colour.png"]["detail"]
     assert reasons["line.npy"]["reason"] == "wrong_image_shape"
     rows = pq.read_table(out / "slices.parquet").to_pylist()
-    keys = sorted((r["series_key"], r["slice_index"]) for r in rows)
-    assert keys == [("series_a", 0), ("series_a", 1), ("series_a", 2)] + [("volume.npy", k) for k in range(4)]
+    keys = sorted((path, r["series_key"], r["slice_index"], r["frame"])
+                  for path, r in zip(slice_paths(out), rows))
+    # A folder's files are one series, a 3D array one series of its planes: keyed by salted
+    # hashes of the folder and the file, never by their names.
+    series_a, volume = keys[0][1], keys[-1][1]
+    assert keys == [(f"series_a/{i:03d}.png", series_a, i, 0) for i in range(3)] + [
+        ("volume.npy", volume, k, k) for k in range(4)]
+    assert series_a != volume and "series_a" not in series_a and "volume" not in volume
     assert "Manufacturer_header" not in rows[0]  # images carry no headers
     # A glob of the same files gives the same predictions.
     again = run_predict(trained_run, str(tmp_path / "glob"), "--input", str(folder / "0*.png"))
@@ -165,7 +171,8 @@ def test_nothing_predictable_exits_non_zero(trained_run, tmp_path, capsys):
                          str(tmp_path / "out"), "--quiet"])
     assert code == 1
     report = json.load(open(tmp_path / "out" / "predict_report.json"))
-    assert report["counts"]["slices"] == 0 and report["skipped"][0]["input"] == "line.npy"
+    assert report["counts"]["slices"] == 0
+    assert list(by_path(report["skipped"], tmp_path / "out")) == ["line.npy"]
     assert "wrong_image_shape" in capsys.readouterr().out
 
 
@@ -192,7 +199,7 @@ def test_raw_image_records_give_the_zlib_records_images_and_predictions(trained_
     for name, folder in (("zlib", trained_run.dataset_dir), ("raw", raw)):
         out = str(tmp_path / name)
         run_predict(trained_run, out, "--input", os.path.join(folder, "*test.tfrecord*"))
-        tables.append(pq.read_table(os.path.join(out, "slices.parquet")).drop(["source"]))
+        tables.append(pq.read_table(os.path.join(out, "slices.parquet")).drop(["file_key"]))
     assert tables[0].num_rows > 0 and tables[0].equals(tables[1])
 
 

@@ -10,6 +10,7 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import JPEG2000Lossless, generate_uid
 
 import prep_series
+from local_paths_view import by_path
 from data_prep.builder import REPORT_FILE
 from data_prep.cli import main
 
@@ -93,7 +94,7 @@ def test_bad_inputs_are_reported_and_good_slices_kept(bad_archive, tmp_path, cap
     assert "skipped" in out and "used" in out
     with open(os.path.join(data_dir, REPORT_FILE)) as f:
         report = json.load(f)
-    reasons = {s["path"]: s["reason"] for s in report["skipped"]}
+    reasons = {path: s["reason"] for path, s in by_path(report["skipped"], data_dir).items()}
     assert reasons == expected
     assert report["skipped_by_reason"] == {r: list(expected.values()).count(r) for r in set(expected.values())}
     assert report["files"]["skipped"] == len(expected)

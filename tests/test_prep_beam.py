@@ -13,6 +13,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from etils import epath
 
 import prep_series
+from local_paths_view import by_path
 from data_prep import builder as builder_lib
 from data_prep.builder import REPORT_FILE, IapDataset, make_config, prepare, read_work_items
 from data_prep.examples import SliceItem
@@ -103,7 +104,7 @@ def test_beam_workers_write_the_multiprocessing_dataset(archive, both_ways):
     local_report = json.loads((epath.Path(local_dir) / REPORT_FILE).read_text())
     beam_report = json.loads((epath.Path(beam_dir) / REPORT_FILE).read_text())
     assert beam_report == local_report
-    assert [s["path"] for s in beam_report["skipped"] if s["path"].endswith(".dcm")] == [broken]
+    assert [p for p in by_path(beam_report["skipped"], beam_dir) if p.endswith(".dcm")] == [broken]
     assert beam_report["slices"]["skipped_at_decode"] == 1
     for name in ("iap_stats.json", "prep_options.json"):
         assert (epath.Path(beam_dataset) / name).read_text() == (epath.Path(local) / name).read_text()
@@ -118,7 +119,7 @@ def test_beam_workers_write_the_multiprocessing_dataset(archive, both_ways):
 def slice_items(num_series, num_slices):
     nan = float("nan")
     return [SliceItem(key=f"s{s:03d}_{i:05d}", path=f"/archive/{s}/{i}.dcm",
-                      relative_path=f"{s}/{i}.dcm", frame=0, patient=f"p{s // 2}", series=f"s{s:03d}",
+                      file_key=f"k{s}-{i}", frame=0, patient=f"p{s // 2}", series=f"s{s:03d}",
                       phase=s % 3, slice_index=i, num_slices=num_slices,
                       iaps=((0, "SIEMENS", nan), (0, "", 2.81 + i), (2, "", nan)))
             for s in range(num_series) for i in range(num_slices)]

@@ -12,6 +12,7 @@ import tensorflow_datasets as tfds
 from pydicom.data import get_testdata_file
 
 from data_prep.builder import REPORT_FILE, prepare
+from local_paths_view import by_path
 
 # One image in every encoding; the copies get distinct instance and series UIDs (below).
 MR_SMALL_VARIANTS = ("MR_small.dcm", "MR_small_RLE.dcm", "MR_small_jp2klossless.dcm",
@@ -94,7 +95,7 @@ def test_truncated_real_file_is_reported_with_its_reason(real_archive):
     _, data_dir, _ = real_archive
     with open(os.path.join(data_dir, REPORT_FILE)) as f:
         report = json.load(f)
-    assert [(s["path"], s["reason"]) for s in report["skipped"]] == \
+    assert [(p, s["reason"]) for p, s in by_path(report["skipped"], data_dir).items()] == \
         [(os.path.join("broken", "MR_truncated.dcm"), "truncated")]
     assert report["files"]["used"] == len(MR_SMALL_VARIANTS) + 1 + 3 + 2
     assert report["slices"]["skipped_at_decode"] == 0

@@ -14,6 +14,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 import prep_series
+from local_paths_view import by_path
 from data_prep.builder import REPORT_FILE, prepare
 from data_prep.cli import main
 
@@ -42,8 +43,9 @@ def load_report(data_dir):
         return json.load(f)
 
 
-def decode_skips(report):
-    return {s["path"]: s["reason"] for s in report["skipped"] if s["reason"] == "undecodable"}
+def decode_skips(report, data_dir):
+    return {p: s["reason"] for p, s in by_path(report["skipped"], data_dir).items()
+            if s["reason"] == "undecodable"}
 
 
 def digests(dataset_dir):
@@ -81,7 +83,7 @@ def test_killed_then_rerun_equals_clean_run(archive, tmp_path):
     assert digests(rerun) == digests(clean)
     assert any(".tfrecord" in name for name in digests(clean))
     assert load_report(data_dir) == load_report(str(tmp_path / "clean"))
-    assert decode_skips(load_report(data_dir)) == {UNDECODABLE: "undecodable"}
+    assert decode_skips(load_report(data_dir), data_dir) == {UNDECODABLE: "undecodable"}
 
 
 def test_report_is_rebuilt_from_the_dataset_when_missing(archive, tmp_path):
@@ -91,7 +93,7 @@ def test_report_is_rebuilt_from_the_dataset_when_missing(archive, tmp_path):
     options = dict(image_size=8, slices="stride:8", progress=False)
     dataset_dir = prepare(archive, data_dir, **options)
     original = load_report(data_dir)
-    assert decode_skips(original) == {UNDECODABLE: "undecodable"}
+    assert decode_skips(original, data_dir) == {UNDECODABLE: "undecodable"}
     metadata = open(os.path.join(dataset_dir, "metadata.json")).read()
     assert "corrupt_j2k" not in metadata and "Breast_MRI" not in metadata
     assert json.loads(metadata)["decode_skips"][0]["reason"] == "undecodable"
@@ -102,8 +104,8 @@ def test_report_is_rebuilt_from_the_dataset_when_missing(archive, tmp_path):
     rebuilt = load_report(data_dir)
     for key in ("config", "archive_fingerprint", "files", "skipped_by_reason", "series", "slices"):
         assert rebuilt[key] == original[key], key
-    assert [(s["path"], s["reason"]) for s in rebuilt["skipped"]] == \
-        [(s["path"], s["reason"]) for s in original["skipped"]]
+    assert [(s["file"], s["reason"]) for s in rebuilt["skipped"]] == \
+        [(s["file"], s["reason"]) for s in original["skipped"]]
 
 
 def test_changed_archive_is_refused_unless_overwritten(tmp_path, capsys):
@@ -146,6 +148,6 @@ def test_beam_direct_runner_matches_local(archive, tmp_path):
     assert open(os.path.join(local, "iap_stats.json")).read() == open(os.path.join(beam, "iap_stats.json")).read()
     # Decode failures: a side output of the pipeline, merged into the same report.
     local_report, beam_report = load_report(str(tmp_path / "local")), load_report(str(tmp_path / "beam"))
-    assert decode_skips(beam_report) == {UNDECODABLE: "undecodable"}
+    assert decode_skips(beam_report, tmp_path / "beam") == {UNDECODABLE: "undecodable"}
     assert beam_report == local_report
     assert not [name for name in os.listdir(tmp_path / "beam") if name.startswith(".beam_skips")]

@@ -130,17 +130,18 @@ def test_series_without_patient_id_are_keyed_by_name_and_birth_date_then_study(t
 
 def test_decode_skips_count_files_only_when_every_frame_failed():
     found = Discovery(series=[], skips=[Skip("junk.txt", "not_dicom")], num_files=4, fingerprint="f")
-    report = report_lib.new_report(found, {}, ["multi.dcm", "single.dcm", "good.dcm"],
-                                   {"train": [0] * 12}, "c")
-    skips = [Skip("multi.dcm", "undecodable", "frame 3"), Skip("multi.dcm", "undecodable", "frame 4"),
-             Skip("single.dcm", "undecodable", "bad stream")]
-    report_lib.finish_report(report, skips, {"multi.dcm": 10, "single.dcm": 1, "good.dcm": 1})
+    report = report_lib.new_report(found, report_lib.discovery_skips(found, lambda p: f"key-{p}"), {},
+                                   ["multi.dcm", "single.dcm", "good.dcm"], {"train": [0] * 12}, "c")
+    FileSkip = report_lib.FileSkip
+    skips = [FileSkip("key-multi", "undecodable", "frame 3"), FileSkip("key-multi", "undecodable", "frame 4"),
+             FileSkip("key-single", "undecodable", "bad stream")]
+    report_lib.finish_report(report, skips, {"key-multi": 10, "key-single": 1, "key-good": 1})
     assert report["slices"]["skipped_at_decode"] == 3
     assert report["files"] == {"found": 4, "used": 2, "skipped": 2, "in_series_not_selected": 0,
                                "partly_skipped": 1}
-    assert [s["path"] for s in report["skipped"]] == ["junk.txt", "single.dcm"]
+    assert [s["file"] for s in report["skipped"]] == ["key-junk.txt", "key-single"]
     assert report["skipped_by_reason"] == {"not_dicom": 1, "undecodable": 1}
-    assert report["partly_skipped"] == [{"path": "multi.dcm", "reason": "undecodable",
+    assert report["partly_skipped"] == [{"file": "key-multi", "reason": "undecodable",
                                          "detail": "frame 3", "slices_skipped": 2,
                                          "slices_selected": 10}]
     assert "1 with some frames skipped" in report_lib.summary_table({}, report)
