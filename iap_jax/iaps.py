@@ -41,6 +41,7 @@ class IapValue:
     value: str = ""
     number: float = math.nan
     raw: str = ""
+    origin: str = ""  # where a vendor-private fallback supplied it; "" for the standard element
 
     @property
     def present(self) -> bool:
@@ -271,21 +272,27 @@ class IapSpec:
     missing_is_class: bool = False
 
     def extract(self, ds: Dataset, frame: int = 0) -> IapValue:
+        """The standard element(s) first; only where they are absent, the vendor-private
+        fallbacks of PRIVATE_FALLBACKS in order (the value then names its origin)."""
+        origin = ""
         try:
             raw = self.read(ds, frame)
+            if raw is MISSING:
+                raw, origin = read_private_fallback(ds, self.name, frame)
         except (TypeError, ValueError, OverflowError) as err:  # undecodable value in the header
-            return IapValue(LabelState.INVALID, raw=str(err)[:64])
+            return IapValue(LabelState.INVALID, raw=str(err)[:64], origin=origin)
         if raw is MISSING:
             return IapValue(LabelState.ABSENT)
         if _is_empty(raw):
-            return IapValue(LabelState.EMPTY)
+            return IapValue(LabelState.EMPTY, origin=origin)
         try:
             value, number = self.canonicalise(raw)
         except (TypeError, ValueError, OverflowError):
-            return IapValue(LabelState.INVALID, raw=str(raw)[:64])
+            return IapValue(LabelState.INVALID, raw=str(raw)[:64], origin=origin)
         if not value:
-            return IapValue(LabelState.EMPTY)
-        return IapValue(LabelState.PRESENT, value=value, number=number, raw=str(raw)[:64])
+            return IapValue(LabelState.EMPTY, origin=origin)
+        return IapValue(LabelState.PRESENT, value=value, number=number, raw=str(raw)[:64],
+                        origin=origin)
 
 
 def _text(name: str, **kw) -> IapSpec:
@@ -341,6 +348,115 @@ ALIASES: Mapping[str, Mapping[str, str]] = {
         "MAGNETOM VIDA": "VIDA",
     },
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class PrivateFallback:
+    """Where a vendor keeps an IAP in its private elements instead of the standard one.
+
+    A private element is named by its private creator, its (odd) group and its offset, the
+    low byte of the element number: the block it sits in (the element's high byte) is
+    wherever the file reserved that creator, so it is found through the creator, never by
+    a bare tag number. `within` is the path of enclosing sequences, outermost first (the
+    first item of each, the given frame's of PerFrameFunctionalGroupsSequence): a standard
+    one by keyword, a private one as (group, creator, offset)."""
+
+    creator: str
+    group: int
+    offset: int
+    within: tuple[str | tuple[int, str, int], ...] = ()
+
+    @property
+    def origin(self) -> str:
+        """A short description of the place, recorded with every value read from it."""
+        def private(group: int, creator: str, offset: int) -> str:
+            return f"{creator} ({group:04X},xx{offset:02X})"
+
+        path = [step if isinstance(step, str) else private(*step) for step in self.within]
+        where = private(self.group, self.creator, self.offset)
+        return where + (" in " + " > ".join(path) if path else "")
+
+    def read(self, ds: Dataset, frame: int = 0) -> Any:
+        """The element's value, or MISSING where the creator, a sequence or the element is not there."""
+        try:
+            for step in self.within:
+                if isinstance(step, str):
+                    element = ds[step] if step in ds else None
+                else:
+                    element = _private_element(ds, *step)
+                items = _sequence_items(element)
+                if not items:
+                    return MISSING
+                ds = items[min(frame, len(items) - 1)] if step == _FUNCTIONAL_GROUPS[1] else items[0]
+            element = _private_element(ds, self.group, self.creator, self.offset)
+        except Exception:  # pydicom raises many kinds on a malformed private part: no value
+            return MISSING
+        if element is None:
+            return MISSING
+        value = element.value
+        if isinstance(value, bytes):  # VR UN (an implicit VR file): the text as written
+            value = value.decode("latin-1").rstrip("\0 ")
+        return value
+
+
+_ITEM_TAG = b"\xfe\xff\x00\xe0"  # (FFFE,E000), little endian
+
+
+def _sequence_items(element) -> Any:
+    """The items of a sequence element, None for any other. A private sequence read from an
+    implicit VR file has no VR there and arrives as UN bytes: those are decoded as the
+    standard says UN is encoded (implicit VR little endian)."""
+    if element is None:
+        return None
+    if element.VR == "SQ":
+        return element.value
+    if element.VR == "UN" and isinstance(element.value, bytes) and element.value.startswith(_ITEM_TAG):
+        from pydicom.values import convert_SQ
+
+        return convert_SQ(element.value, True, True)
+    return None
+
+
+def _private_element(ds: Dataset, group: int, creator: str, offset: int):
+    """The element at `offset` in the block `creator` reserved in `group`, else None."""
+    try:
+        block = ds.private_block(group, creator)
+    except KeyError:  # the creator is not in this dataset
+        return None
+    return block[offset] if offset in block else None
+
+
+_SIEMENS_SDS = "SIEMENS MR SDS 01"  # Siemens XA series-level shadow attributes
+
+# Vendor-private places of an IAP, read in order only where the standard element is absent
+# (never in place of a standard value, however empty or invalid). Siemens XA (syngo MR XA10
+# and later) writes no ScanOptions (0018,0022) in Enhanced MR files; its scan options sit in
+# the series shadow attributes, element xx5C of creator SIEMENS MR SDS 01 in group 0021,
+# which Enhanced MR files keep in the private sequence xxFE of that creator inside the
+# shared functional groups, and interoperability (classic) files at the top level. The
+# other IAPs keep standard places in XA Enhanced MR files (Manufacturer, the model,
+# MagneticFieldStrength and PatientPosition at the top level; FlipAngle, RepetitionTime,
+# EffectiveEchoTime, the MRFOVGeometry steps, SliceThickness and PixelSpacing in the
+# functional groups), so they have no fallback.
+PRIVATE_FALLBACKS: Mapping[str, tuple[PrivateFallback, ...]] = {
+    "ScanOptions": (
+        PrivateFallback(_SIEMENS_SDS, 0x0021, 0x5C,
+                        within=(_FUNCTIONAL_GROUPS[0], (0x0021, _SIEMENS_SDS, 0xFE))),
+        PrivateFallback(_SIEMENS_SDS, 0x0021, 0x5C),
+    ),
+}
+
+
+def read_private_fallback(ds: Dataset, name: str, frame: int = 0) -> tuple[Any, str]:
+    """(value, origin) from the first of the IAP's private fallbacks that holds the
+    element, else (MISSING, "")."""
+    for fallback in PRIVATE_FALLBACKS.get(name, ()):
+        value = fallback.read(ds, frame)
+        if value is not MISSING:
+            return value, fallback.origin
+    return MISSING, ""
+
+
 SPECS: Mapping[str, IapSpec] = {spec.name: spec for spec in IAPS}
 
 
