@@ -48,6 +48,8 @@ def new_report(found, skips: Sequence[FileSkip], rejected: Mapping[str, int],
         "skipped_by_reason": dict(sorted(collections.Counter(s["reason"] for s in skipped).items())),
         "series": {"found": len(found.series), "selected": len(found.series) - sum(rejected.values()),
                    "not_selected_by_reason": dict(sorted(rejected.items()))},
+        # IAP -> vendor-private origin -> files whose value came from there, not the standard element
+        "iap_origins": dict(found.iap_origins),
         "slices": {"selected": {name: len(v) for name, v in items.items()}, "skipped_at_decode": 0},
         "notes": dict(notes or {}),
         "skipped": skipped,

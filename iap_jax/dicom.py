@@ -104,11 +104,25 @@ class InstanceHeader:
     columns: int
     frames: tuple[FrameHeader, ...]
     note: str = ""  # a fact worth reporting that is no reason to skip the file
+    # (IAP name, origin) of each value a vendor-private fallback supplied (iaps.PRIVATE_FALLBACKS),
+    # distinct over the frames; empty where every IAP came from its standard element.
+    iap_origins: tuple[tuple[str, str], ...] = ()
 
 
 def iap_values(frame: FrameHeader) -> dict[str, IapValue]:
     return {name: IapValue(LabelState(state), value, number)
             for name, (state, value, number) in zip(IAP_NAMES, frame.iaps)}
+
+
+def iap_origin_counts(headers: Sequence[InstanceHeader]) -> dict[str, dict[str, int]]:
+    """IAP -> origin -> number of files whose header took that IAP from that vendor-private
+    place (the IAPs every file gave through their standard elements are not listed)."""
+    counts: dict[str, dict[str, int]] = {}
+    for header in headers:
+        for name, origin in header.iap_origins:
+            by_origin = counts.setdefault(name, {})
+            by_origin[origin] = by_origin.get(origin, 0) + 1
+    return {name: dict(sorted(counts[name].items())) for name in sorted(counts)}
 
 
 def _text(ds: Dataset, keyword: str) -> str:
@@ -334,10 +348,12 @@ def read_instance_header(path: str) -> InstanceHeader:
             raise DicomError(path, "malformed", "no SeriesInstanceUID")
         for frame in range(frames):  # found here, the file is skipped before it is planned
             _rescale(path, ds, frame)
-        frame_headers = tuple(
-            FrameHeader(frame, slice_position(ds, frame),
-                        tuple((int(v.state), v.value, v.number) for v in extract_iaps(ds, frame).values()))
-            for frame in range(frames))
+        frame_headers, origins = [], {}
+        for frame in range(frames):
+            values = extract_iaps(ds, frame)
+            frame_headers.append(FrameHeader(frame, slice_position(ds, frame), tuple(
+                (int(v.state), v.value, v.number) for v in values.values())))
+            origins.update(((name, v.origin), None) for name, v in values.items() if v.origin)
         return InstanceHeader(
             path=path,
             sop_instance_uid=_text(ds, "SOPInstanceUID"),
@@ -351,8 +367,9 @@ def read_instance_header(path: str) -> InstanceHeader:
             instance_number=_int_or_none(ds.get("InstanceNumber")),
             rows=int(ds.Rows),
             columns=int(ds.Columns),
-            frames=frame_headers,
+            frames=tuple(frame_headers),
             note=note,
+            iap_origins=tuple(origins),
         )
     except DicomError:
         raise

@@ -36,7 +36,7 @@ import os
 import re
 from typing import Callable, Iterable, Sequence
 
-from iap_jax.dicom import DicomError, InstanceHeader, order_frames, read_instance_header
+from iap_jax.dicom import DicomError, InstanceHeader, iap_origin_counts, order_frames, read_instance_header
 from iap_jax.progress import Progress
 from iap_jax.workers import worker_pool
 
@@ -87,6 +87,8 @@ class Discovery:
     num_files: int
     fingerprint: str  # of the archive's file list, sizes and mtimes
     notes: dict[str, str] = dataclasses.field(default_factory=dict)  # relative path -> note
+    # IAP -> vendor-private origin -> files whose value came from there (dicom.iap_origin_counts)
+    iap_origins: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
 
 
 PATIENT_KEY_FALLBACKS = ("name_birth_date", "study_uid", "series_uid")
@@ -231,7 +233,8 @@ def discover(root: str, workers: int = 1, progress: bool = True) -> Discovery:
     series, group_skips = group_series(root, headers)
     notes = {_relative(root, h.path): h.note for h in headers if h.note}
     return Discovery(series, sorted(skips + group_skips, key=lambda s: s.path), len(relative_paths),
-                     archive_fingerprint(root, relative_paths), dict(sorted(notes.items())))
+                     archive_fingerprint(root, relative_paths), dict(sorted(notes.items())),
+                     iap_origin_counts(headers))
 
 
 # --- selection ---------------------------------------------------------------------
