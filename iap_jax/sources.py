@@ -297,6 +297,7 @@ class DicomSource(Source):
         self.notes = {"files_found": found.num_files, "series_found": len(found.series),
                       "series_not_selected": dict(sorted(rejected.items())),
                       "archive_fingerprint": found.fingerprint,
+                      "iap_origins": found.iap_origins,
                       "file_notes": {k: n for k, n in sorted(notes.items()) if k in used}}
         return units
 
