@@ -107,7 +107,7 @@ def test_instance_header_and_discovery_record_the_origin(tmp_path):
     assert read_instance_header(str(root / "standard.dcm")).iap_origins == ()
     found = discover(str(root), progress=False)
     assert found.iap_origins == {"ScanOptions": {SHARED_ORIGIN: 1}}
-    report = report_lib.new_report(found, {}, [], {}, "c")
+    report = report_lib.new_report(found, [], {}, [], {}, "c")
     assert report["iap_origins"] == {"ScanOptions": {SHARED_ORIGIN: 1}}
 
 
