@@ -51,6 +51,8 @@ ACCEPTED_MODALITIES = ("MR",)
 _IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1."
 _MR_STORAGE = {"1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.5.1.4.1.1.4.1",
                "1.2.840.10008.5.1.4.1.1.4.3", "1.2.840.10008.5.1.4.1.1.4.4"}
+# Enhanced MR, Enhanced MR Color and Legacy Converted Enhanced MR: one file, many frames.
+_ENHANCED_MR_STORAGE = _MR_STORAGE - {"1.2.840.10008.5.1.4.1.1.4"}
 _INTENSITY_PHOTOMETRICS = ("MONOCHROME1", "MONOCHROME2")
 _PIXEL_TAG = 0x7FE00010
 _PIXEL_TAG_BYTES = (b"\xe0\x7f\x10\x00", b"\x7f\xe0\x00\x10")  # little, big endian
@@ -84,6 +86,7 @@ class FrameHeader:
     frame: int
     position: float  # NaN where the geometry is missing
     iaps: tuple[tuple[int, str, float], ...]  # (LabelState, canonical value, number) per IAP_NAMES
+    identity: tuple | None = None  # which plane of the acquisition it is (frame_identity)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +110,10 @@ class InstanceHeader:
     # (IAP name, origin) of each value a vendor-private fallback supplied (iaps.PRIVATE_FALLBACKS),
     # distinct over the frames; empty where every IAP came from its standard element.
     iap_origins: tuple[tuple[str, str], ...] = ()
+    enhanced: bool = False  # an Enhanced (or Legacy Converted Enhanced) MR multi-frame file
+    protocol_name: str = ""
+    image_type: str = ""  # ImageType's values joined by "\\"
+    diffusion: bool = False  # a DiffusionBValue in the header (top level or first frame)
 
 
 def iap_values(frame: FrameHeader) -> dict[str, IapValue]:
@@ -162,6 +169,62 @@ def slice_position(ds: Dataset, frame: int = 0) -> float:
         return math.nan
     along = float(point @ normal) if point.shape == (3,) else math.nan
     return along if math.isfinite(along) else math.nan  # an infinite coordinate is no geometry
+
+
+def _rounded(value, decimals: int, count: int) -> tuple[float, ...] | None:
+    try:
+        numbers = [float(v) for v in value]
+    except (TypeError, ValueError):
+        return None
+    if len(numbers) != count or not all(math.isfinite(x) for x in numbers):
+        return None
+    return tuple(round(x, decimals) + 0.0 for x in numbers)  # + 0.0: no -0.0
+
+
+def frame_identity(ds: Dataset, frame: int) -> tuple | None:
+    """What makes one frame a plane of its acquisition, read the same way from a classic file
+    and from an enhanced frame: ImagePositionPatient (to 0.01 mm) and ImageOrientationPatient
+    (to 1e-4), the temporal position (TemporalPositionIdentifier, else the frame's
+    TemporalPositionIndex; 1 where neither is given: both count from 1), the echo time
+    (EchoTime, else the frame's EffectiveEchoTime, as the IAP reads it) and the diffusion
+    b-value. Frames of one series with the same identity in a classic and an enhanced file are
+    copies of one image (series.py). None where the geometry is missing or a value cannot be
+    read: such a frame is never taken for a copy (and the file is not skipped for it)."""
+    try:
+        return _frame_identity(ds, frame)
+    except Exception:  # a malformed value: no identity, no copy
+        return None
+
+
+def _frame_identity(ds: Dataset, frame: int) -> tuple | None:
+    position = _rounded(find_element_value(ds, "ImagePositionPatient", frame), 2, 3)
+    orientation = _rounded(find_element_value(ds, "ImageOrientationPatient", frame), 4, 6)
+    if position is None or orientation is None:
+        return None
+    temporal = _int_or_none(find_element_value(ds, "TemporalPositionIdentifier", frame))
+    if temporal is None:
+        temporal = _int_or_none(find_element_value(ds, "TemporalPositionIndex", frame))
+    if temporal is None:
+        temporal = 1
+    echo = extract_iaps(ds, frame, ("EchoTime",))["EchoTime"].value
+    return position, orientation, temporal, echo, _joined(find_element_value(ds, "DiffusionBValue", frame))
+
+
+def _has_b_value(ds: Dataset) -> bool:
+    """Whether the header (top level, else the first frame) gives a DiffusionBValue."""
+    try:
+        return _joined(find_element_value(ds, "DiffusionBValue")) != ""
+    except Exception:  # a malformed value still says it is a diffusion series
+        return True
+
+
+def _joined(value) -> str:
+    """A header value as text, several values joined by a backslash ("" where absent)."""
+    if value is MISSING or value is None:
+        return ""
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        return str(value).strip()
+    return "\\".join(str(v).strip() for v in value)
 
 
 def _non_image_kind(sop_class: str) -> str | None:
@@ -352,7 +415,7 @@ def read_instance_header(path: str) -> InstanceHeader:
         for frame in range(frames):
             values = extract_iaps(ds, frame)
             frame_headers.append(FrameHeader(frame, slice_position(ds, frame), tuple(
-                (int(v.state), v.value, v.number) for v in values.values())))
+                (int(v.state), v.value, v.number) for v in values.values()), frame_identity(ds, frame)))
             origins.update(((name, v.origin), None) for name, v in values.items() if v.origin)
         return InstanceHeader(
             path=path,
@@ -370,6 +433,10 @@ def read_instance_header(path: str) -> InstanceHeader:
             frames=tuple(frame_headers),
             note=note,
             iap_origins=tuple(origins),
+            enhanced=sop_class in _ENHANCED_MR_STORAGE or "PerFrameFunctionalGroupsSequence" in ds,
+            protocol_name=_text(ds, "ProtocolName"),
+            image_type=_joined(ds.get("ImageType")),
+            diffusion=_has_b_value(ds),
         )
     except DicomError:
         raise

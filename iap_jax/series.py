@@ -6,7 +6,9 @@ Discovery: headers are read without pixels, in parallel. Instances are grouped b
 (and TemporalPositionIdentifier, for vendors that keep all DCE phases in one series), never
 by folder; slices are ordered along the slice normal. Files that cannot be used are
 skipped with a reason: unreadable, not DICOM, non-image objects, malformed values,
-duplicate SOPInstanceUIDs, sizes that differ from the rest of their series.
+duplicate SOPInstanceUIDs, copies of frames held by another representation of the series
+(a classic and an enhanced multi-frame copy of one acquisition; see _drop_copied_frames),
+sizes that differ from the rest of their series.
 
 A series without PatientID is given to the patient named by (PatientName,
 PatientBirthDate), else to its study, so that one patient's studies stay together where
@@ -191,6 +193,50 @@ def _drop_duplicates(root: str, headers: list[InstanceHeader]) -> tuple[list[Ins
     return kept, skips
 
 
+def _drop_copied_frames(root: str, headers: list[InstanceHeader]) -> tuple[list[InstanceHeader], list[Skip]]:
+    """One representation of an acquisition stored both as classic files and as enhanced
+    multi-frame files under one SeriesInstanceUID (Canon and Philips exports).
+
+    Within a SeriesInstanceUID (across temporal positions: a classic file carries its
+    TemporalPositionIdentifier at the top level, an enhanced frame in its functional groups),
+    a classic frame and an enhanced frame with the same identity (dicom.frame_identity:
+    position, orientation, temporal position, echo time, b-value) are copies. Where the two
+    representations share a frame, the one covering more distinct frames is kept; a tie goes to
+    the classic files (a file that fails at decode then costs one slice, not the series, and
+    they are what the classic archives the model learns from are made of). A file of the
+    other representation whose frames are all copies is skipped as `duplicate_frame`; one
+    with frames of its own is kept with those frames only. Frames of one representation are
+    never copies of each other (repeats, diffusion directions, time points without a
+    temporal position), and a frame without geometry is never a copy."""
+    kinds = collections.defaultdict(lambda: ([], []))  # series uid -> (classic, enhanced) headers
+    for header in headers:
+        kinds[header.series_uid][header.enhanced].append(header)
+    keep: dict[str, tuple[bool, set]] = {}  # series uid -> (keep enhanced?, identities kept)
+    for uid, members in kinds.items():
+        covered = [{f.identity for h in group for f in h.frames if f.identity is not None}
+                   for group in members]
+        if covered[0] & covered[1]:
+            rank = [(len(covered[i]), sum(len(h.frames) for h in members[i]), i == 0) for i in (0, 1)]
+            enhanced = rank[1] > rank[0]
+            keep[uid] = enhanced, covered[enhanced]
+    kept, skips = [], []
+    for header in headers:
+        if header.series_uid not in keep or keep[header.series_uid][0] == header.enhanced:
+            kept.append(header)
+            continue
+        enhanced, identities = keep[header.series_uid]
+        own = tuple(f for f in header.frames if f.identity is None or f.identity not in identities)
+        if own:
+            kept.append(header if len(own) == len(header.frames) else dataclasses.replace(header, frames=own))
+            continue
+        representation = "enhanced multi-frame" if enhanced else "classic"
+        count = "its frame is a copy" if len(header.frames) == 1 else \
+            f"all {len(header.frames)} of its frames are copies"
+        skips.append(Skip(_relative(root, header.path), "duplicate_frame",
+                          f"{count} of the series' {representation} files, which are used"))
+    return kept, skips
+
+
 def _build_series(root: str, members: list[InstanceHeader]) -> tuple[Series, list[Skip]]:
     sizes = collections.Counter((h.rows, h.columns) for h in members)
     # The most common size wins; ties go to the larger image.
@@ -210,8 +256,10 @@ def _build_series(root: str, members: list[InstanceHeader]) -> tuple[Series, lis
 
 
 def group_series(root: str, headers: list[InstanceHeader]) -> tuple[list[Series], list[Skip]]:
-    """Group instances into series ordered by key, dropping duplicates and odd sizes."""
+    """Group instances into series ordered by key, dropping duplicates, copies and odd sizes."""
     headers, skips = _drop_duplicates(root, headers)
+    headers, copies = _drop_copied_frames(root, headers)
+    skips.extend(copies)
     groups: dict[tuple[str, int | None], list[InstanceHeader]] = collections.defaultdict(list)
     for header in headers:
         groups[(header.series_uid, header.temporal_position)].append(header)

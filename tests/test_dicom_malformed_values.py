@@ -44,6 +44,8 @@ ELEMENTS = {
     "MRAcquisitionFrequencyEncodingSteps": ("US", "MRFOVGeometrySequence"),
     "MRAcquisitionPhaseEncodingStepsInPlane": ("US", "MRFOVGeometrySequence"),
     "Manufacturer": ("LO", None), "ScanOptions": ("CS", None), "ContrastBolusAgent": ("LO", None),
+    "ProtocolName": ("LO", None), "DiffusionBValue": ("FD", "MRDiffusionSequence"),
+    "TemporalPositionIndex": ("UL", "FrameContentSequence"),
 }
 
 _TEXT_JUNK = [b"abc", b"nan", b"NaN", b"inf", b"-Infinity", b"1e999", b"-1e999", b"", b" ", b"0",
@@ -64,7 +66,8 @@ binary_junk = st.one_of(
 # A valid value for the elements the template lacks, to be replaced by junk.
 _PLACEHOLDERS = {"NumberOfFrames": "1", "TemporalPositionIdentifier": 1, "EffectiveEchoTime": 2.5,
                  "ImageType": ["ORIGINAL", "PRIMARY"], "MRAcquisitionFrequencyEncodingSteps": 250,
-                 "MRAcquisitionPhaseEncodingStepsInPlane": 251}
+                 "MRAcquisitionPhaseEncodingStepsInPlane": 251, "ProtocolName": "t1_fl3d",
+                 "DiffusionBValue": 0.0, "TemporalPositionIndex": 1}
 
 
 # Read only where another element is absent: that one goes, so the junk is what is read.
@@ -122,7 +125,7 @@ def _junk_file(path: str, keyword: str, junk: bytes, in_group: bool) -> None:
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(keyword=st.sampled_from(sorted(ELEMENTS)), data=st.data(), in_group=st.booleans())
 def test_junk_in_any_element_is_read_or_skipped_with_a_reason(tmp_path, keyword, data, in_group):
-    value = data.draw(binary_junk if ELEMENTS[keyword][0] in ("US", "FD") else text_junk)
+    value = data.draw(binary_junk if ELEMENTS[keyword][0] in ("US", "FD", "UL") else text_junk)
     root = tmp_path / "archive"
     root.mkdir(exist_ok=True)
     for old in root.iterdir():
