@@ -27,7 +27,20 @@ in SeriesDescription) replaces that pattern; the phase rule still applies, and a
 with no phase information counts as phase 0.
 
 Phase: "PhN/" prefix or "Nth pass" -> N; "pre" -> 0; else TemporalPositionIdentifier - 1
-(it counts from 1); else 0.
+(it counts from 1), except in a time series; else 0.
+
+Time series: a series recognised as fMRI, diffusion or ASL (by a word of its
+SeriesDescription, ProtocolName or ImageType such as `ep2d_bold`, `fmri`, `dti`, `dwi`,
+`diff`, `pcasl`, or `perfusion` without a contrast agent; or a DiffusionBValue in its header)
+and not as DCE (the DCE pattern, or `dce`) has time points, not contrast phases: its
+TemporalPositionIdentifier gives no phase, and only its first time point (1, or none) is
+selected, whatever `phases` says, since the later ones repeat the same slices; they are left
+out as "later time point of a time series (fMRI, diffusion, ASL/perfusion)". Any other series
+with temporal positions (DCE by name or not) follows the phase rule, as the DCE series of
+vendors that number their phases only by TemporalPositionIdentifier need. A contrast agent in
+the header does not by itself make a series DCE (the tag names the study's agent, also on
+series acquired before the injection); it only tells a contrast perfusion series (DCE, DSC:
+phase rule) from an ASL one named "perfusion".
 """
 from __future__ import annotations
 
@@ -39,6 +52,7 @@ import re
 from typing import Callable, Iterable, Sequence
 
 from iap_jax.dicom import DicomError, InstanceHeader, iap_origin_counts, order_frames, read_instance_header
+from iap_jax.iaps import IAP_NAMES, LabelState
 from iap_jax.progress import Progress
 from iap_jax.workers import worker_pool
 
@@ -74,6 +88,7 @@ class Series:
     slices: tuple[SliceRef, ...]  # ordered along the slice normal
     files: tuple[str, ...]  # relative paths of the files used
     patient_key_source: str = "patient_id"  # or one of PATIENT_KEY_FALLBACKS
+    time_series: bool = False  # fMRI, diffusion, ASL/perfusion: see is_time_series
 
     @property
     def key(self) -> str:
@@ -93,6 +108,7 @@ class Discovery:
     iap_origins: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
 
 
+_AGENT = IAP_NAMES.index("ContrastBolusAgent")
 PATIENT_KEY_FALLBACKS = ("name_birth_date", "study_uid", "series_uid")
 
 
@@ -250,8 +266,11 @@ def _build_series(root: str, members: list[InstanceHeader]) -> tuple[Series, lis
     patient, source = patient_key(first)
     slices = tuple(SliceRef(h.path, f.frame, f.iaps) for h, f in ordered)
     files = tuple(sorted(_relative(root, h.path) for h in kept))
+    contrast = first.frames[0].iaps[_AGENT][0] == LabelState.PRESENT
+    time_series = any(is_time_series((h.series_description, h.protocol_name, h.image_type),
+                                     h.diffusion, contrast) for h in kept)
     series = Series(first.series_uid, first.temporal_position, patient, first.series_description,
-                    size[0], size[1], slices, files, source)
+                    size[0], size[1], slices, files, source, time_series)
     return series, skips
 
 
@@ -294,9 +313,30 @@ NON_FAT_SAT_PATTERN = r"non[\s_-]*fs|non[\s_-]*fat"
 _PHASE_PREFIX = re.compile(r"^\s*ph(\d+)\s*/", re.IGNORECASE)
 _PASS = re.compile(r"(\d+)\s*(?:st|nd|rd|th)\s+pass", re.IGNORECASE)
 _PRE = re.compile(r"\bpre\b", re.IGNORECASE)
+# Words (between non-letters) that name a dynamic contrast series, and those that name a time
+# series whose temporal positions are repeats of the same slices, not contrast phases.
+_DCE_WORDS = re.compile(DCE_PATTERN + r"|(?<![a-z])dce(?![a-z])", re.IGNORECASE)
+_TIME_SERIES_WORDS = re.compile(
+    r"(?<![a-z])(?:(?:rs)?fmri|bold|dti|dwi|diff|diffusion|tensor|p?c?asl)(?![a-z])", re.IGNORECASE)
+_PERFUSION_WORDS = re.compile(r"(?<![a-z])perf(?:usion)?(?![a-z])", re.IGNORECASE)
+LATER_TIME_POINT = "later time point of a time series (fMRI, diffusion, ASL/perfusion)"
+
+
+def is_time_series(texts: Iterable[str], diffusion: bool = False, contrast: bool = False) -> bool:
+    """Whether a series is recognised as fMRI, diffusion or ASL by its texts
+    (SeriesDescription, ProtocolName, ImageType) or a DiffusionBValue in its header. One
+    whose texts name a DCE series (DCE_PATTERN, or "dce") never is; "perfusion" counts only
+    without a contrast agent in the header (with one it is a dynamic contrast series)."""
+    text = "\n".join(texts)
+    if _DCE_WORDS.search(text):
+        return False
+    if diffusion or _TIME_SERIES_WORDS.search(text):
+        return True
+    return not contrast and bool(_PERFUSION_WORDS.search(text))
 
 
 def phase_of(series: Series) -> int:
+    """The contrast phase: see the module docstring."""
     description = series.description
     for pattern in (_PHASE_PREFIX, _PASS):
         match = pattern.search(description)
@@ -304,7 +344,7 @@ def phase_of(series: Series) -> int:
             return int(match.group(1))
     if _PRE.search(description):
         return 0
-    if series.temporal_position is not None:
+    if series.temporal_position is not None and not series.time_series:
         return max(series.temporal_position - 1, 0)
     return 0
 
@@ -334,6 +374,8 @@ class SeriesSelection:
                 return "not a DCE series"
             if re.search(NON_FAT_SAT_PATTERN, description, re.IGNORECASE):
                 return "not fat-saturated"
+        if series.time_series and series.temporal_position is not None and series.temporal_position > 1:
+            return LATER_TIME_POINT
         if self.phases == "pre" and phase_of(series) != 0:
             return "post-contrast phase"
         return None

@@ -1,8 +1,10 @@
 """Series selection, slice sampling, patient splits and keys, report counting."""
 import collections
+import glob
 import json
 import os
 
+import pydicom
 import pytest
 import tensorflow_datasets as tfds
 
@@ -10,7 +12,8 @@ import prep_series
 from data_prep import report as report_lib
 from data_prep.builder import REPORT_FILE, prepare
 from iap_jax.salt import SALT_FILE
-from iap_jax.series import Discovery, Series, SeriesSelection, Skip, phase_of, select_slices
+from iap_jax.series import (LATER_TIME_POINT, Discovery, Series, SeriesSelection, Skip, discover,
+                             is_time_series, phase_of, select, select_slices)
 from data_prep.splits import parse_split, salted_hash, split_of
 
 
@@ -46,6 +49,55 @@ def test_temporal_position_gives_the_phase_without_a_description_marker():
     assert SeriesSelection(series_filter=".*").rejection(series("t2 tse")) is None
     with pytest.raises(ValueError, match="regex"):
         SeriesSelection(series_filter="(")
+
+
+def test_time_points_of_an_fmri_series_are_not_contrast_phases(tmp_path):
+    def time_series(name, description, time_points):
+        """One series whose volumes carry TemporalPositionIdentifier 1, 2, ..."""
+        paths = [path for t in time_points
+                 for path in prep_series.write_series(str(tmp_path / name / str(t)), patient_id="P",
+                                                      description=description, num_slices=2,
+                                                      temporal_position=t, study_uid="1.2.3")]
+        for path in paths:  # one SeriesInstanceUID for all volumes
+            ds = pydicom.dcmread(path)
+            ds.SeriesInstanceUID = f"1.2.3.{len(name)}"
+            ds.save_as(path)
+
+    time_series("bold", "ep2d_bold_rest", (1, 2, 3))
+    time_series("dynamic", "t1 fl3d dce", (1, 2))  # phases numbered by TemporalPositionIdentifier only
+    found = discover(str(tmp_path), progress=False)
+    assert [(s.description, s.time_series) for s in found.series] == \
+        [("ep2d_bold_rest", True)] * 3 + [("t1 fl3d dce", False)] * 2
+    for phases in ("pre", "all"):
+        kept, rejected = select(found, SeriesSelection(series_filter="bold", phases=phases), "all", "s")
+        assert [(k.series.temporal_position, k.phase, len(k.indices)) for k in kept] == [(1, 0, 2)]
+        assert rejected == {LATER_TIME_POINT: 2, "description does not match the series filter": 2}
+        # A DCE series still follows the phase rule.
+        kept, rejected = select(found, SeriesSelection(series_filter="dce", phases=phases), "all", "s")
+        assert [(k.series.temporal_position, k.phase) for k in kept] == \
+            ([(1, 0)] if phases == "pre" else [(1, 0), (2, 1)])
+        assert rejected.get("post-contrast phase", 0) == (phases == "pre")
+
+
+@pytest.mark.parametrize("texts,diffusion,contrast,expected", [
+    (("ep2d_bold",), False, False, True),
+    (("rsfMRI",), False, False, True),
+    (("ep2d_diff_mddw_20",), False, False, True),
+    (("DTI 64 directions",), False, False, True),
+    (("ax dwi",), False, False, True),
+    (("tgse_pcasl",), False, False, True),
+    (("", "", "ORIGINAL\\PRIMARY\\DIFFUSION\\NONE"), False, False, True),
+    (("ax t2",), True, False, True),  # a DiffusionBValue in the header
+    (("perfusion",), False, False, True),  # ASL
+    (("perfusion",), False, True, False),  # with a contrast agent: DCE / DSC
+    (("ax dyn pre",), False, True, False),
+    (("DCE perfusion",), False, False, False),
+    (("ax 3d dyn", "ep2d_bold"), False, False, False),  # a DCE name wins
+    (("t1 bolder", "bolus tracking"), False, False, False),  # words, not letters in a word
+    (("ax t1",), False, False, False),
+])
+def test_time_series_recognition(texts, diffusion, contrast, expected):
+    assert is_time_series(texts, diffusion, contrast) == expected
 
 
 def test_slice_sampling():
