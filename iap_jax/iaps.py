@@ -20,6 +20,8 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
+from iap_jax.siemens_csa import mosaic_tiles_per_row
+
 
 class LabelState(enum.IntEnum):
     ABSENT = 0
@@ -119,60 +121,6 @@ def _read_acquisition_matrix(ds: Dataset, frame: int) -> Any:
     return MISSING
 
 
-def csa_images_in_mosaic(ds: Dataset) -> int | None:
-    """NumberOfImagesInMosaic from a Siemens CSA image header (0029,xx10), if there is one.
-
-    The CSA2 layout: "SV10" and 4 bytes, a tag count and 4 unused bytes; per tag a 64-byte
-    name, vm, a 4-byte VR, syngodt, an item count and 4 unused bytes (int32 little endian),
-    then per item 4 int32 (the first the item's length) and the item padded to 4 bytes."""
-    import struct
-
-    try:
-        raw = ds.private_block(0x0029, "SIEMENS CSA HEADER")[0x10].value
-    except (KeyError, ValueError):
-        return None
-    if not isinstance(raw, bytes) or not raw.startswith(b"SV10") or len(raw) < 16:
-        return None
-    try:
-        count = struct.unpack_from("<I", raw, 8)[0]
-        offset = 16
-        for _ in range(min(count, 1000)):
-            name = raw[offset:offset + 64].split(b"\0", 1)[0].decode("latin-1")
-            items = struct.unpack_from("<i", raw, offset + 76)[0]
-            offset += 84
-            values = []
-            for _ in range(max(items, 0)):
-                length = struct.unpack_from("<i", raw, offset)[0]
-                offset += 16
-                values.append(raw[offset:offset + length].split(b"\0", 1)[0].decode("latin-1").strip())
-                offset += (length + 3) // 4 * 4
-            if name == "NumberOfImagesInMosaic":
-                number = next((int(float(v)) for v in values if v), None)
-                return number if number and number > 0 else None
-    except (struct.error, ValueError):
-        return None
-    return None
-
-
-def _mosaic_tiles_per_row(ds: Dataset) -> int | None:
-    """Tiles per row of a Siemens MOSAIC image (None if it is not one): ceil(sqrt(images))
-    from the CSA header's image count, as dcm2niix and nibabel do (a tile is Columns // that
-    wide), else Columns over the acquisition matrix's column steps."""
-    image_type = ds.get("ImageType") or []
-    if "MOSAIC" not in [str(v).upper() for v in image_type]:
-        return None
-    columns = int(ds.get("Columns") or 0)
-    images = csa_images_in_mosaic(ds)
-    if images:
-        return math.ceil(math.sqrt(images))
-    matrix = ds.get("AcquisitionMatrix")
-    try:
-        tile_columns = int(matrix[1]) or int(matrix[3])
-    except (TypeError, ValueError, IndexError):
-        return None
-    return columns // tile_columns if tile_columns and columns % tile_columns == 0 else None
-
-
 def _read_fov(ds: Dataset, frame: int) -> Any:
     diameter = find_element_value(ds, "ReconstructionDiameter", frame)
     if diameter is not MISSING and not _is_empty(diameter):
@@ -185,7 +133,7 @@ def _read_fov(ds: Dataset, frame: int) -> Any:
         return ""
     try:
         # A MOSAIC's columns span every tile of a row: the FOV is one tile's.
-        tiles = _mosaic_tiles_per_row(ds)
+        tiles = mosaic_tiles_per_row(ds)
         return float(spacing[1]) * (int(columns) // tiles if tiles else float(columns))
     except (TypeError, ValueError, IndexError):
         return f"{spacing!r}x{columns!r}"

@@ -176,7 +176,8 @@ def test_siemens_mosaic_fov_is_one_tiles(name, images, tile_fov):
     nibabel's own CSA reader."""
     from nibabel.nicom import csareader
 
-    from iap_jax.iaps import csa_images_in_mosaic, extract_iaps
+    from iap_jax.iaps import extract_iaps
+    from iap_jax.siemens_csa import csa_images_in_mosaic
 
     ds = pydicom.dcmread(os.path.join(NIBABEL_DATA, name), stop_before_pixels=True)
     assert csa_images_in_mosaic(ds) == images == csareader.get_n_mosaic(csareader.get_csa_header(ds))
