@@ -32,6 +32,7 @@ from pydicom.pixels.decoders.base import get_decoder
 from iap_jax.iaps import (IAP_NAMES, MISSING, IapValue, LabelState, extract_iaps, find_element_value,
                           one_number)
 from iap_jax.preprocess import PreparedSlice, preprocess_slice
+from iap_jax.siemens_csa import Mosaic, MosaicError, cut_tile, mosaic_layout
 
 # SOP classes that carry no image to learn from (some, like SEG, still have pixel data).
 _NON_IMAGE_SOP_PREFIXES = {
@@ -83,7 +84,7 @@ def _malformed(path: str, err: Exception) -> DicomError:
 class FrameHeader:
     """One image plane of an instance: its position along the slice normal and its IAPs."""
 
-    frame: int
+    frame: int  # in a Siemens MOSAIC, the tile (siemens_csa.py)
     position: float  # NaN where the geometry is missing
     iaps: tuple[tuple[int, str, float], ...]  # (LabelState, canonical value, number) per IAP_NAMES
     identity: tuple | None = None  # which plane of the acquisition it is (frame_identity)
@@ -391,6 +392,15 @@ def _check_pixels(path: str, ds: Dataset, content: bytes | None) -> tuple[int, s
     return frames, ""
 
 
+def _mosaic(path: str, ds: Dataset) -> Mosaic | None:
+    """How a Siemens MOSAIC splits into slices, None for any other image; one whose slices
+    cannot be told apart is skipped: a whole mosaic never goes on as one image."""
+    try:
+        return mosaic_layout(ds)
+    except MosaicError as err:
+        raise DicomError(path, "mosaic", str(err)) from None
+
+
 def read_instance_header(path: str) -> InstanceHeader:
     """The header of one DICOM file, checked for usable pixels; raises DicomError."""
     ds, content = _open(path)
@@ -411,12 +421,18 @@ def read_instance_header(path: str) -> InstanceHeader:
             raise DicomError(path, "malformed", "no SeriesInstanceUID")
         for frame in range(frames):  # found here, the file is skipped before it is planned
             _rescale(path, ds, frame)
+        mosaic = _mosaic(path, ds)
         frame_headers, origins = [], {}
-        for frame in range(frames):
+        for frame in range(frames if mosaic is None else 1):
             values = extract_iaps(ds, frame)
-            frame_headers.append(FrameHeader(frame, slice_position(ds, frame), tuple(
-                (int(v.state), v.value, v.number) for v in values.values()), frame_identity(ds, frame)))
+            iaps = tuple((int(v.state), v.value, v.number) for v in values.values())
             origins.update(((name, v.origin), None) for name, v in values.items() if v.origin)
+            if mosaic is None:
+                frame_headers.append(FrameHeader(frame, slice_position(ds, frame), iaps,
+                                                 frame_identity(ds, frame)))
+            else:  # each tile a frame of its own, at its position along the slice normal
+                frame_headers += [FrameHeader(tile, position, iaps)
+                                  for tile, position in enumerate(mosaic.positions)]
         return InstanceHeader(
             path=path,
             sop_instance_uid=_text(ds, "SOPInstanceUID"),
@@ -428,8 +444,8 @@ def read_instance_header(path: str) -> InstanceHeader:
             series_description=_text(ds, "SeriesDescription"),
             temporal_position=_int_or_none(find_element_value(ds, "TemporalPositionIdentifier")),
             instance_number=_int_or_none(ds.get("InstanceNumber")),
-            rows=int(ds.Rows),
-            columns=int(ds.Columns),
+            rows=mosaic.tile_rows if mosaic else int(ds.Rows),
+            columns=mosaic.tile_columns if mosaic else int(ds.Columns),
             frames=tuple(frame_headers),
             note=note,
             iap_origins=tuple(origins),
@@ -483,6 +499,9 @@ def _decode_frame(path: str, ds: Dataset, frame: int, from_disk: bool = True) ->
                 stored = pixel_array(ds, index=frame)
     except Exception as err:  # decoders raise many kinds on corrupt streams
         raise DicomError(path, "undecodable", f"{type(err).__name__}: {err}"[:200]) from None
+    mosaic = _mosaic(path, ds)
+    if mosaic is not None:  # frame: a tile of the mosaic's one frame
+        stored = cut_tile(stored[0] if stored.ndim == 3 else stored, mosaic, frame)
     if stored.ndim == 3 and stored.shape[1:] == (int(ds.Rows), int(ds.Columns)):
         # More frames of pixels than NumberOfFrames says (reported by the header stage).
         stored = stored[frame]

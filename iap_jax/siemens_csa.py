@@ -117,7 +117,9 @@ def csa_images_in_mosaic(ds: Dataset) -> int | None:
 
 
 def is_mosaic(ds: Dataset) -> bool:
-    return "MOSAIC" in [str(v).strip().upper() for v in (ds.get("ImageType") or [])]
+    image_type = ds.get("ImageType") or []
+    values = [image_type] if isinstance(image_type, (str, bytes)) else image_type
+    return "MOSAIC" in [str(v).strip().upper() for v in values]
 
 
 def mosaic_tiles_per_row(ds: Dataset) -> int | None:
