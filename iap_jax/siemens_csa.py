@@ -168,6 +168,11 @@ def _vector(ds: Dataset, keyword: str, size: int) -> np.ndarray | None:
     return values if values.shape == (size,) and np.all(np.isfinite(values)) else None
 
 
+def _found(header: dict[str, tuple[str, ...]], name: str) -> str:
+    """What an element unusable as a number holds, for a skip's detail ("" where absent)."""
+    return f" (it holds {list(header[name])[:4]!r})" if header.get(name) else ""
+
+
 def _spacing(ds: Dataset) -> float | None:
     for keyword in ("SpacingBetweenSlices", "SliceThickness"):
         try:
@@ -195,7 +200,7 @@ def mosaic_layout(ds: Dataset) -> Mosaic | None:
     images = _images(header)
     if images is None:
         raise MosaicError("no NumberOfImagesInMosaic in the CSA image header: the number of tiles "
-                          f"is unknown ({header.get('NumberOfImagesInMosaic')!r})")
+                          "is unknown" + _found(header, "NumberOfImagesInMosaic"))
     frames = str(ds.get("NumberOfFrames") or "").strip()
     if frames not in ("", "0", "1"):
         raise MosaicError(f"NumberOfFrames {frames[:16]!r}: a mosaic is one image")
@@ -212,7 +217,7 @@ def mosaic_layout(ds: Dataset) -> Mosaic | None:
     length = float(np.linalg.norm(normal)) if normal.shape == (3,) else 0.0
     if length == 0:
         raise MosaicError("no SliceNormalVector in the CSA image header: the order of the tiles "
-                          f"is unknown ({header.get('SliceNormalVector')!r})")
+                          "is unknown" + _found(header, "SliceNormalVector"))
     normal = normal / length
     orientation = _vector(ds, "ImageOrientationPatient", 6)
     position = _vector(ds, "ImagePositionPatient", 3)
@@ -225,7 +230,7 @@ def mosaic_layout(ds: Dataset) -> Mosaic | None:
             cross /= np.linalg.norm(cross)
             cosine = float(cross @ normal)
             if abs(abs(cosine) - 1) > _NORMAL_TOLERANCE:
-                raise MosaicError(f"the CSA SliceNormalVector {tuple(np.round(normal, 4))} is not "
+                raise MosaicError(f"the CSA SliceNormalVector {[round(float(v), 4) for v in normal]} is not "
                                   "along the ImageOrientationPatient's normal")
             # The orientation's normal, exactly across the image, signed as the CSA one.
             geometry = row_dir, column_dir, cross, math.copysign(1.0, cosine)
