@@ -20,13 +20,13 @@ import io
 import logging
 import math
 import os
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import pixel_array
+from pydicom.pixels import as_pixel_options, pixel_array
 from pydicom.pixels.decoders.base import get_decoder
 
 from iap_jax.iaps import (IAP_NAMES, MISSING, IapValue, LabelState, extract_iaps, find_element_value,
@@ -473,30 +473,90 @@ def _quiet_pydicom():
         logger.setLevel(previous)
 
 
+class _StoredFrames:
+    """The stored pixels of one opened file, a frame at a time, all from the one parsed
+    header: a frame's bytes are read from the pixel data's place in the file (or in the
+    decompressed bytes of a gzip-compressed file) and decoded alone, so reading many frames
+    neither parses the file again nor holds more than one frame's pixels."""
+
+    def __init__(self, path: str, ds: Dataset, content: bytes | None):
+        self.path, self.ds, self.content = path, ds, content
+        self._file = None
+        self._options: dict | None = None
+        element = ds._dict.get(_PIXEL_TAG)
+        syntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "")
+        self._value_tell = getattr(element, "value_tell", None)
+        self._vr = getattr(element, "VR", None)
+        # A deflated file's offsets count the inflated stream: its dataset holds the pixels.
+        self._from_dataset = syntax == _DEFLATED or self._value_tell is None
+
+    def stored(self, frame: int) -> np.ndarray:
+        if self._from_dataset:
+            return pixel_array(self.ds, index=frame)
+        if self._file is None:
+            self._file = open(self.path, "rb") if self.content is None else io.BytesIO(self.content)
+            self._options = self._decoding_options()
+        self._file.seek(self._value_tell)
+        stored, _ = get_decoder(self._options["transfer_syntax_uid"]).as_array(
+            self._file, index=frame, validate=True, **self._options)
+        return stored
+
+    def _decoding_options(self) -> dict:
+        syntax = pydicom.uid.UID(str(self.ds.file_meta.TransferSyntaxUID))
+        options = as_pixel_options(self.ds, transfer_syntax_uid=syntax, pixel_keyword="PixelData")
+        if not syntax.is_implicit_VR and self._vr in ("OB", "OW"):
+            options["pixel_vr"] = self._vr
+        return options
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def iter_frames(path: str, frames: Sequence[int]) -> Iterator[np.ndarray | DicomError]:
+    """The given frames of one file as float32 intensities [rows, columns], in the order
+    asked, from one reading of the file; a frame that cannot be read comes as its
+    DicomError (one for every frame when the file cannot be opened) and the others follow."""
+    try:
+        ds, content = _open(path)  # the same opener as the header stage
+    except DicomError as err:
+        for _ in frames:
+            yield err
+        return
+    pixels = _StoredFrames(path, ds, content)
+    try:
+        for frame in frames:
+            with _quiet_pydicom():
+                try:
+                    result = _decode_frame(path, ds, frame, pixels)
+                except DicomError as err:
+                    result = err
+                except Exception as err:  # a value the header stage did not need (or a changed file)
+                    result = _malformed(path, err)
+            yield result
+    finally:
+        pixels.close()
+
+
 def read_frame(path: str, frame: int = 0) -> np.ndarray:
     """One frame as float32 intensities [rows, columns]; raises DicomError."""
-    ds, content = _open(path)  # the same opener as the header stage; pixels stay on disk until asked for
-    with _quiet_pydicom():
-        try:
-            return _decode_frame(path, ds, frame, from_disk=content is None)
-        except DicomError:
-            raise
-        except Exception as err:  # a value the header stage did not need (or a changed file)
-            raise _malformed(path, err) from None
+    return _raised(next(iter_frames(path, [frame])))
 
 
-def _decode_frame(path: str, ds: Dataset, frame: int, from_disk: bool = True) -> np.ndarray:
-    frames = _frame_count(path, ds)
+def _raised(result):
+    if isinstance(result, DicomError):
+        raise result
+    return result
+
+
+def _decode_frame(path: str, ds: Dataset, frame: int, source: _StoredFrames | None = None) -> np.ndarray:
+    """One frame of an opened file; source: the file's stored frames (one per file, so that
+    its frames share one open file and one set of decoding options)."""
+    _frame_count(path, ds)
+    source = source or _StoredFrames(path, ds, None)
     try:
-        if frames == 1:
-            stored = ds.pixel_array
-        elif not from_disk:  # decompressed into memory: the dataset holds the pixels
-            stored = pixel_array(ds, index=frame)
-        else:
-            try:  # from the path, pydicom reads (and decodes) this frame only
-                stored = pixel_array(path, index=frame)
-            except InvalidDicomError:  # no preamble: only the forced dataset can be read
-                stored = pixel_array(ds, index=frame)
+        stored = source.stored(frame)
     except Exception as err:  # decoders raise many kinds on corrupt streams
         raise DicomError(path, "undecodable", f"{type(err).__name__}: {err}"[:200]) from None
     mosaic = _mosaic(path, ds)
@@ -519,14 +579,30 @@ def _decode_frame(path: str, ds: Dataset, frame: int, from_disk: bool = True) ->
     return pixels
 
 
+def iter_prepared_frames(path: str, frames: Sequence[int], image_size: int,
+                         resize_mode: str) -> Iterator[PreparedSlice | DicomError]:
+    """The given frames of one file as stored model-ready images (preprocess.preprocess_slice),
+    from one reading of the file: what the prep stage writes and what the predictor makes
+    from the same file. A frame that cannot be used comes as its DicomError, in its place."""
+    for pixels in iter_frames(path, frames):
+        if isinstance(pixels, DicomError):
+            yield pixels
+            continue
+        try:
+            yield preprocess_slice(pixels, image_size, resize_mode)
+        except ValueError as err:
+            yield DicomError(path, "undecodable", str(err))
+
+
+def read_prepared_frames(path: str, frames: Sequence[int], image_size: int,
+                         resize_mode: str) -> list[PreparedSlice | DicomError]:
+    """iter_prepared_frames as a list (prepared slices are small: uint16 at the stored size)."""
+    return list(iter_prepared_frames(path, frames, image_size, resize_mode))
+
+
 def read_prepared_frame(path: str, frame: int, image_size: int, resize_mode: str) -> PreparedSlice:
-    """One frame as the stored model-ready image (preprocess.preprocess_slice): what the prep
-    stage writes and what the predictor makes from the same file; raises DicomError."""
-    pixels = read_frame(path, frame)
-    try:
-        return preprocess_slice(pixels, image_size, resize_mode)
-    except ValueError as err:
-        raise DicomError(path, "undecodable", str(err)) from None
+    """One frame as the stored model-ready image; raises DicomError."""
+    return _raised(next(iter_prepared_frames(path, [frame], image_size, resize_mode)))
 
 
 def order_frames(headers: Sequence[InstanceHeader]) -> list[tuple[InstanceHeader, FrameHeader]]:
