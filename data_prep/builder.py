@@ -68,13 +68,13 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from data_prep import report as report_lib
-from data_prep.examples import SliceItem, items_of_line, make_example, series_line
+from data_prep.examples import SliceItem, items_of_line, make_examples, series_line
 from data_prep.report import FileSkip
 from iap_jax import local_paths
 from iap_jax.atomic import read_json, write_json_atomic
 from data_prep.splits import SPLIT_NAMES, parse_split, split_of
 from data_prep.stats import compute_stats, write_stats
-from iap_jax.dicom import DicomError
+from iap_jax.dicom import DicomError, group_by_file
 from data_prep.features import example_features
 from iap_jax.features import DATASET_NAME, IMAGE_ENCODINGS, PREP_OPTIONS_FILE, STATS_FILE
 from iap_jax.preprocess import RESIZE_MODES
@@ -214,15 +214,26 @@ def read_work_items(path: str) -> Iterable[SliceItem]:
                 yield from items_of_line(line)
 
 
-def _beam_examples(item: SliceItem, image_size: int, resize_mode: str) -> Iterator[Any]:
+def read_work_files(path: str) -> Iterable[list[SliceItem]]:
+    """A work-items file's slices grouped by file (a group per file of each series): what a
+    Beam worker decodes from one reading of that file."""
+    with epath.Path(path).open() as f:
+        for line in f:
+            if line.strip():
+                items = items_of_line(line)
+                for group in group_by_file([item.path for item in items], min_frames=len(items)):
+                    yield [items[i] for i in group]
+
+
+def _beam_examples(items: Sequence[SliceItem], image_size: int, resize_mode: str) -> Iterator[Any]:
     import apache_beam as beam
 
-    key, result = make_example(item, image_size, resize_mode)
-    if isinstance(result, DicomError):
-        beam.metrics.Metrics.counter("iap_prep", f"skipped_{result.reason}").inc()
-        yield beam.pvalue.TaggedOutput(SKIP_TAG, dataclasses.asdict(_decode_skip(item, result)))
-        return
-    yield key, result
+    for item, (key, result) in zip(items, make_examples(items, image_size, resize_mode)):
+        if isinstance(result, DicomError):
+            beam.metrics.Metrics.counter("iap_prep", f"skipped_{result.reason}").inc()
+            yield beam.pvalue.TaggedOutput(SKIP_TAG, dataclasses.asdict(_decode_skip(item, result)))
+            continue
+        yield key, result
 
 
 def _decode_skip(item: SliceItem, err: DicomError) -> FileSkip:
@@ -332,7 +343,7 @@ class IapDataset(tfds.core.GeneratorBasedBuilder):
         config = self.builder_config
         if self._use_beam:
             return self._beam_transform(items, split)
-        make = functools.partial(make_example, image_size=int(config.image_size),
+        make = functools.partial(make_examples, image_size=int(config.image_size),
                                  resize_mode=config.resize)
         return self._generate_locally(items, make)
 
@@ -341,7 +352,7 @@ class IapDataset(tfds.core.GeneratorBasedBuilder):
         The pipeline is created from the paths of the split's work-items files and the
         workers read the slices from them: a graph holding every slice of an archive the
         size of Duke's is too large for a runner (Dataflow) to accept. The reshuffle spreads
-        the slices of one file over the workers for decoding."""
+        the files over the workers for decoding, each file's slices read from one parse."""
         import apache_beam as beam
 
         config = self.builder_config
@@ -352,7 +363,7 @@ class IapDataset(tfds.core.GeneratorBasedBuilder):
         def examples(pipeline):
             results = (pipeline
                        | "work_files" >> beam.Create(work_files)
-                       | "read_items" >> beam.FlatMap(read_work_items)
+                       | "read_items" >> beam.FlatMap(read_work_files)
                        | "spread" >> beam.Reshuffle()
                        | "decode" >> beam.FlatMap(_beam_examples, int(config.image_size),
                                                   config.resize).with_outputs(SKIP_TAG, main="examples"))
@@ -380,13 +391,19 @@ class IapDataset(tfds.core.GeneratorBasedBuilder):
         return skips
 
     def _generate_locally(self, items: Sequence[SliceItem], make) -> Iterator[tuple[str, Any]]:
+        """make: the examples of one file's slices. Each file is read once for all of its
+        slices (a large one once per worker that decodes a part of them)."""
         meter = Progress("slices", len(items), unit="slices") if self._progress else None
         by_key = {item.key: item for item in items}
-        if self._workers > 1 and len(items) > 1:
+        groups = group_by_file([item.path for item in items], self._workers)
+        jobs = [[items[i] for i in group] for group in groups]
+        if self._workers > 1 and len(jobs) > 1:
+            single = all(len(job) == 1 for job in jobs)  # classic files: four to a task
             with worker_pool(self._workers) as pool:
-                yield from self._collect(pool.imap(make, items, chunksize=4), by_key, meter)
+                results = pool.imap(make, jobs, chunksize=4 if single else 1)
+                yield from self._collect(itertools.chain.from_iterable(results), by_key, meter)
         else:
-            yield from self._collect(map(make, items), by_key, meter)
+            yield from self._collect(itertools.chain.from_iterable(map(make, jobs)), by_key, meter)
         if meter:
             meter.close()
 

@@ -1,5 +1,5 @@
 """Work items (one per slice), their JSON lines (the Beam path's work-items files), and the
-function that turns one into a dataset example.
+functions that turn them into dataset examples (the slices of one file from one reading).
 
 Kept free of TensorFlow so that worker processes start fast and Beam workers can run it.
 """
@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
-from iap_jax.dicom import DicomError, read_prepared_frame
+from iap_jax.dicom import DicomError, iter_prepared_frames
 from iap_jax.iaps import IAP_NAMES
 
 
@@ -51,13 +51,27 @@ def label_record(iaps: tuple[tuple[int, str, float], ...]) -> dict[str, dict[str
             for name, (state, value, number) in zip(IAP_NAMES, iaps)}
 
 
+def make_examples(items: Sequence[SliceItem], image_size: int,
+                  resize_mode: str) -> list[tuple[str, Any]]:
+    """Slices of one file, read from one parse of it: (key, example dict) per item, or
+    (key, DicomError) for a slice whose pixels cannot be decoded."""
+    if len({item.path for item in items}) > 1:
+        raise ValueError("make_examples takes the slices of one file")
+    if not items:
+        return []
+    frames = iter_prepared_frames(items[0].path, [item.frame for item in items], image_size,
+                                  resize_mode)
+    return [(item.key, prepared if isinstance(prepared, DicomError) else _example(item, prepared))
+            for item, prepared in zip(items, frames)]
+
+
 def make_example(item: SliceItem, image_size: int, resize_mode: str) -> tuple[str, Any]:
     """(key, example dict) or (key, DicomError) when the pixels cannot be decoded."""
-    try:
-        prepared = read_prepared_frame(item.path, item.frame, image_size, resize_mode)
-    except DicomError as err:
-        return item.key, err
-    example = {
+    return make_examples([item], image_size, resize_mode)[0]
+
+
+def _example(item: SliceItem, prepared) -> dict[str, Any]:
+    return {
         "image": prepared.image,
         "intensity_scale": np.float32(prepared.scale),
         "intensity_offset": np.float32(prepared.offset),
@@ -69,5 +83,3 @@ def make_example(item: SliceItem, image_size: int, resize_mode: str) -> tuple[st
         "slice_position": np.float32(item.slice_index / max(item.num_slices - 1, 1)),
         "labels": label_record(item.iaps),
     }
-    return item.key, example
-

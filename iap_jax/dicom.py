@@ -605,6 +605,27 @@ def read_prepared_frame(path: str, frame: int, image_size: int, resize_mode: str
     return _raised(next(iter_prepared_frames(path, [frame], image_size, resize_mode)))
 
 
+# A file's frames read by one worker from one parse: with several workers a file of more
+# frames than this may be split into a group per worker (each parses the file once).
+FRAMES_PER_READ = 32
+
+
+def group_by_file(paths: Sequence[str], workers: int = 1,
+                  min_frames: int = FRAMES_PER_READ) -> list[list[int]]:
+    """The positions in `paths` (a path per frame to read) grouped by file, files in the order
+    they first appear: a group is read from one parse of its file (iter_frames). With several
+    workers a file of many frames is split into at most `workers` groups of at least
+    min_frames, so that a large file is not left to one worker."""
+    by_file: dict[str, list[int]] = {}
+    for position, path in enumerate(paths):
+        by_file.setdefault(path, []).append(position)
+    groups = []
+    for positions in by_file.values():
+        size = max(min_frames, math.ceil(len(positions) / max(1, workers)))
+        groups.extend(positions[i:i + size] for i in range(0, len(positions), size))
+    return groups
+
+
 def order_frames(headers: Sequence[InstanceHeader]) -> list[tuple[InstanceHeader, FrameHeader]]:
     """Every frame of a series, ordered along the slice normal (then InstanceNumber, path)."""
     frames = [(h, f) for h in headers for f in h.frames]

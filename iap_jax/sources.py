@@ -36,7 +36,7 @@ from etils import epath
 
 from iap_jax.atomic import is_remote, open_file, relative as relative_path
 from iap_jax import records
-from iap_jax.dicom import DicomError, read_prepared_frame
+from iap_jax.dicom import DicomError, group_by_file, read_prepared_frames
 from iap_jax.features import DatasetInfo, image_feature
 from iap_jax.iaps import IAP_NAMES
 from iap_jax.local_paths import file_key, scrub
@@ -246,13 +246,11 @@ def tfds_source(dataset_dir: str, split: str | None, spec: PixelSpec,
 
 # --- DICOM folders ------------------------------------------------------------------
 
-def _decode_dicom(entry: tuple[str, int, int, str]) -> Any:
-    """Worker: (path, frame, size, resize) -> PreparedSlice or DicomError."""
-    path, frame, size, resize = entry
-    try:
-        return read_prepared_frame(path, frame, size, resize)
-    except DicomError as err:
-        return err
+def _decode_dicom(job: tuple[str, list[int], int, str]) -> list:
+    """Worker: (path, frames, size, resize) -> a PreparedSlice or DicomError per frame, from
+    one reading of the file."""
+    path, frames, size, resize = job
+    return read_prepared_frames(path, frames, size, resize)
 
 
 class DicomSource(Source):
@@ -305,16 +303,28 @@ class DicomSource(Source):
         return sum(len(u.entries) for u in units)
 
     def read(self, unit: Unit, skips: list[Skip]) -> Iterator[StoredSlice]:
+        """The unit's slices in the order of its entries; each file is read once for all of
+        its selected frames (a large one once per worker that reads a part of them)."""
         size, resize = self.spec.stored_size, self.spec.resize
-        jobs = [(self.path(e[0]), e[1], size, resize) for e in unit.entries]
+        groups = group_by_file([e[0] for e in unit.entries], self.workers)
+        jobs = [(self.path(unit.entries[group[0]][0]), [unit.entries[i][1] for i in group], size,
+                 resize) for group in groups]
         if self.workers > 1:
             if self._pool is None:
                 from iap_jax.workers import worker_pool
                 self._pool = worker_pool(self.workers)
-            results = self._pool.imap(_decode_dicom, jobs, chunksize=4)
+            # Files of one frame (classic series) go four to a task, as single slices did.
+            single = all(len(group) == 1 for group in groups)
+            results = self._pool.imap(_decode_dicom, jobs, chunksize=4 if single else 1)
         else:
             results = map(_decode_dicom, jobs)
-        for entry, result in zip(unit.entries, results):
+        done: dict[int, Any] = {}  # entry position -> result, until its turn comes
+        pending = zip(groups, results)
+        for position, entry in enumerate(unit.entries):
+            while position not in done:
+                group, prepared = next(pending)
+                done.update(zip(group, prepared))
+            result = done.pop(position)
             key, frame, series_key, patient, index, phase, iaps = entry
             if isinstance(result, DicomError):
                 skips.append(self.skip(key, result.reason, result.detail))
