@@ -21,6 +21,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
+    return value
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="iap-synth", description=__doc__)
     parser.add_argument("--out", required=True, type=Path, help="output folder")
@@ -32,6 +42,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--slices", type=positive_int, default=None,
                         help="slices per series, spread evenly over the slab (default: 20 for "
                              "small, every slice for full)")
+    parser.add_argument("--enhanced", type=share, default=0.0, metavar="FRACTION",
+                        help="share of series written as one Enhanced MR multi-frame file each "
+                             "(as current Siemens, Philips and Canon scanners do), drawn per "
+                             "series from the seed; 1: every series (default 0: a file per slice)")
     parser.add_argument("--workers", type=positive_int, default=1)
     parser.add_argument("--contact-sheet", type=Path, default=None,
                         help="PNG path (default OUT/contact_sheet.png)")
@@ -70,7 +84,7 @@ def main(argv=None) -> int:
     try:
         rows, results = cohort.run_cohort(args.out, args.patients, args.seed, args.preset,
                                           args.phases, args.workers, progress=cohort.StderrProgress(),
-                                          slices=args.slices)
+                                          slices=args.slices, enhanced=args.enhanced)
     except ValueError as error:
         print(f"iap-synth: {error}", file=sys.stderr)
         return 2

@@ -36,9 +36,9 @@ import numpy as np
 
 from iap_jax.progress import LOG_EVERY_S, is_terminal
 from data_prep.synthetic import acquisition, phantom, scanners, tissues
-from data_prep.synthetic.dicom_writer import (PatientIdentity, SliceGeometry, format_number,
-                                              SeriesEncoder, max_stored_value, pixel_dtype,
-                                              series_template)
+from data_prep.synthetic.dicom_writer import (EnhancedSeriesEncoder, PatientIdentity,
+                                              SliceGeometry, format_number, SeriesEncoder,
+                                              max_stored_value, pixel_dtype, series_template)
 from data_prep.synthetic.scanners import CATALOG, SeriesProtocol
 from iap_jax.iaps import IAP_NAMES
 
@@ -88,6 +88,16 @@ class PatientTask:
     variant_index: int | None = None  # force a protocol version (tests, benchmarks)
     max_slices: int | None = None  # write fewer slices than the preset (tests)
     slices: int | None = None  # slices per series spread over the slab (default: the preset's)
+    enhanced: float = 0.0  # share of series written as one Enhanced MR multi-frame file
+
+
+def is_enhanced(task: PatientTask, protocol: SeriesProtocol) -> bool:
+    """Whether a series is written as an Enhanced MR multi-frame file: a seeded draw per
+    series, independent of the worker count and of the other series."""
+    if task.enhanced <= 0 or task.enhanced >= 1:
+        return task.enhanced >= 1
+    draw = zlib.crc32(f"enhanced:{task.seed}:{task.index}:{protocol.series_number}".encode())
+    return draw / 2 ** 32 < task.enhanced
 
 
 @dataclass
@@ -303,8 +313,9 @@ def generate_patient(task: PatientTask) -> PatientResult:
             jobs.append(dict(protocol=protocol, rel_dir=rel_dir, rng=rng, tmp=tmp,
                              model=_signal_model(protocol, params),
                              acq=_acquisition(protocol, preset, size),
-                             encoder=SeriesEncoder(series_template(protocol, identity, geometry, task.seed, window),
-                                                   geometry, task.seed),
+                             encoder=(EnhancedSeriesEncoder if is_enhanced(task, protocol) else SeriesEncoder)(
+                                 series_template(protocol, identity, geometry, task.seed, window),
+                                 geometry, task.seed),
                              dtype=pixel_dtype(protocol), vmax=max_stored_value(protocol),
                              scale=scale[protocol.role]))
         thickness = plan[0].slice_thickness_mm
@@ -318,6 +329,7 @@ def generate_patient(task: PatientTask) -> PatientResult:
                 job["encoder"].write(k, stored, job["tmp"] / f"{k + 1:04d}.dcm")
                 written += 1
         for job in jobs:
+            job["encoder"].close()
             final = out / job["rel_dir"]
             if final.exists():  # another run finished it meanwhile
                 shutil.rmtree(job["tmp"])
@@ -346,11 +358,13 @@ SETTINGS_NAME = "synth_settings.json"
 
 def check_settings(out: Path, settings: dict) -> None:
     """Keeps the settings that decide every patient's files beside the cohort, and refuses
-    to add to (or finish) a cohort that was written with different ones."""
+    to add to (or finish) a cohort that was written with different ones (a setting that
+    is absent on one side counts as differing)."""
     path = out / SETTINGS_NAME
     if path.exists():
         kept = json.loads(path.read_text())
-        changed = {k: (kept.get(k), v) for k, v in settings.items() if kept.get(k) != v}
+        changed = {k: (kept.get(k), settings.get(k)) for k in {**kept, **settings}
+                   if kept.get(k) != settings.get(k)}
         if changed:
             described = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())
             raise ValueError(f"{out} holds a cohort written with other settings ({described}); "
@@ -362,13 +376,15 @@ def check_settings(out: Path, settings: dict) -> None:
 
 
 def run_cohort(out_dir, patients: int, seed: int, preset: str = "small", phases: str = "pre",
-               workers: int = 1, progress=None, slices: int | None = None,
+               workers: int = 1, progress=None, slices: int | None = None, enhanced: float = 0.0,
                ) -> tuple[list[dict], list[PatientResult]]:
     """Generate the cohort; returns the cohort.csv rows and per-patient results.
 
     slices: slices per series, spread evenly over each patient's real slab (default: the
     preset's, 20 for small and every real slice for full). Many patients with few slices
     each teach a model more than few patients with many: neighbouring slices share anatomy.
+    enhanced: the share of series (a seeded draw per series; 1: all) written as one Enhanced
+    MR multi-frame file each instead of a file per slice, with the same pixels and IAPs.
     """
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
@@ -378,10 +394,15 @@ def run_cohort(out_dir, patients: int, seed: int, preset: str = "small", phases:
         raise ValueError("patients must be at least 1")
     if slices is not None and slices < 1:
         raise ValueError("slices must be at least 1")
+    if not 0 <= enhanced <= 1:
+        raise ValueError(f"enhanced must be a share between 0 and 1, got {enhanced}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    check_settings(out, {"seed": seed, "preset": preset, "slices": slices})
-    tasks = [PatientTask(str(out), i, seed, s, preset, phases, slices=slices)
+    settings = {"seed": seed, "preset": preset, "slices": slices}
+    if enhanced:  # (a cohort of classic files keeps the settings file it always had)
+        settings["enhanced"] = enhanced
+    check_settings(out, settings)
+    tasks = [PatientTask(str(out), i, seed, s, preset, phases, slices=slices, enhanced=enhanced)
              for i, s in enumerate(assign_scanners(patients, seed))]
     results: list[PatientResult | None] = [None] * len(tasks)
     start = time.perf_counter()
@@ -410,9 +431,10 @@ def run_cohort(out_dir, patients: int, seed: int, preset: str = "small", phases:
 
 
 def generate_cohort(out_dir, patients: int, seed: int, preset: str = "small", phases: str = "pre",
-                    workers: int = 1, slices: int | None = None) -> list[dict]:
+                    workers: int = 1, slices: int | None = None, enhanced: float = 0.0) -> list[dict]:
     """Write the cohort under out_dir; returns the rows of cohort.csv."""
-    rows, _ = run_cohort(out_dir, patients, seed, preset, phases, workers, slices=slices)
+    rows, _ = run_cohort(out_dir, patients, seed, preset, phases, workers, slices=slices,
+                         enhanced=enhanced)
     return rows
 
 

@@ -1,12 +1,15 @@
 """DICOM headers and files for the synthetic series, with each vendor's conventions.
 
 One file per slice, MR Image Storage, Implicit VR Little Endian (as in the Duke cohort),
-valid file meta. UIDs are pydicom `generate_uid` hashes of the cohort seed, the patient's
+valid file meta; or one file per series, Enhanced MR Image Storage, Explicit VR Little
+Endian, as current Siemens, Philips and Canon scanners write (EnhancedSeriesEncoder: the
+same pixels and header IAPs, the acquisition parameters in the functional groups). UIDs are pydicom `generate_uid` hashes of the cohort seed, the patient's
 index and ID, and the series/slice, so a rerun writes identical files and no two
 patients of a cohort share a UID.
 """
 from __future__ import annotations
 
+import copy
 import struct
 import zlib
 from dataclasses import dataclass
@@ -17,7 +20,9 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
-from pydicom.uid import ImplicitVRLittleEndian, MRImageStorage, generate_uid
+from pydicom.sequence import Sequence
+from pydicom.uid import (EnhancedMRImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian,
+                         MRImageStorage, generate_uid)
 
 from data_prep.synthetic.scanners import SeriesProtocol
 from iap_jax import iaps
@@ -270,3 +275,122 @@ class SeriesEncoder:
 
     def write(self, index: int, pixels: np.ndarray, path: Path) -> None:
         path.write_bytes(self.encode(index, pixels))
+
+    def close(self) -> None:
+        pass
+
+
+# The name of an enhanced series' one file in its folder.
+ENHANCED_FILE = "0001.dcm"
+
+
+def _item(**elements) -> Dataset:
+    item = Dataset()
+    for keyword, value in elements.items():
+        setattr(item, keyword, value)
+    return item
+
+
+def _pop(ds: Dataset, keyword: str, default=None):
+    value = ds.get(keyword, default)
+    if keyword in ds:
+        del ds[keyword]
+    return value
+
+
+def enhanced_header(template: Dataset, geometry: SliceGeometry, seed: int) -> Dataset:
+    """The classic series template as an Enhanced MR Image header for all slices: geometry,
+    pixel measures, rescale, timing, echo and FOV geometry in the shared functional groups,
+    each frame's position in its own; the values (and so the IAPs read from them) are the
+    classic files'."""
+    ds = copy.deepcopy(template)
+    series = str(ds.SeriesInstanceUID)
+    frames = len(geometry.slice_z)
+    ds.SOPClassUID = EnhancedMRImageStorage
+    ds.SOPInstanceUID = generate_uid(entropy_srcs=[str(seed), series, "enhanced"])
+    ds.InstanceNumber = "1"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "NONE"]
+    ds.PixelPresentation = "MONOCHROME"
+    ds.VolumetricProperties = "VOLUME"
+    ds.VolumeBasedCalculationTechnique = "NONE"
+    ds.ComplexImageComponent = "MAGNITUDE"
+    ds.AcquisitionContrast = "T1"
+    ds.NumberOfFrames = str(frames)
+    matrix = [int(v) for v in _pop(ds, "AcquisitionMatrix")]
+    freq, phase = (matrix[1], matrix[2]) if matrix[0] == 0 else (matrix[0], matrix[3])
+    shared = _item(
+        PixelMeasuresSequence=Sequence([_item(
+            PixelSpacing=_pop(ds, "PixelSpacing"), SliceThickness=_pop(ds, "SliceThickness"),
+            SpacingBetweenSlices=_pop(ds, "SpacingBetweenSlices"))]),
+        PlaneOrientationSequence=Sequence([_item(
+            ImageOrientationPatient=_pop(ds, "ImageOrientationPatient"))]),
+        PixelValueTransformationSequence=Sequence([_item(
+            RescaleIntercept=_pop(ds, "RescaleIntercept", "0"), RescaleSlope=_pop(ds, "RescaleSlope", "1"),
+            RescaleType=_pop(ds, "RescaleType", "US"))]),
+        FrameVOILUTSequence=Sequence([_item(
+            WindowCenter=_pop(ds, "WindowCenter"), WindowWidth=_pop(ds, "WindowWidth"))]),
+        MRTimingAndRelatedParametersSequence=Sequence([_item(
+            RepetitionTime=float(_pop(ds, "RepetitionTime")), FlipAngle=_pop(ds, "FlipAngle"),
+            EchoTrainLength=_pop(ds, "EchoTrainLength"))]),
+        MREchoSequence=Sequence([_item(EffectiveEchoTime=float(_pop(ds, "EchoTime")))]),
+        MRFOVGeometrySequence=Sequence([_item(
+            InPlanePhaseEncodingDirection=_pop(ds, "InPlanePhaseEncodingDirection"),
+            MRAcquisitionFrequencyEncodingSteps=freq, MRAcquisitionPhaseEncodingStepsInPlane=phase,
+            PercentSampling=_pop(ds, "PercentSampling"),
+            PercentPhaseFieldOfView=_pop(ds, "PercentPhaseFieldOfView"))]),
+        MRAveragesSequence=Sequence([_item(NumberOfAverages=_pop(ds, "NumberOfAverages"))]),
+        MRReceiveCoilSequence=Sequence([_item(ReceiveCoilName=_pop(ds, "ReceiveCoilName"))]),
+        MRImageFrameTypeSequence=Sequence([_item(
+            FrameType=list(ds.ImageType), PixelPresentation="MONOCHROME",
+            VolumetricProperties="VOLUME", VolumeBasedCalculationTechnique="NONE",
+            ComplexImageComponent="MAGNITUDE", AcquisitionContrast="T1")]),
+    )
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    x0, y0 = geometry.first_pixel_xy
+    ds.PerFrameFunctionalGroupsSequence = Sequence([_item(
+        FrameContentSequence=Sequence([_item(InStackPositionNumber=k + 1, StackID="1")]),
+        PlanePositionSequence=Sequence([_item(ImagePositionPatient=[_ds(v) for v in (x0, y0, z)])]),
+    ) for k, z in enumerate(geometry.slice_z)])
+    ds.file_meta = copy.deepcopy(template.file_meta)
+    ds.file_meta.MediaStorageSOPClassUID = EnhancedMRImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return ds
+
+
+class EnhancedSeriesEncoder:
+    """Writes a series as one Enhanced MR multi-frame file, slice by slice as the classic
+    SeriesEncoder is called (index 0, 1, ... in order): the header and the PixelData element's
+    head are written first, then each slice's pixels are appended, so that no more than one
+    slice is held."""
+
+    def __init__(self, template: Dataset, geometry: SliceGeometry, seed: int):
+        self.geometry = geometry
+        self.header = enhanced_header(template, geometry, seed)
+        self._file = None
+        self._written = 0
+
+    def write(self, index: int, pixels: np.ndarray, path: Path) -> None:
+        """Appends slice `index` to ENHANCED_FILE in path's folder (path names the classic file)."""
+        if index != self._written:
+            raise ValueError(f"slices of an enhanced series are written in order: got {index}, "
+                             f"expected {self._written}")
+        data = np.ascontiguousarray(pixels).tobytes()
+        if self._file is None:
+            self._file = open(path.parent / ENHANCED_FILE, "wb")
+            fp = DicomBytesIO()
+            pydicom.dcmwrite(fp, self.header, enforce_file_format=True)
+            length = len(data) * len(self.geometry.slice_z)
+            self._file.write(fp.getvalue() + _explicit_element(0x7FE00010, "OW", b"")[:-4]
+                             + struct.pack("<I", length + length % 2))
+        self._file.write(data)
+        self._written += 1
+        if self._written == len(self.geometry.slice_z):
+            if len(data) * self._written % 2:
+                self._file.write(b"\0")
+            self.close()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
