@@ -14,6 +14,10 @@ Variants (each size in its own subprocess, interleaved, best of --repeats):
              steady pace of a large input; and the wait for the first batch, the reader's
              start-up)
 
+Then iap-predict's DICOM input (bench/multiframe.py): the same synthetic series written as
+classic files and as Enhanced MR multi-frame files, the per-frame cost of reading them into
+stored slices side by side and their ratio (goal: at most 2); --dicom-patients 0 skips it.
+
   python bench/predict.py --sizes 64,128,224 --batch 32 --batches 8 --repeats 3
   (bfloat16 on a CPU with AVX-512 / AMX: --dtype bfloat16 --out bench/results/predict_bf16.json,
   PyTorch then under bfloat16 autocast; on a GPU: --sizes 224 --batch 512 --dtype bfloat16)
@@ -173,6 +177,22 @@ def _in_subprocess(variant: str, size: int, args) -> dict | None:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _dicom_read(args, size: int) -> dict:
+    """The enhanced-vs-classic read of DICOM input at the largest size (bench/multiframe.py)."""
+    import shutil
+
+    from multiframe import compare, table, write_both
+
+    work = tempfile.mkdtemp(prefix="iap_bench_dicom_")
+    try:
+        roots = write_both(work, args.dicom_patients, 0, slices=args.dicom_slices)
+        result = compare(roots, "predict", size, workers=args.dicom_workers)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print("\n" + table(result))
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="64,128,224")
@@ -181,6 +201,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--variants", default="jax,jax_unfolded,torch,torch_compile,e2e")
+    parser.add_argument("--dicom-patients", type=int, default=1,
+                        help="patients of the enhanced-vs-classic DICOM read (0: none)")
+    parser.add_argument("--dicom-slices", type=int, default=None,
+                        help="slices per series there (default: every slice)")
+    parser.add_argument("--dicom-workers", type=int, default=1)
     parser.add_argument("--out", default=DEFAULT_OUT)
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -218,10 +243,11 @@ def main() -> None:
                     f"{row['first_batch_wait_s']:.1f} s)" if "input_wait_share" in row else "")
             print(f"{size:>5} {variant:>14} {row['device'][:16]:>16} {row['images_per_s']:>9.1f} "
                   f"{ratio:>9} {row['compile_s']:>10.1f} {wait:>40}  {row['detail']}")
+    multiframe = _dicom_read(args, sizes[-1]) if args.dicom_patients > 0 else None
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"batch": args.batch, "batches": args.batches, "dtype": args.dtype,
-                   "repeats": args.repeats, "rows": rows}, f, indent=1)
+                   "repeats": args.repeats, "rows": rows, "multiframe": multiframe}, f, indent=1)
     print(f"wrote {args.out}")
 
 

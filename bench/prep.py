@@ -6,7 +6,12 @@ process the same files: the pre-contrast fat-sat DCE series of a synthetic cohor
 (full preset: real matrix sizes and slice counts). iap-prep's time includes header
 discovery, decoding, anti-aliased resizing, TFRecord writing and the statistics pass.
 
+Then the same series written as classic files and as Enhanced MR multi-frame files
+(bench/multiframe.py): the builder's per-frame decode cost for each, side by side, and
+their ratio (goal: at most 2).
+
   python bench/prep.py [--patients 2] [--workers 1,2] [--image-size 224] [--out FILE]
+                       [--multiframe-patients 1 (0: none)] [--multiframe-slices N]
 """
 from __future__ import annotations
 
@@ -19,6 +24,8 @@ import tempfile
 import time
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/multiframe.py
 
 
 def reference_extractor(files: list[str], out_dir: str) -> int:
@@ -50,6 +57,10 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", default="1,2")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--multiframe-patients", type=int, default=1,
+                        help="patients of the enhanced-vs-classic comparison (0: none)")
+    parser.add_argument("--multiframe-slices", type=int, default=None,
+                        help="slices per series there (default: every slice)")
     parser.add_argument("--out", default=os.path.join("bench", "results", "prep.json"),
                         help="results JSON (relative to the current directory)")
     args = parser.parse_args(argv)
@@ -82,6 +93,13 @@ def main(argv=None) -> int:
             results[f"iap_prep_workers_{workers}"] = {
                 "seconds": seconds, "slices_per_s": written / seconds,
                 "ratio_to_reference": (written / seconds) / (count / reference_s)}
+        multiframe = None
+        if args.multiframe_patients > 0:
+            from multiframe import compare, write_both
+
+            roots = write_both(os.path.join(work, "multiframe"), args.multiframe_patients, args.seed,
+                               slices=args.multiframe_slices)
+            multiframe = compare(roots, "prep", args.image_size, workers=1)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -91,6 +109,11 @@ def main(argv=None) -> int:
             ratio = row.get("ratio_to_reference", 1.0)
             print(f"{name:<24}{row['seconds']:>10.2f}{row['slices_per_s']:>12.1f}{ratio:>13.2f}")
     print(f"({count} slices, {args.patients} patients, full preset, {os.cpu_count()} CPUs)")
+    if multiframe:
+        from multiframe import table
+
+        results["multiframe"] = multiframe
+        print("\n" + table(multiframe))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1)
