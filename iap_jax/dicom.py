@@ -483,6 +483,8 @@ class _StoredFrames:
         self.path, self.ds, self.content = path, ds, content
         self._file = None
         self._options: dict | None = None
+        self._last: tuple[int, np.ndarray] | None = None  # the tiles of a mosaic share its frame
+        self._mosaic: tuple = ()
         element = ds._dict.get(_PIXEL_TAG)
         syntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "")
         self._value_tell = getattr(element, "value_tell", None)
@@ -490,15 +492,26 @@ class _StoredFrames:
         # A deflated file's offsets count the inflated stream: its dataset holds the pixels.
         self._from_dataset = syntax == _DEFLATED or self._value_tell is None
 
+    @property
+    def mosaic(self) -> Mosaic | None:
+        """The file's Siemens MOSAIC layout (None if it is no mosaic), worked out once."""
+        if not self._mosaic:
+            self._mosaic = (_mosaic(self.path, self.ds),)
+        return self._mosaic[0]
+
     def stored(self, frame: int) -> np.ndarray:
+        if self._last is not None and self._last[0] == frame:
+            return self._last[1]
         if self._from_dataset:
-            return pixel_array(self.ds, index=frame)
-        if self._file is None:
-            self._file = open(self.path, "rb") if self.content is None else io.BytesIO(self.content)
-            self._options = self._decoding_options()
-        self._file.seek(self._value_tell)
-        stored, _ = get_decoder(self._options["transfer_syntax_uid"]).as_array(
-            self._file, index=frame, validate=True, **self._options)
+            stored = pixel_array(self.ds, index=frame)
+        else:
+            if self._file is None:
+                self._file = open(self.path, "rb") if self.content is None else io.BytesIO(self.content)
+                self._options = self._decoding_options()
+            self._file.seek(self._value_tell)
+            stored, _ = get_decoder(self._options["transfer_syntax_uid"]).as_array(
+                self._file, index=frame, validate=True, **self._options)
+        self._last = (frame, stored)
         return stored
 
     def _decoding_options(self) -> dict:
@@ -555,11 +568,11 @@ def _decode_frame(path: str, ds: Dataset, frame: int, source: _StoredFrames | No
     its frames share one open file and one set of decoding options)."""
     _frame_count(path, ds)
     source = source or _StoredFrames(path, ds, None)
+    mosaic = source.mosaic
     try:
-        stored = source.stored(frame)
+        stored = source.stored(0 if mosaic else frame)
     except Exception as err:  # decoders raise many kinds on corrupt streams
         raise DicomError(path, "undecodable", f"{type(err).__name__}: {err}"[:200]) from None
-    mosaic = _mosaic(path, ds)
     if mosaic is not None:  # frame: a tile of the mosaic's one frame
         stored = cut_tile(stored[0] if stored.ndim == 3 else stored, mosaic, frame)
     if stored.ndim == 3 and stored.shape[1:] == (int(ds.Rows), int(ds.Columns)):

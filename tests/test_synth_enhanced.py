@@ -85,7 +85,7 @@ def test_enhanced_and_classic_give_the_same_slices(cohorts):
     spec = PixelSpec(stored_size=32, phases="all")
     read = []
     for root in cohorts:
-        source = DicomSource(str(root), spec, salt="s", progress=False)
+        source = DicomSource(str(root), spec, salt=lambda: "s", progress=False)
         read.append([s for unit in source.plan() for s in source.read(unit, [])])
     assert len(read[0]) == len(read[1]) > 0
     for a, b in zip(*read):
@@ -193,7 +193,7 @@ def _enhanced_series(cohorts, tmp_path):
 @pytest.mark.parametrize("workers", [1, 2])
 def test_predictor_reads_a_multiframe_file_once(cohorts, tmp_path, monkeypatch, workers):
     root, path = _enhanced_series(cohorts, tmp_path)
-    source = DicomSource(str(root), PixelSpec(stored_size=16, phases="all"), salt="s",
+    source = DicomSource(str(root), PixelSpec(stored_size=16, phases="all"), salt=lambda: "s",
                          workers=workers, progress=False)
     units = source.plan()
     counter = _CountingReads(monkeypatch)
