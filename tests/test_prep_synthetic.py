@@ -1,5 +1,6 @@
 """iap-prep on the built-in synthetic cohort: labels match cohort.csv, no personal data."""
 import csv
+import json
 import os
 
 import pydicom
@@ -11,6 +12,7 @@ from data_prep.builder import REPORT_FILE, prepare
 from iap_jax.salt import SALT_FILE
 from data_prep.splits import salted_hash
 from iap_jax.iaps import IAP_NAMES, SPECS, LabelState
+from local_paths_view import by_path
 
 NUM_PATIENTS = 4
 
@@ -85,7 +87,8 @@ def test_no_personal_data_in_dataset_dir(synthetic):
         content = open(path, "rb").read()
         leaked = [s for s in secrets if s.encode() in content]
         assert not leaked, (path, leaked)
-    # The local skip report (outside the dataset dir) names the cohort.csv it skipped.
-    report = open(os.path.join(data_dir, REPORT_FILE)).read()
-    assert "cohort.csv" in report and str(rows[0]["patient_id"]) not in open(
-        os.path.join(dataset_dir, "dataset_info.json")).read()
+    # The skip report names the cohort.csv it skipped by key, paths.local.json by its path.
+    report = json.load(open(os.path.join(data_dir, REPORT_FILE)))
+    assert "cohort.csv" not in json.dumps(report)
+    assert "cohort.csv" in by_path(report["skipped"], data_dir)
+    assert str(rows[0]["patient_id"]) not in open(os.path.join(dataset_dir, "dataset_info.json")).read()
