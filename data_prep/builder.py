@@ -31,8 +31,9 @@ run as a Beam pipeline. The launching machine writes the selected slices as work
 files (JSON lines, a line per series) under <data_dir>/.beam_work.<config>/ and the
 pipeline starts from their paths alone, so its graph stays small however large the
 archive; the workers read the files and decode. The folder is removed when the build
-ends. On a cluster the DICOM root must be readable by every worker (a shared file system
-or a gcsfuse mount) and the data dir readable and writable (that, or a gs:// bucket), and
+ends (they name the input files, for the workers, as paths.local.json does). On a cluster
+the DICOM root must be readable by every worker (a shared file system, or a gs:// bucket,
+read in place) and the data dir readable and writable (that, or a gs:// bucket), and
 the workers need this package installed:
     tfds build data_prep/builder.py --manual_dir /mnt/dicom --data_dir gs://bucket/tfds \
       --beam_pipeline_options="runner=DataflowRunner,project=P,region=R,\
@@ -71,7 +72,7 @@ from data_prep import report as report_lib
 from data_prep.examples import SliceItem, items_of_line, make_examples, series_line
 from data_prep.report import FileSkip
 from iap_jax import local_paths
-from iap_jax.atomic import read_json, write_json_atomic
+from iap_jax.atomic import absolute, read_json, relative, write_json_atomic
 from data_prep.splits import SPLIT_NAMES, parse_split, split_of
 from data_prep.stats import compute_stats, write_stats
 from iap_jax.dicom import DicomError, group_by_file
@@ -183,7 +184,7 @@ def _work_plan(discovery: Discovery, config: IapDatasetConfig, dicom_root: str, 
             ref = series.slices[index]
             plan.items[split].append(SliceItem(
                 key=f"{chosen.series_hash}_{index:05d}", path=ref.path,
-                file_key=plan.key(os.path.relpath(ref.path, dicom_root)), frame=ref.frame,
+                file_key=plan.key(relative(ref.path, dicom_root)), frame=ref.frame,
                 patient=chosen.patient_hash, series=chosen.series_hash, phase=chosen.phase,
                 slice_index=index, num_slices=num_slices, iaps=ref.iaps))
     return plan
@@ -518,7 +519,7 @@ class IapDataset(tfds.core.GeneratorBasedBuilder):
         """The report, and paths.local.json for the files it names (unless disabled)."""
         self._report_path().parent.mkdir(parents=True, exist_ok=True)
         if self._write_local_paths and self._plan is not None:
-            local_paths.write(os.fspath(self._data_dir_root), os.path.abspath(self._dicom_root),
+            local_paths.write(os.fspath(self._data_dir_root), absolute(self._dicom_root),
                               report_lib.named_files(self._report, self._plan.paths))
         write_json_atomic(self._report_path(), self._report)
 
@@ -539,7 +540,7 @@ def prepare(dicom_root: str, data_dir: str, *, series_filter: str | None = None,
     salt None: $IAP_PREP_SALT, else the data dir's kept salt (iap_jax.salt). beam_runner or
     beam_options (apache_beam PipelineOptions, e.g. the DirectRunner's direct_num_workers)
     prepare with Beam. write_local_paths False: no <data_dir>/paths.local.json."""
-    if not os.path.isdir(dicom_root):
+    if not epath.Path(dicom_root).is_dir():
         raise FileNotFoundError(f"{dicom_root}: DICOM root is not a directory")
     config = make_config(series_filter=series_filter, phases=phases, image_size=image_size,
                          slices=slices, split=split, resize=resize, image_encoding=image_encoding)

@@ -17,7 +17,7 @@ import sys
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="iap-prep", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dicom-root", required=True, help="root folder of the DICOM archive (any layout)")
+    parser.add_argument("--dicom-root", required=True, help="root folder of the DICOM archive (any layout; a local path or gs://)")
     parser.add_argument("--data-dir", required=True, help="TFDS data dir to write into")
     parser.add_argument("--series-filter", default=None,
                         help="regex searched in SeriesDescription (default: fat-sat DCE series)")

@@ -42,6 +42,30 @@ def relative(path: epath.PathLike, root: epath.PathLike) -> str:
     return os.fspath(epath.Path(path).relative_to(epath.Path(root)))
 
 
+def files_under(root: epath.PathLike) -> list[str]:
+    """Every file under root (hidden folders included), sorted, relative to root: a local
+    walk follows linked directories, and a folder reached a second time (a link loop, or two
+    links to one folder) is not listed again; a bucket is listed through etils.epath."""
+    root = os.fspath(root)
+    found = []
+    if is_remote(root):
+        scheme = root.split("://", 1)[0] + "://"
+        for parent, _, files in epath.Path(root).walk():
+            parent = os.fspath(parent)
+            parent = parent if is_remote(parent) else scheme + parent.lstrip("/")  # gcsfs drops it
+            found += [relative(os.path.join(parent, name), root) for name in files]
+        return sorted(found)
+    visited = set()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in visited:
+            dirs[:] = []
+            continue
+        visited.add(real)
+        found += [os.path.relpath(os.path.join(folder, name), root) for name in files]
+    return sorted(found)
+
+
 def makedirs(path: epath.PathLike) -> None:
     """os.makedirs(path, exist_ok=True), for a URI too."""
     epath.Path(path).mkdir(parents=True, exist_ok=True)

@@ -24,11 +24,13 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import pydicom
+from etils import epath
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import as_pixel_options, pixel_array
 from pydicom.pixels.decoders.base import get_decoder
 
+from iap_jax.atomic import is_remote
 from iap_jax.iaps import (IAP_NAMES, MISSING, IapValue, LabelState, extract_iaps, find_element_value,
                           one_number)
 from iap_jax.preprocess import PreparedSlice, preprocess_slice
@@ -248,18 +250,25 @@ def _looks_like_dicom_without_preamble(start: bytes) -> bool:
     return start[:2] in (b"\x02\x00", b"\x08\x00")
 
 
-def _gunzipped(path: str) -> bytes | None:
-    """The decompressed bytes of a gzip-compressed file, None for any other file (read from
-    disk as it is). Such a file is held in memory whole: gzip offers no random access."""
-    with open(path, "rb") as f:
-        if f.read(2) != _GZIP_MAGIC:
-            return None
-        f.seek(0)
-        try:
-            return gzip.decompress(f.read())
-        except (EOFError, OSError, ValueError) as err:  # cut off or corrupt stream
-            raise DicomError(path, "malformed", f"gzip-compressed file that does not decompress: "
-                             f"{err}"[:200]) from None
+def _in_memory(path: str) -> tuple[bytes | None, bool]:
+    """(the bytes to read the file from, whether it was gzip-compressed): None for a local
+    file that is read in place; a gzip-compressed file decompressed (gzip offers no random
+    access) and an object in a bucket as downloaded, each held in memory whole."""
+    if is_remote(path):
+        data = epath.Path(path).read_bytes()
+    else:
+        with open(path, "rb") as f:
+            if f.read(2) != _GZIP_MAGIC:
+                return None, False
+            f.seek(0)
+            data = f.read()
+    if data[:2] != _GZIP_MAGIC:
+        return data, False
+    try:
+        return gzip.decompress(data), True
+    except (EOFError, OSError, ValueError) as err:  # cut off or corrupt stream
+        raise DicomError(path, "malformed", f"gzip-compressed file that does not decompress: "
+                         f"{err}"[:200]) from None
 
 
 def _with_inferred_syntax(ds: Dataset) -> Dataset:
@@ -281,12 +290,11 @@ def _open(path: str, defer_size: int | None = 1024) -> tuple[Dataset, bytes | No
     is gzip-compressed; values larger than defer_size (pixels, private blobs) stay on disk
     until asked for. Also the file's decompressed bytes if it was compressed, else None."""
     try:
-        size = os.path.getsize(path)
-        if size == 0:
+        if (os.path.getsize(path) if not is_remote(path) else epath.Path(path).stat().length) == 0:
             raise DicomError(path, "zero_byte")
-        content = _gunzipped(path)
+        content, compressed = _in_memory(path)
         source = path if content is None else io.BytesIO(content)
-        gzipped = "" if content is None else "gzip-compressed, "
+        gzipped = "gzip-compressed, " if compressed else ""
         try:
             return pydicom.dcmread(source, defer_size=defer_size), content
         except InvalidDicomError:

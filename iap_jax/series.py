@@ -51,6 +51,9 @@ import os
 import re
 from typing import Callable, Iterable, Sequence
 
+from etils import epath
+
+from iap_jax.atomic import files_under, is_remote, relative
 from iap_jax.dicom import DicomError, InstanceHeader, iap_origin_counts, order_frames, read_instance_header
 from iap_jax.iaps import IAP_NAMES, LabelState
 from iap_jax.progress import Progress
@@ -129,9 +132,14 @@ def archive_fingerprint(root: str, relative_paths: Sequence[str]) -> str:
     """Hash of the sorted relative paths with their sizes and modification times."""
     digest = hashlib.sha256()
     for relative in sorted(relative_paths):
+        path = os.path.join(root, relative)
         try:
-            stat = os.stat(os.path.join(root, relative))
-            entry = f"{relative}\0{stat.st_size}\0{stat.st_mtime_ns}\n"
+            if is_remote(path):
+                stat = epath.Path(path).stat()
+                entry = f"{relative}\0{stat.length}\0{stat.mtime}\n"
+            else:
+                stat = os.stat(path)
+                entry = f"{relative}\0{stat.st_size}\0{stat.st_mtime_ns}\n"
         except OSError:  # vanished or unreadable: still part of the listing
             entry = f"{relative}\0?\n"
         digest.update(entry.encode("utf-8", "surrogateescape"))
@@ -139,23 +147,11 @@ def archive_fingerprint(root: str, relative_paths: Sequence[str]) -> str:
 
 
 def list_files(root: str) -> list[str]:
-    """Every file under root (hidden folders included), sorted, relative to root. Linked
-    directories are followed; a folder reached a second time (a link loop, or two links to
-    one folder) is not listed again."""
-    if not os.path.isdir(root):
+    """Every file under root (a local folder or a bucket's prefix), sorted, relative to root
+    (atomic.files_under: linked directories followed once each)."""
+    if not epath.Path(root).is_dir():
         raise FileNotFoundError(f"{root}: DICOM root is not a directory")
-    found = []
-    visited = set()
-    for folder, dirs, files in os.walk(root, followlinks=True):
-        real = os.path.realpath(folder)
-        if real in visited:
-            dirs[:] = []
-            continue
-        visited.add(real)
-        dirs.sort()
-        for name in files:
-            found.append(os.path.relpath(os.path.join(folder, name), root))
-    return sorted(found)
+    return files_under(root)
 
 
 def _read_one(path: str) -> InstanceHeader | DicomError:
@@ -190,7 +186,7 @@ def read_headers(root: str, relative_paths: Sequence[str], workers: int = 1,
 
 
 def _relative(root: str, path: str) -> str:
-    return os.path.relpath(path, root)
+    return relative(path, root)
 
 
 def _drop_duplicates(root: str, headers: list[InstanceHeader]) -> tuple[list[InstanceHeader], list[Skip]]:

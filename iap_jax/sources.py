@@ -14,10 +14,10 @@ from its TFRecord is the same input. A unit is the resumable piece of work: one 
 shard, or a chunk of whole series or image files. What cannot be read is recorded as a
 skip (input, reason, detail, slices) and the rest goes on.
 
-TFRecord shards, TFDS dataset dirs and PNG / .npy images may also be URIs (gs://...), read
-through etils.epath; a `**` glob is local only. DICOM folders are local only:
-their discovery walks and reads the files in place (copy a bucket's DICOM to a local
-disk first).
+Every input may also be a URI (gs://...), read through etils.epath; a `**` glob is local
+only. A DICOM folder in a bucket is listed by the launching process; each object is read,
+whole, by the worker that reads its header, and again by the one that decodes its pixels
+(one object per instance, as the NCI Imaging Data Commons keeps them, any names, no layout).
 No name taken from the input leaves a source: every file (shard, DICOM file, image) is named
 by its salted key (local_paths.file_key), in the units (so in plan.json), the slices and the
 skips; `paths` maps the keys a source has named back to paths, for paths.local.json.
@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 from etils import epath
 
-from iap_jax.atomic import is_remote, open_file, relative as relative_path
+from iap_jax.atomic import files_under, is_remote, open_file, relative as relative_path
 from iap_jax import records
 from iap_jax.dicom import DicomError, group_by_file, read_prepared_frames
 from iap_jax.features import DatasetInfo, image_feature
@@ -444,24 +444,6 @@ def _glob(pattern: str) -> list[str]:
                   if not p.is_dir())
 
 
-def _with_scheme(path: str, uri: str) -> str:
-    """A path of `uri`'s file system as a URI (gcsfs walks give "bucket/path")."""
-    if is_remote(path):
-        return path
-    return uri.split("://", 1)[0] + "://" + path.lstrip("/")
-
-
-def _files_under(folder: str) -> list[str]:
-    found = []
-    walk = os.walk(folder) if not is_remote(folder) else (
-        (_with_scheme(os.fspath(parent), folder), dirs, files)
-        for parent, dirs, files in epath.Path(folder).walk())
-    for parent, dirs, files in walk:
-        dirs.sort()
-        found.extend(os.path.join(parent, name) for name in files)
-    return sorted(found)
-
-
 def open_source(spec_text: str, pixel_spec: PixelSpec, *, split: str | None = None,
                 salt: Callable[[], str] | None = None, workers: int = 1,
                 progress: bool = True) -> Source:
@@ -474,13 +456,10 @@ def open_source(spec_text: str, pixel_spec: PixelSpec, *, split: str | None = No
     if kind == "folder":
         if epath.Path(path, "dataset_info.json").exists():
             return tfds_source(path, split, pixel_spec, salt)
-        files = [f for f in _files_under(path) if not os.path.basename(f).startswith(".")]
+        files = [os.path.join(path, f) for f in files_under(path)
+                 if not os.path.basename(f).startswith(".")]
         if files and all(_is_image(f) for f in files):
             return ImageSource(path, files, pixel_spec, salt)
-        if is_remote(path):
-            raise ValueError(f"{path}: neither a TFDS dataset dir nor a folder of PNG / .npy "
-                             f"images; a DICOM folder must be local (its files are discovered "
-                             f"and decoded in place): copy it to a local disk first")
         return DicomSource(path, pixel_spec, salt, workers, progress)
     if kind == "file":
         root = os.path.dirname(path) or "."

@@ -175,13 +175,59 @@ def test_tfrecord_shards_and_images_are_predicted_from_a_bucket(trained_run, gcs
             == _rows(str(tmp_path / "img_local" / "slices.parquet")))
 
 
-def test_dicom_in_a_bucket_is_refused_with_the_way_out(gcs_bucket):
-    from iap_jax.sources import open_source
+def _flat_archive(dicom_root: str, out) -> str:
+    """The cohort's files as a bucket archive keeps them: one object per instance named by a
+    UUID, no folder layout; one gzip-compressed."""
+    import gzip
+    import uuid
 
-    epath.Path(gcs_bucket, "dicom", "1.dcm").write_bytes(b"\0" * 132 + b"DICM")
-    with pytest.raises(ValueError, match="DICOM folder must be local"):
-        open_source(f"{gcs_bucket}/dicom", None, salt=lambda: "s")
+    out.mkdir()
+    files = sorted(os.path.join(d, n) for d, _, names in os.walk(dicom_root) for n in names
+                   if n.endswith(".dcm"))
+    for index, path in enumerate(files):
+        name = str(uuid.UUID(int=index + 1))
+        data = open(path, "rb").read()
+        if index == 0:
+            (out / f"{name}.dcm.gz").write_bytes(gzip.compress(data))
+        else:
+            (out / name).write_bytes(data)
+    return str(out)
+
+
+def test_a_dicom_root_in_a_bucket_gives_the_records_and_predictions_of_local_files(
+        trained_run, gcs_bucket, tmp_path):
+    """Issue 18 item 9: prep and prediction from a DICOM root in a bucket (listed there,
+    read by the workers) give what the same files on a local disk give."""
+    import tensorflow_datasets as tfds
+
+    from data_prep.builder import prepare
+
+    local = _flat_archive(trained_run.dicom_root, tmp_path / "archive")
+    remote = f"{gcs_bucket}/idc"
+    _upload(local, remote)
+    options = dict(image_size=16, salt="s", workers=2, progress=False, split=(0.5, 0.25, 0.25))
+    datasets = [prepare(root, str(tmp_path / name), **options)
+                for name, root in (("local", local), ("remote", remote))]
+    examples = []
+    for dataset_dir in datasets:
+        builder = tfds.builder_from_directory(dataset_dir)
+        examples.append({(e["series"], int(e["slice_index"])): e for split in builder.info.splits
+                         for e in tfds.as_numpy(builder.as_dataset(split=split))})
+    assert examples[0].keys() == examples[1].keys() and len(examples[0]) == 60
+    for key, example in examples[0].items():
+        np.testing.assert_array_equal(example["image"], examples[1][key]["image"])
+        assert example["labels"]["EchoTime"]["value"] == examples[1][key]["labels"]["EchoTime"]["value"]
+    reports = [read_json(str(tmp_path / name / "prep_report.json")) for name in ("local", "remote")]
+    assert reports[0]["files"] == reports[1]["files"] and reports[0]["skipped"] == reports[1]["skipped"]
+    assert local_paths.read(str(tmp_path / "remote"))["root"] == remote
+
+    predicted = [run_predict(trained_run, str(tmp_path / f"pred_{name}"), "--input", root)
+                 for name, root in (("local", local), ("remote", remote))]
+    assert predicted[0]["counts"] == predicted[1]["counts"] and predicted[0]["counts"]["slices"] == 60
+    assert (_rows(str(tmp_path / "pred_remote" / "slices.parquet"))
+            == _rows(str(tmp_path / "pred_local" / "slices.parquet")))
     with pytest.raises(ValueError, match="local paths only"):
+        from iap_jax.sources import open_source
         open_source(f"{gcs_bucket}/**/*.tfrecord", None)
 
 
