@@ -2,7 +2,7 @@
 PyTorch inference of the same network and batch, and iap-predict end to end from TFRecords.
 
 Variants (each size in its own subprocess, interleaved, best of --repeats):
-  jax        iap_jax.predict.Predictor: stored uint16 images in, the pixel path and the
+  jax        iap_jax.engine.Predictor: stored uint16 images in, the pixel path and the
              forward in one compiled program (oneDNN convolutions on a CPU, XLA elsewhere;
              there each BatchNorm folded into its convolution, which adds the residual and
              applies the ReLU in the same call)
@@ -75,7 +75,7 @@ def _run_jax(size: int, batch: int, batches: int, dtype: str, fold_norms: bool =
     import jax
 
     from iap_jax import sharding
-    from iap_jax.predict import Predictor
+    from iap_jax.engine import Predictor
 
     mesh = sharding.make_mesh({"data": -1}, devices=jax.local_devices())
     predictor = Predictor(_restored(size, dtype, mesh), mesh, batch, fold_norms=fold_norms,

@@ -24,7 +24,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from iap_jax import train
+from iap_jax import distributed, train
 from iap_jax.models import onednn
 
 FLAGS = flags.FLAGS
@@ -64,25 +64,14 @@ def cpu_device_count(config, cpu_count: int | None, xla_flags: str, multi_proces
 
 
 def is_multi_process(config) -> bool:
-    """From config, or a SLURM job of several tasks, or a TPU VM pod of several workers."""
-    cluster = int(os.environ.get("SLURM_NTASKS", "1")) > 1
-    tpu_pod = bool(os.environ.get("TPU_WORKER_HOSTNAMES", "").count(","))
-    return config.distributed.num_processes > 1 or config.distributed.auto or cluster or tpu_pod
+    return distributed.is_multi_process(config.distributed.num_processes, config.distributed.auto)
 
 
 def initialise_distributed(config) -> None:
     """jax.distributed for multi-process runs; a no-op for one process."""
     dist = config.distributed
-    if not is_multi_process(config):
-        return
-    if dist.cpu_collectives:  # before any backend starts; CPU arrays need it to talk
-        jax.config.update("jax_cpu_collectives_implementation", dist.cpu_collectives)
-    if dist.coordinator:
-        jax.distributed.initialize(coordinator_address=dist.coordinator,
-                                   num_processes=dist.num_processes, process_id=dist.process_id)
-    else:
-        jax.distributed.initialize()
-    logging.info("process %d of %d", jax.process_index(), jax.process_count())
+    distributed.initialise(dist.coordinator, dist.num_processes, dist.process_id,
+                           dist.cpu_collectives, dist.auto)
 
 
 class _LibraryInfoFilter(std_logging.Filter):

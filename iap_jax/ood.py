@@ -18,9 +18,14 @@ import argparse
 import os
 import sys
 
+import jax
 import numpy as np
 
 from iap_jax.atomic import write_json_atomic
+from iap_jax.calibration import load_fitted
+from iap_jax.engine import Predictor, batches
+from iap_jax.iaps import IAP_NAMES
+from iap_jax.sources import tfds_source
 
 OOD_FILE = "ood.json"
 GROUP_IAP = "ManufacturerModelName"
@@ -62,24 +67,16 @@ class OodModel:
 
 
 def load_ood(workdir: str, step: int) -> OodModel | None:
-    from iap_jax.calibration import load_fitted
-
     data = load_fitted(workdir, OOD_FILE, step)
     return OodModel(data) if data is not None else None
 
 
 def split_features(predictor, dataset_dir: str, split: str) -> tuple[np.ndarray, list]:
     """Pooled features and group header values of every slice of a split."""
-    import jax
-
-    from iap_jax.iaps import IAP_NAMES
-    from iap_jax.predict import _batches
-    from iap_jax.sources import tfds_source
-
     source = tfds_source(dataset_dir, split, predictor.spec)
     features, groups = [], []
     index = IAP_NAMES.index(GROUP_IAP)
-    for item in _batches(source, source.plan(), {}, predictor.batch_size, predictor.spec.stored_size):
+    for item in batches(source, source.plan(), {}, predictor.batch_size, predictor.spec.stored_size):
         if item[0] != "batch":
             continue
         _, _, slices, images, scales, offsets = item
@@ -90,8 +87,6 @@ def split_features(predictor, dataset_dir: str, split: str) -> tuple[np.ndarray,
 
 
 def fit(workdir: str, dataset_dir: str | None = None, step="best", batch_size: int = 256) -> dict:
-    from iap_jax.predict import Predictor
-
     predictor = Predictor.from_checkpoint(workdir, step, batch_size)
     dataset_dir = dataset_dir or predictor.config.get("dataset_dir")
     train_split = predictor.config.get("train_split", "train")

@@ -32,16 +32,23 @@ import argparse
 import hashlib
 import json
 import os
-import queue
 import sys
-import threading
 import time
-from typing import Any, Iterator
+from typing import Any
 
+import jax
 from etils import epath
+from jax.experimental import multihost_utils
 
-from iap_jax.atomic import absolute, makedirs, read_json, write_json_atomic
-from iap_jax.salt import salted_hash
+from iap_jax import distributed, local_paths, predictions, sources
+from iap_jax import salt as salt_lib
+from iap_jax.atomic import absolute, is_remote, makedirs, read_json, write_json_atomic
+from iap_jax.calibration import CALIBRATION_FILE, head_calibrators, load_calibration
+from iap_jax.checkpoints import restore_model
+from iap_jax.engine import Predictor, Reader, batches, encoding_sha256
+from iap_jax.ood import load_ood
+from iap_jax.preprocess import PixelSpec
+from iap_jax.progress import Progress
 
 PARTS = "parts"
 REPORT_FILE = "predict_report.json"
@@ -105,9 +112,6 @@ def _sha256(data: Any) -> str:
 
 
 def _barrier(name: str) -> None:
-    import jax
-    from jax.experimental import multihost_utils
-
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(name)
 
@@ -115,22 +119,17 @@ def _barrier(name: str) -> None:
 def _training_salt(config: dict) -> str | None:
     """The salt kept beside the checkpoint's training data (iap-prep's data dir, three levels
     above <data_dir>/iap_dataset/<config>/<version>), if any."""
-    from iap_jax.atomic import is_remote
-    from iap_jax.salt import kept_salt
-
     dataset_dir = config.get("dataset_dir") or ""
     if not dataset_dir:
         return None
     dataset_dir = (dataset_dir.rstrip("/") if is_remote(dataset_dir)
                    else os.path.normpath(dataset_dir))
     data_dir = os.path.dirname(os.path.dirname(os.path.dirname(dataset_dir)))
-    return kept_salt(data_dir) if data_dir and epath.Path(data_dir).is_dir() else None
+    return salt_lib.kept_salt(data_dir) if data_dir and epath.Path(data_dir).is_dir() else None
 
 
 def resolve_salt(args, config: dict, out_dir: str) -> tuple[str, str]:
-    """(salt, where it came from) for DICOM input's series and patient keys."""
-    from iap_jax import salt as salt_lib
-
+    """(salt, where it came from) for the input's file, series and patient keys."""
     if args.salt:
         return args.salt, "--salt"
     if os.environ.get(salt_lib.SALT_ENV):
@@ -143,168 +142,13 @@ def resolve_salt(args, config: dict, out_dir: str) -> tuple[str, str]:
                   "made with another salt")
 
 
-# --- the model --------------------------------------------------------------------------
-
-class Predictor:
-    """A model as one compiled forward over a fixed global batch on this process's devices."""
-
-    def __init__(self, restored: dict, mesh, batch_size: int = 256, conv_impl: str | None = None,
-                 dtype: str | None = None, fold_norms: bool = True):
-        """restored: checkpoints.restore_model's dict (arrays placed on `mesh`); fold_norms:
-        see models.factory.build_model."""
-        import jax
-        import jax.numpy as jnp
-
-        from iap_jax import sharding as sharding_lib
-        from iap_jax.models.conv import pack_for_inference
-        from iap_jax.models.factory import build_model, describe_convolutions, inference_settings
-        from iap_jax.preprocess import model_input
-
-        self.mesh = mesh
-        self.step = restored["step"]
-        self.directory = restored["directory"]
-        self.encoding = restored["label_encoding"]
-        self.spec = restored["pixel_spec"]
-        self.config = restored["config"]
-        self.conv_impl, self.dtype = inference_settings(self.config["model"], conv_impl, dtype)
-        self.convolutions = describe_convolutions(self.conv_impl, self.dtype, inference=fold_norms)
-        model = build_model(self.config["model"], self.encoding.head_sizes(),
-                            conv_impl=self.conv_impl, dtype=self.dtype, fold_norms=fold_norms)
-        self.batch_size = self.global_batch_size(batch_size, self.mesh.size)
-        variables = {"params": restored["params"], "batch_stats": restored["batch_stats"]}
-        spec = self.spec
-        # With oneDNN: every kernel folded with its BatchNorm and packed once, here.
-        variables = pack_for_inference(model, variables,
-                                       (self.batch_size, spec.input_size, spec.input_size, 1))
-
-        def forward(variables, images, scales, offsets):
-            outputs, state = model.apply(variables, model_input(images, scales, offsets, spec),
-                                         train=False, mutable=["intermediates"])
-            return outputs, state["intermediates"]["features"][0]
-
-        batch = sharding_lib.batch_sharding(self.mesh)
-        shape = (self.batch_size, spec.stored_size, spec.stored_size)
-        abstract = (jax.ShapeDtypeStruct(shape, jnp.uint16, sharding=batch),
-                    jax.ShapeDtypeStruct(shape[:1], jnp.float32, sharding=batch),
-                    jax.ShapeDtypeStruct(shape[:1], jnp.float32, sharding=batch))
-        replicated = sharding_lib.replicated(self.mesh)
-        start = time.time()
-        # Compiled once, ahead of time: a call of any other shape is an error, never a
-        # silent recompilation.
-        self._forward = jax.jit(forward, out_shardings=replicated).lower(
-            variables, *abstract).compile()
-        self.compile_s = time.time() - start
-        self._variables = variables
-        self._batch_sharding = batch
-
-    @staticmethod
-    def global_batch_size(batch_size: int, devices: int) -> int:
-        """The compiled batch: `batch_size` rounded up to a multiple of the device count."""
-        return -(-max(int(batch_size), 1) // devices) * devices
-
-    @staticmethod
-    def local_mesh():
-        import jax
-
-        from iap_jax import sharding as sharding_lib
-
-        return sharding_lib.make_mesh({"data": -1}, devices=jax.local_devices())
-
-    @classmethod
-    def from_checkpoint(cls, workdir: str, step: str | int = "best", batch_size: int = 256,
-                        conv_impl: str | None = None, dtype: str | None = None) -> "Predictor":
-        """The checkpoint's model alone (never its optimizer state) on this process's devices."""
-        from iap_jax.checkpoints import restore_model
-
-        mesh = cls.local_mesh()
-        return cls(restore_model(workdir, mesh, step), mesh, batch_size, conv_impl, dtype)
-
-    def __call__(self, images, scales, offsets) -> tuple[dict, Any]:
-        """Host arrays of the full batch shape -> device (outputs per head, pooled features
-        [batch, width]), asynchronously."""
-        import jax
-
-        arrays = [jax.device_put(x, self._batch_sharding) for x in (images, scales, offsets)]
-        return self._forward(self._variables, *arrays)
-
-    def encoding_sha256(self) -> str:
-        return _encoding_sha256(self.encoding)
-
-
-def _encoding_sha256(encoding) -> str:
-    return _sha256(encoding.to_json())
-
-
-# --- batches --------------------------------------------------------------------------
-
-def _batches(source, units, skips_by_unit: dict, batch_size: int, stored_size: int
-             ) -> Iterator[tuple]:
-    """("batch", unit id, slices, images, scales, offsets) padded to batch_size, and
-    ("end", unit id) after each unit's last batch."""
-    import numpy as np
-
-    for unit in units:
-        skips = skips_by_unit.setdefault(unit.id, [])
-        pending = []
-        for record in source.read(unit, skips):
-            pending.append(record)
-            if len(pending) == batch_size:
-                yield ("batch", unit.id, pending, *_stack(pending, batch_size, stored_size, np))
-                pending = []
-        if pending:
-            yield ("batch", unit.id, pending, *_stack(pending, batch_size, stored_size, np))
-        yield ("end", unit.id)
-
-
-def _stack(slices, batch_size: int, size: int, np):
-    images = np.zeros((batch_size, size, size), np.uint16)
-    scales = np.ones(batch_size, np.float32)
-    offsets = np.zeros(batch_size, np.float32)
-    for i, s in enumerate(slices):
-        images[i], scales[i], offsets[i] = s.image, s.scale, s.offset
-    return images, scales, offsets
-
-
-class _Reader(threading.Thread):
-    """Decodes batches ahead of the device in a thread of its own."""
-
-    def __init__(self, iterator, depth: int = 4):
-        super().__init__(daemon=True)
-        self.iterator = iterator
-        self.items: queue.Queue = queue.Queue(maxsize=depth)
-        self._stopping = threading.Event()
-
-    def run(self):
-        try:
-            for item in self.iterator:
-                if not self._put(item):
-                    return
-            self._put(("done",))
-        except BaseException as err:  # handed to the main thread
-            self._put(("error", err))
-
-    def _put(self, item) -> bool:
-        while not self._stopping.is_set():
-            try:
-                self.items.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                pass
-        return False
-
-    def stop(self) -> None:
-        """Ends the thread after the item it is reading (the consumer has given up)."""
-        self._stopping.set()
-        self.join()
-
-
 # --- the run ----------------------------------------------------------------------------
 
 def _run_signature(args, restored: dict, source, spec, units, salt: str | None) -> dict:
     return {"checkpoint": restored["directory"], "step": restored["step"],
-            "label_encoding_sha256": _encoding_sha256(restored["label_encoding"]),
+            "label_encoding_sha256": encoding_sha256(restored["label_encoding"]),
             "pixel_spec": spec.to_json(),
-            "input": salted_hash(source.salt, "input", absolute(args.input)),
+            "input": salt_lib.salted_hash(source.salt, "input", absolute(args.input)),
             "split": args.split, "kind": source.kind,
             "top_k": args.top_k,
             "salt_sha256": hashlib.sha256(salt.encode()).hexdigest() if salt else None,
@@ -329,15 +173,6 @@ def _check_signature(parts_dir: str, signature: dict, overwrite: bool) -> None:
 
 def predict(args) -> dict:
     """Runs the prediction of `args` (see build_parser); returns the report."""
-    import jax
-
-    from iap_jax import local_paths, predictions, sources
-    from iap_jax.calibration import CALIBRATION_FILE, head_calibrators, load_calibration
-    from iap_jax.checkpoints import restore_model
-    from iap_jax.ood import load_ood
-    from iap_jax.preprocess import PixelSpec
-    from iap_jax.progress import Progress
-
     started = time.time()
     out_dir = args.out
     parts_dir = os.path.join(out_dir, PARTS)
@@ -397,7 +232,7 @@ def predict(args) -> dict:
     meter = None if args.quiet or not todo else Progress(label, source.expected_slices(todo),
                                                          unit="images")
     skips_by_unit: dict[str, list] = {}
-    reader = _Reader(_batches(source, todo, skips_by_unit, batch_size, spec.stored_size))
+    reader = Reader(batches(source, todo, skips_by_unit, batch_size, spec.stored_size))
     reader.start()
     try:
         predictor = Predictor(restored, mesh, batch_size, args.conv_impl, args.dtype)
@@ -528,29 +363,17 @@ def _count_reasons(skipped) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def initialise_distributed(args) -> None:
-    """jax.distributed for a multi-process prediction (explicit, or a SLURM / TPU pod job)."""
-    import ml_collections
-
-    from iap_jax.main import initialise_distributed as initialise
-
-    initialise(ml_collections.ConfigDict({"distributed": dict(
-        coordinator=args.coordinator, num_processes=args.num_processes,
-        process_id=args.process_id, cpu_collectives="gloo", auto=False)}))
-
-
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
-        initialise_distributed(args)
+        distributed.initialise(args.coordinator, args.num_processes, args.process_id)
         report = predict(args)
     except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as err:
         print(f"iap-predict: error: {err}", file=sys.stderr)
         return 2
     if not report:  # not process 0
         return 0
-    from iap_jax import predictions
 
     counts = report["counts"]
     run = report["run"]

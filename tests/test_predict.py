@@ -250,7 +250,7 @@ def test_a_model_that_cannot_be_built_leaves_no_reader_behind(trained_run, tmp_p
     fails to build must still stop it and close the input."""
     import threading
 
-    from iap_jax.predict import _Reader
+    from iap_jax.engine import Reader
 
     workdir = tmp_path / "unknown_model"
     shutil.copytree(trained_run.workdir, workdir)
@@ -263,7 +263,7 @@ def test_a_model_that_cannot_be_built_leaves_no_reader_behind(trained_run, tmp_p
                          "--split", "validation", "--out", str(tmp_path / "o"), "--quiet",
                          "--batch-size", "1"]) == 2
     assert "unknown model 'resnet999'" in capsys.readouterr().err
-    assert not [t for t in threading.enumerate() if isinstance(t, _Reader)]
+    assert not [t for t in threading.enumerate() if isinstance(t, Reader)]
 
 
 def test_bfloat16_prediction_on_a_cpu_agrees_with_float32(trained_run, tmp_path):
