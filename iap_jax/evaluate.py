@@ -36,7 +36,7 @@ import numpy as np
 from etils import epath
 
 from iap_jax import calibration as calibration_lib
-from iap_jax import plots, predictions
+from iap_jax import metrics, plots, predictions
 from iap_jax.atomic import (absolute, makedirs, read_json, relative, write_json_atomic,
                             write_text_atomic)
 from iap_jax.labels import LabelEncoding
@@ -176,7 +176,8 @@ def _categorical(head, table, headers, calibrator, series_rows, groups, series_p
                          "calibrator": calibrator.family if calibrator else None}
     plot: dict[str, Any] = {}
     if n:
-        m["top1"], m["top2"] = float(hit1[labelled].mean()), float(hit2[labelled].mean())
+        scores = metrics.summarise(head, metrics.categorical_sums(labelled, hit1 > 0, hit2 > 0))
+        m["top1"], m["top2"] = scores["top1"], scores["top2"]
         m["top1_ci"] = interval(hit1, slice_patient, mask)
         m["top2_ci"] = interval(hit2, slice_patient, mask)
         recalls = recall_score(truth[labelled], top1[labelled], labels=range(head.size),
@@ -209,26 +210,25 @@ def _categorical(head, table, headers, calibrator, series_rows, groups, series_p
         s_hit2.append(float(s_truth[-1] >= 0 and s_truth[-1] in ranked[:2]))
     s_mask = (np.array(s_truth) >= 0).astype(np.float64)
     if s_mask.sum():
-        m["series"] = int(s_mask.sum())
-        m["series_top1"] = float(np.sum(np.array(s_hit1) * s_mask) / s_mask.sum())
-        m["series_top2"] = float(np.sum(np.array(s_hit2) * s_mask) / s_mask.sum())
+        scores = metrics.summarise(head, metrics.categorical_sums(s_mask > 0, np.array(s_hit1) > 0,
+                                                                  np.array(s_hit2) > 0))
+        m["series"] = int(scores["count"])
+        m["series_top1"], m["series_top2"] = scores["top1"], scores["top2"]
         m["series_top1_ci"] = interval(np.array(s_hit1), series_patient, s_mask)
     return m, plot
 
 
 def _continuous(head, table, headers, series_rows, slice_patient, series_patient, interval):
-    from sklearn.metrics import r2_score
-
     predicted = np.asarray(table.column(head.name).to_numpy(), np.float64)
-    truth = np.array([math.nan if h is None else h for h in headers], np.float64)
-    valid = np.isfinite(truth) & ((truth > 0) | (head.transform != "log"))
+    truth = metrics.label_values(head, headers)
+    valid = np.isfinite(truth)
     m: dict[str, Any] = {"kind": "continuous", "unit": head.unit, "slices": int(valid.sum())}
     plot: dict[str, Any] = {}
     if valid.any():
         error = np.where(valid, predicted - truth, 0.0)
-        m["mae"] = float(np.abs(error[valid]).mean())
+        scores = metrics.summarise(head, metrics.continuous_sums(predicted, truth))
+        m["mae"], m["r2"] = scores["mae"], scores["r2"]
         m["bias"] = float(error[valid].mean())
-        m["r2"] = float(r2_score(truth[valid], predicted[valid])) if valid.sum() > 1 else math.nan
         m["mae_ci"] = interval(np.abs(error), slice_patient, valid.astype(np.float64))
         plot["true"], plot["predicted"] = truth[valid], predicted[valid]
     s_pred = np.array([np.median(predicted[rows]) for rows in series_rows])
@@ -238,7 +238,7 @@ def _continuous(head, table, headers, series_rows, slice_patient, series_patient
     if s_valid.any():
         s_error = np.where(s_valid, s_pred - s_true, 0.0)
         m["series"] = int(s_valid.sum())
-        m["series_mae"] = float(np.abs(s_error[s_valid]).mean())
+        m["series_mae"] = metrics.summarise(head, metrics.continuous_sums(s_pred, s_true))["mae"]
         m["series_mae_ci"] = interval(np.abs(s_error), series_patient, s_valid.astype(np.float64))
     return m, plot
 

@@ -1,10 +1,13 @@
-"""Validation metrics as sums, so they add across batches and hosts.
+"""The scores of the heads, one implementation for every stage: sums that add across
+batches and hosts, the scores made from them, and the one table that prints them.
 
 Per categorical head: labelled count, top-1 and top-2 hits, and the confusion matrix
 (rows: true class, columns: predicted). Per continuous head, in real
 units (the encoding's inverse transform): count, sum |error|, sum error^2, sum y, sum y^2,
-giving MAE and R^2 at the end. `metric_sums` runs inside the jitted eval step, where the
-sums span the global batch; `MetricSums` accumulates the host copies.
+giving MAE and R^2 (`summarise`). `metric_sums` runs inside the jitted eval step, where the
+sums span the global batch, and `MetricSums` accumulates the host copies (training's
+validation); `categorical_sums` / `continuous_sums` make the same sums from decoded
+predictions (the predictor's summary, iap-eval's point estimates). `score_table` prints them.
 """
 from __future__ import annotations
 
@@ -63,22 +66,81 @@ class MetricSums:
         return self.totals[name]["confusion"]
 
     def summary(self, encoding: LabelEncoding) -> dict[str, dict[str, float]]:
-        """Per head: categorical {count, top1, top2}; continuous {count, mae, r2}
+        """Per head: categorical {count, top1, top2}; continuous {count, mae, r2, unit}
         (NaN where nothing was labelled)."""
-        result = {}
-        for head in encoding.heads:
-            t = {k: v for k, v in self.totals.get(head.name, {}).items() if k != "confusion"}
-            t = {k: float(v) for k, v in t.items()}
-            n = t.get("count", 0.0)
-            if head.categorical:
-                result[head.name] = {"count": n, "top1": t["top1"] / n if n else math.nan,
-                                     "top2": t["top2"] / n if n else math.nan}
-            else:
-                mae = t["abs_err"] / n if n else math.nan
-                total_var = t.get("y2", 0.0) - t.get("y", 0.0) ** 2 / n if n else math.nan
-                r2 = 1.0 - t["sq_err"] / total_var if n and total_var > 0 else math.nan
-                result[head.name] = {"count": n, "mae": mae, "r2": r2, "unit": head.unit}
-        return result
+        return {head.name: summarise(head, self.totals.get(head.name, {})) for head in encoding.heads}
+
+
+def summarise(head: HeadEncoding, sums: Mapping[str, float]) -> dict[str, float]:
+    """Scores from one head's sums: categorical {count, top1, top2}; continuous {count, mae,
+    r2, unit} (NaN where nothing was labelled, R^2 where the truth does not vary)."""
+    t = {k: float(v) for k, v in sums.items() if k != "confusion"}
+    n = t.get("count", 0.0)
+    if head.categorical:
+        return {"count": n, "top1": t["top1"] / n if n else math.nan,
+                "top2": t["top2"] / n if n else math.nan}
+    mae = t["abs_err"] / n if n else math.nan
+    total_var = t.get("y2", 0.0) - t.get("y", 0.0) ** 2 / n if n else math.nan
+    r2 = 1.0 - t["sq_err"] / total_var if n and total_var > 0 else math.nan
+    return {"count": n, "mae": mae, "r2": r2, "unit": head.unit}
+
+
+def categorical_sums(labelled, hit1, hit2) -> dict[str, float]:
+    """A categorical head's sums from decoded predictions: per row whether it has a label,
+    whether the top-1 class and whether one of the top two classes is it."""
+    labelled = np.asarray(labelled, bool)
+    return {"count": float(labelled.sum()), "top1": float((np.asarray(hit1, bool) & labelled).sum()),
+            "top2": float((np.asarray(hit2, bool) & labelled).sum())}
+
+
+def continuous_sums(predicted, truth) -> dict[str, float]:
+    """A continuous head's sums from predictions and labels in real units (NaN: no label)."""
+    predicted, truth = np.asarray(predicted, np.float64), np.asarray(truth, np.float64)
+    valid = np.isfinite(truth)
+    error, truth = predicted[valid] - truth[valid], truth[valid]
+    return {"count": float(valid.sum()), "abs_err": float(np.abs(error).sum()),
+            "sq_err": float((error * error).sum()), "y": float(truth.sum()),
+            "y2": float((truth * truth).sum())}
+
+
+def label_values(head: HeadEncoding, headers) -> np.ndarray:
+    """A continuous head's header values as labels in real units: NaN where there is none,
+    or where the head's transform cannot take it (a log head's values must be positive)."""
+    truth = np.array([math.nan if h is None else h for h in headers], np.float64)
+    usable = np.isfinite(truth) & ((truth > 0) | (head.transform != "log"))
+    return np.where(usable, truth, math.nan)
+
+
+def score_table(scores: Mapping[str, Mapping[str, float]],
+                baseline: Mapping[str, float] | None = None) -> str:
+    """The per-IAP table of training's validation and the predictor's summary: count, top-1,
+    top-2 (and the majority baseline) or MAE and R^2, and the series' scores where given."""
+    with_series = any("series_count" in m for m in scores.values())
+    header = f"{'IAP':<24} {'n':>6} {'top-1':>7} {'top-2':>7}"
+    header += f" {'majority':>9}" if baseline is not None else ""
+    header += f" {'MAE':>12} {'R2':>7}"
+    header += f" {'series':>7} {'top-1':>7} {'MAE':>12}" if with_series else ""
+    lines = [header]
+
+    def number(value, spec: str, width: int) -> str:
+        return f"{'-':>{width}}" if value is None or value != value else f"{value:>{width}{spec}}"
+
+    for name, m in scores.items():
+        categorical = "top1" in m
+        unit = f" {m['unit']}" if m.get("unit") else ""
+        row = f"{name:<24} {int(m['count']):>6}"
+        row += (f" {number(m['top1'], '.3f', 7)} {number(m['top2'], '.3f', 7)}" if categorical
+                else f" {'':>7} {'':>7}")
+        if baseline is not None:
+            row += f" {number(baseline.get(name), '.3f', 9)}" if categorical else f" {'':>9}"
+        row += (f" {'':>12} {'':>7}" if categorical else
+                f" {number(m['mae'], '.3g', 12 - len(unit))}{unit} {number(m.get('r2'), '.3f', 7)}")
+        if with_series:
+            row += f" {int(m.get('series_count', 0)):>7}"
+            row += (f" {number(m.get('series_top1'), '.3f', 7)} {'':>12}" if categorical else
+                    f" {'':>7} {number(m.get('series_mae'), '.3g', 12 - len(unit))}{unit}")
+        lines.append(row.rstrip())
+    return "\n".join(lines)
 
 
 def mean_top1(summary: Mapping[str, Mapping[str, float]]) -> float:

@@ -45,6 +45,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from iap_jax import calibration as calibration_lib
+from iap_jax import metrics
 from iap_jax.atomic import is_remote, open_file, replacing
 from iap_jax.iaps import IAP_NAMES, SPECS, LabelState
 from iap_jax.labels import ABSENT, EMPTY, OTHER, LabelEncoding
@@ -386,62 +387,47 @@ def class_indices(head, headers) -> np.ndarray:
 
 
 def accuracy(slices_path: str, series_path: str | None = None) -> dict[str, dict[str, float]]:
-    """Per IAP against the headers the input carried: categorical {count, top1, top2,
-    series_count, series_top1}; continuous {count, mae, series_count, series_mae, unit}."""
+    """Per IAP against the headers the input carried (metrics.summarise): categorical
+    {count, top1, top2, series_count, series_top1}; continuous {count, mae, r2, unit,
+    series_count, series_mae}; {} when the input carried no headers."""
     encoding = LabelEncoding.from_json(read_metadata(slices_path)["label_encoding"])
-    table = read_table(slices_path)
-    series = read_table(series_path) if series_path else None
+    tables = {"": read_table(slices_path)}
+    if series_path:
+        tables["series_"] = read_table(series_path)
     result = {}
     for head in encoding.heads:
-        if f"{head.name}_header" not in table.column_names:
+        if f"{head.name}_header" not in tables[""].column_names:
             return {}
-        headers = table.column(f"{head.name}_header").to_pylist()
-        if head.categorical:
-            truth = [target_class(head, h) for h in headers]
-            top1 = table.column(head.name).to_pylist()
-            topk = table.column(f"{head.name}_topk").to_pylist()
-            rows = [i for i, t in enumerate(truth) if t is not None]
-            m = {"count": len(rows),
-                 "top1": float(np.mean([top1[i] == truth[i] for i in rows])) if rows else math.nan,
-                 "top2": float(np.mean([truth[i] in topk[i][:2] for i in rows])) if rows else math.nan}
-            if series is not None:
-                s_truth = [target_class(head, h) for h in series.column(f"{head.name}_header").to_pylist()]
-                s_top1 = series.column(head.name).to_pylist()
-                s_rows = [i for i, t in enumerate(s_truth) if t is not None]
-                m["series_count"] = len(s_rows)
-                m["series_top1"] = (float(np.mean([s_top1[i] == s_truth[i] for i in s_rows]))
-                                    if s_rows else math.nan)
-        else:
-            def mae(values, truth):
-                values, truth = np.asarray(values, np.float64), np.asarray(truth, np.float64)
-                ok = np.isfinite(truth) & ((truth > 0) | (head.transform != "log"))
-                return int(ok.sum()), float(np.mean(np.abs(values[ok] - truth[ok]))) if ok.any() else math.nan
-            truth = [math.nan if h is None else h for h in headers]
-            count, error = mae(table.column(head.name).to_numpy(), truth)
-            m = {"count": count, "mae": error, "unit": head.unit}
-            if series is not None:
-                s_truth = [math.nan if h is None else h for h in series.column(f"{head.name}_header").to_pylist()]
-                m["series_count"], m["series_mae"] = mae(series.column(head.name).to_numpy(), s_truth)
+        m: dict[str, float] = {}
+        for prefix, table in tables.items():
+            headers = table.column(f"{head.name}_header").to_pylist()
+            if head.categorical:
+                truth = [target_class(head, h) for h in headers]
+                top1 = table.column(head.name).to_pylist()
+                # A series has its answer alone; a slice its top-k too.
+                topk = (table.column(f"{head.name}_topk").to_pylist() if not prefix
+                        else [[c] for c in top1])
+                sums = metrics.categorical_sums([t is not None for t in truth],
+                                                [a == t for a, t in zip(top1, truth)],
+                                                [t in k[:2] for k, t in zip(topk, truth)])
+            else:
+                sums = metrics.continuous_sums(table.column(head.name).to_numpy(),
+                                               metrics.label_values(head, headers))
+            scores = metrics.summarise(head, sums)
+            if not prefix:
+                m.update(scores)
+            else:
+                m["series_count"] = scores["count"]
+                key = "top1" if head.categorical else "mae"
+                m[f"series_{key}"] = scores[key]
         result[head.name] = m
     return result
 
 
 def summary_table(slices_path: str, series_path: str | None = None) -> str:
-    """A short per-IAP table against the input's headers ("" when it carried none)."""
+    """The per-IAP table against the input's headers ("" when it carried none)."""
     scores = accuracy(slices_path, series_path)
-    if not scores:
-        return ""
-    lines = [f"{'IAP':<24} {'slices':>7} {'top-1':>7} {'top-2':>7} {'series':>7} {'top-1':>7} "
-             f"{'MAE':>10} {'series MAE':>11}"]
-    for name, m in scores.items():
-        if "top1" in m:
-            lines.append(f"{name:<24} {m['count']:>7} {m['top1']:>7.3f} {m['top2']:>7.3f} "
-                         f"{m.get('series_count', ''):>7} {m.get('series_top1', math.nan):>7.3f}")
-        else:
-            series_mae = f"{m.get('series_mae', math.nan):.3g} {m['unit']}"
-            lines.append(f"{name:<24} {m['count']:>7} {'':>7} {'':>7} {m.get('series_count', ''):>7} "
-                         f"{'':>7} {m['mae']:>7.3g} {m['unit']:<2} {series_mae:>11}")
-    return "\n".join(lines)
+    return metrics.score_table(scores) if scores else ""
 
 
 def write_csv(table: pa.Table, path: str) -> None:

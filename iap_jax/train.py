@@ -197,20 +197,6 @@ class MetricsLog:
             atomic.write_text_atomic(self.path, "".join(self.lines))
 
 
-def _format_summary(summary: dict, baseline: dict) -> str:
-    """Per-IAP table; 'majority' is the top-1 of always answering train's commonest class."""
-    lines = [f"{'IAP':<24} {'n':>6} {'top-1':>7} {'top-2':>7} {'majority':>9} {'MAE':>10} {'R2':>7}"]
-    for name, m in summary.items():
-        if "top1" in m:
-            lines.append(f"{name:<24} {int(m['count']):>6} {m['top1']:>7.3f} {m['top2']:>7.3f} "
-                         f"{baseline.get(name, float('nan')):>9.3f}")
-        else:
-            mae = f"{m['mae']:.3g} {m['unit']}"
-            lines.append(f"{name:<24} {int(m['count']):>6} {'':>7} {'':>7} {'':>9} {mae:>10} "
-                         f"{m['r2']:>7.3f}")
-    return "\n".join(lines)
-
-
 def check_dataset(config: ml_collections.ConfigDict) -> None:
     """Raises a one-line error when config.dataset_dir is missing or not a prepared dataset."""
     if not config.dataset_dir:
@@ -437,7 +423,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         print(f"\nValidation ({config.eval_split}) at step {step}, {elapsed:.0f}s of training:")
         baseline = metrics_lib.majority_baseline(
             encoding, train_stats, input_pipeline.load_split_stats(config.dataset_dir, config.eval_split))
-        print(_format_summary(validation, baseline))
+        # 'majority': the top-1 of always answering the train split's commonest class.
+        print(metrics_lib.score_table(validation, baseline))
         plot_dir = os.path.join(workdir, "plots")
         plots.write_confusion_matrices(confusions, encoding, plot_dir)
         print(f"confusion matrices: {plot_dir}")

@@ -97,3 +97,45 @@ def test_confusion_matrix_pictures_are_written_per_categorical_head(tmp_path):
     assert [p.rsplit("/", 1)[-1] for p in paths] == ["confusion_Manufacturer.png"]
     with Image.open(paths[0]) as image:
         assert image.size[0] > 300 and image.size[1] > 300
+
+
+def test_decoded_predictions_score_as_the_training_sums_do():
+    """The predictor's summary and iap-eval score decoded predictions with the same sums and
+    formulas as training's validation: the same numbers from the same rows."""
+    from iap_jax.metrics import categorical_sums, continuous_sums, label_values, summarise
+
+    rng = np.random.default_rng(3)
+    outputs, targets, masks = _batch(rng, 40)
+    device = MetricSums().add(metric_sums(outputs, targets, masks, ENC)).summary(ENC)
+    order = np.argsort(-outputs["Manufacturer"], axis=1)
+    labels, mask = targets["Manufacturer"], masks["Manufacturer"] > 0
+    host = summarise(ENC.heads[0], categorical_sums(mask, order[:, 0] == labels,
+                                                    (order[:, :2] == labels[:, None]).any(1)))
+    assert host == pytest.approx(device["Manufacturer"])
+    head = ENC.heads[1]
+    predicted = np.exp(outputs["EchoTime"][:, 0] * 0.2 + 0.5)
+    headers = [float(np.exp(t * 0.2 + 0.5)) if m else None
+               for t, m in zip(targets["EchoTime"], masks["EchoTime"])]
+    host = summarise(head, continuous_sums(predicted, label_values(head, headers)))
+    for key in ("count", "mae", "r2"):
+        assert host[key] == pytest.approx(device["EchoTime"][key], rel=1e-4), key
+    # A log head cannot take a non-positive value: no label, as training masks it.
+    assert np.isnan(label_values(head, [0.0, -1.0, None])).all()
+
+
+def test_score_table_prints_what_each_head_has():
+    from iap_jax.metrics import score_table
+
+    scores = {"Manufacturer": {"count": 10.0, "top1": 0.9, "top2": 1.0, "series_count": 3,
+                               "series_top1": 2 / 3},
+              "EchoTime": {"count": 8.0, "mae": 0.125, "r2": 0.95, "unit": "ms",
+                           "series_count": 2, "series_mae": 0.1},
+              "FOV": {"count": 0.0, "top1": math.nan, "top2": math.nan}}
+    lines = score_table(scores).splitlines()
+    assert lines[0].split() == ["IAP", "n", "top-1", "top-2", "MAE", "R2", "series", "top-1", "MAE"]
+    assert lines[1].split() == ["Manufacturer", "10", "0.900", "1.000", "3", "0.667"]
+    assert lines[2].split() == ["EchoTime", "8", "0.125", "ms", "0.950", "2", "0.1", "ms"]
+    assert lines[3].split() == ["FOV", "0", "-", "-", "0", "-"]
+    with_baseline = score_table({"Manufacturer": {"count": 4.0, "top1": 0.5, "top2": 0.75}},
+                                {"Manufacturer": 0.25}).splitlines()
+    assert "majority" in with_baseline[0] and with_baseline[1].split()[-1] == "0.250"
