@@ -79,7 +79,10 @@ setup(
     version="0.1.0",
     description="Predict MR acquisition parameters from pixels with sharded Flax ResNets.",
     python_requires=">=3.11",
-    packages=find_packages(include=["iap_jax", "iap_jax.*", "data_prep", "data_prep.*"]),
+    # configs: the training configs, a package (each variant imports configs.default), so a
+    # config file given by path (--config=configs/gpu.py) finds its base from anywhere.
+    packages=find_packages(include=["iap_jax", "iap_jax.*", "data_prep", "data_prep.*",
+                                    "configs"]),
     # The oneDNN convolution's source, compiled on first use (iap_jax/models/onednn.py).
     package_data={"iap_jax": ["native/*.cc"]},
     install_requires=INSTALL_REQUIRES,

@@ -1,13 +1,37 @@
-"""Base config: every field a run reads. Variants import this and override.
+"""iap-train --config=configs/default.py[:runlocal] --workdir=W --config.dataset_dir=D
 
-`arg` is a comma-separated list of switches, e.g. --config=configs/default.py:runlocal
-("runlocal" shrinks everything to run in a minute on a laptop).
+The base config: every field a run reads. The other files in configs/ are variants of it:
+each calls `build` with its own overrides.
+
+The text after the file name is a comma-separated list of switches (common.parse_arg):
+"runlocal" shrinks the config, whichever variant, to run in a minute on a laptop's CPU.
 """
 import ml_collections
 
+from configs import common
+
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    switches = set(filter(None, (arg or "").split(",")))
+    return build(arg)
+
+
+def build(arg: str = "", overrides=None, **switches) -> ml_collections.ConfigDict:
+    """The base config with `overrides(config, args)` applied, then runlocal if switched on.
+
+    `arg` is parsed once, into `args`: runlocal and any switches a variant declares here by
+    their defaults (e.g. res=224; common.parse_arg). runlocal is applied here, last, so it
+    shrinks whatever the variant set."""
+    args = common.parse_arg(arg, runlocal=False, **switches)
+    config = base()
+    if overrides is not None:
+        overrides(config, args)
+    if args.runlocal:
+        apply_runlocal(config)
+    return config
+
+
+def base() -> ml_collections.ConfigDict:
+    """Every field a run reads, at its default."""
     config = ml_collections.ConfigDict()
     config.dataset_dir = ""
     config.train_split = "train"
@@ -66,16 +90,20 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.distributed = ml_collections.ConfigDict(dict(
         coordinator="", num_processes=1, process_id=-1, cpu_collectives="gloo", auto=False))
 
-    if "runlocal" in switches:
-        apply_runlocal(config)
     return config
 
 
 def apply_runlocal(config: ml_collections.ConfigDict) -> None:
+    """Shrinks a config to run in a minute on a laptop: a tiny float32 model at 32 px over
+    the CPU's convolutions, one epoch, one process (build applies it, once)."""
     config.model.name = "tiny"
     config.model.width = 8
+    config.model.dtype = "float32"
+    config.model.conv_impl = "auto"
     config.input.image_size = 32
     config.batch_size = config.eval_batch_size = 16
     config.num_epochs = 1
     config.log_every_steps = 5
     config.checkpoint.every_steps = 50
+    config.mesh.fsdp = 1
+    config.distributed.auto = False

@@ -1,13 +1,19 @@
-"""One GPU node (or several, under SLURM: launch/slurm_gpu.sbatch): bf16 compute, data
-parallel over all GPUs, parameters replicated (ResNet-18 is small)."""
-import os
-import runpy
+"""iap-train --config=configs/gpu.py --workdir=W --config.dataset_dir=D
+(several nodes under SLURM: sbatch --nodes=N launch/slurm_gpu.sbatch D W)
 
-_default = runpy.run_path(os.path.join(os.path.dirname(__file__), "default.py"))
+One GPU node, or several: bf16 compute, data parallel over all GPUs, parameters
+replicated (ResNet-18 is small). runlocal also goes back to float32 and the CPU's
+convolutions.
+"""
+from configs import default
 
 
 def get_config(arg: str = ""):
-    config = _default["get_config"](arg)
+    return default.build(arg, overrides)
+
+
+def overrides(config, args):
+    del args  # no switches of its own
     config.model.dtype = "bfloat16"
     config.model.conv_impl = "xla"
     config.input.image_size = 224
@@ -17,8 +23,3 @@ def get_config(arg: str = ""):
     config.num_epochs = 100
     config.mesh.data = -1
     config.mesh.fsdp = 1
-    if "runlocal" in arg:
-        _default["apply_runlocal"](config)
-        config.model.dtype = "float32"
-        config.model.conv_impl = "auto"
-    return config

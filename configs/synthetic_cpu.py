@@ -1,15 +1,17 @@
-"""The demo: a small ResNet on the synthetic cohort, a few minutes on 2 CPU cores.
+"""iap-train --config=configs/synthetic_cpu.py --workdir=W --config.dataset_dir=D
+(D: the synthetic dataset iap-synth and iap-prep make, `make train` runs it)
 
-  --config=configs/synthetic_cpu.py --config.dataset_dir=<prepared synthetic dataset>
+The demo: a small ResNet on the synthetic cohort, a few minutes on 2 CPU cores.
 """
-import os
-import runpy
-
-_default = runpy.run_path(os.path.join(os.path.dirname(__file__), "default.py"))
+from configs import default
 
 
 def get_config(arg: str = ""):
-    config = _default["get_config"](arg)
+    return default.build(arg, overrides)
+
+
+def overrides(config, args):
+    del args  # no switches of its own
     config.model.name = "resnet18"
     config.model.width = 16
     config.input.image_size = 64
@@ -21,6 +23,3 @@ def get_config(arg: str = ""):
     config.optim.warmup_steps = 20
     config.log_every_steps = 10
     config.checkpoint.every_steps = 200
-    if "runlocal" in arg:
-        _default["apply_runlocal"](config)
-    return config

@@ -1,13 +1,19 @@
-"""A TPU VM pod slice (launch/tpu_pod.sh): bf16 compute, batch and parameters split over
-an fsdp axis within each host's chips and data parallel across the rest."""
-import os
-import runpy
+"""launch/tpu_pod.sh TPU_NAME ZONE gs://.../dataset gs://.../run
+(on every worker: iap-train --config=configs/tpu_pod.py --workdir=W --config.dataset_dir=D)
 
-_default = runpy.run_path(os.path.join(os.path.dirname(__file__), "default.py"))
+A TPU VM pod slice: bf16 compute, batch and parameters split over an fsdp axis within each
+host's chips and data parallel across the rest. runlocal also goes back to float32, the
+CPU's convolutions, no fsdp axis and one process.
+"""
+from configs import default
 
 
 def get_config(arg: str = ""):
-    config = _default["get_config"](arg)
+    return default.build(arg, overrides)
+
+
+def overrides(config, args):
+    del args  # no switches of its own
     config.model.name = "resnet50"
     config.model.dtype = "bfloat16"
     config.model.conv_impl = "xla"
@@ -22,10 +28,3 @@ def get_config(arg: str = ""):
     config.sharding.tactic = "fsdp"
     config.checkpoint.every_steps = 2000
     config.distributed.auto = True  # every worker joins the pod, found by jax.distributed
-    if "runlocal" in arg:
-        _default["apply_runlocal"](config)
-        config.model.dtype = "float32"
-        config.model.conv_impl = "auto"
-        config.mesh.fsdp = 1
-        config.distributed.auto = False
-    return config

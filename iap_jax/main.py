@@ -5,7 +5,8 @@
 
 Every field of the config file can be overridden with --config.<key>=<value>, e.g.
 --config.num_epochs=30 --config.model.name=resnet50; the configs are in configs/ (default.py
-lists every field). A rerun with the same --workdir resumes from its latest checkpoint.
+lists every field; switches such as :runlocal follow the file name). A rerun with the same
+--workdir resumes from its latest checkpoint.
 
 Exit status: 0 when the run is done (or halted by config.halt_after_steps), 2 for a bad
 dataset, EXIT_PREEMPTED (75, EX_TEMPFAIL) when a preemption notice (SIGTERM) stopped it

@@ -7,7 +7,6 @@ convolutions) shrunk to the runlocal tiny ResNet at 32 px, with the tiny dataset
 """
 import importlib.util
 import re
-import runpy
 from pathlib import Path
 
 import jax
@@ -15,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import gpu
 from iap_jax import input_pipeline, losses, optim, train
 from iap_jax import sharding as sharding_lib
 from iap_jax.iaps import IAP_NAMES
@@ -30,9 +30,10 @@ TENSOR = r"tensor<[^>]*>"
 
 def gpu_config(batch_size: int):
     """configs/gpu.py (bf16, XLA convolutions), with runlocal's tiny model and 32 px input
-    (gpu.py's own runlocal switch would also go back to float32 and CPU convolutions)."""
-    config = runpy.run_path(str(REPO / "configs" / "gpu.py"))["get_config"]("")
-    runpy.run_path(str(REPO / "configs" / "default.py"))["apply_runlocal"](config)
+    (gpu.py's runlocal switch also goes back to float32 and CPU convolutions: kept here)."""
+    config = gpu.get_config("runlocal")
+    full = gpu.get_config("")
+    config.model.dtype, config.model.conv_impl = full.model.dtype, full.model.conv_impl
     config.batch_size = batch_size
     return config
 

@@ -97,9 +97,8 @@ def compilation_cache(directory: str):
 
 def tiny_config(dataset_dir: str, **overrides):
     """The demo config shrunk by its runlocal switch (tiny model, 32 px), two epochs."""
-    import runpy
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    config = runpy.run_path(os.path.join(repo, "configs", "synthetic_cpu.py"))["get_config"]("runlocal")
+    from configs import synthetic_cpu
+    config = synthetic_cpu.get_config("runlocal")
     config.dataset_dir = dataset_dir
     config.num_epochs = 2
     config.progress_bar = False

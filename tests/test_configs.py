@@ -1,0 +1,75 @@
+"""The config files: switches, runlocal, loading by path."""
+import copy
+import importlib
+from pathlib import Path
+
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from configs import common, default, gpu, tpu_pod
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG_FILES = sorted(p.name for p in (REPO / "configs").glob("*.py")
+                      if p.name not in ("__init__.py", "common.py"))
+
+
+def load(spec: str):
+    """A config file by path, as iap-train's --config flag loads it (iap_jax/main.py)."""
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True)
+    values(["iap-train", f"--config={spec}"])
+    return values.config
+
+
+def test_switches_are_parsed_by_their_defaults():
+    args = common.parse_arg("runlocal, res=64,lr=0.5,name=x", runlocal=False, res=224,
+                            lr=1.0, name="", augment=True)
+    assert args.to_dict() == dict(runlocal=True, res=64, lr=0.5, name="x", augment=True)
+    assert common.parse_arg("runlocal=false", runlocal=True).runlocal is False
+    assert common.parse_arg("", runlocal=False).runlocal is False
+    assert common.parse_arg(None, runlocal=False).runlocal is False
+    for arg, error in (("norunlocal", "'norunlocal': no such switch"),
+                       ("runlocals", "no such switch"), ("runlocal=maybe", "not a bool"),
+                       ("res", "needs a value"), ("res=6.5", "not a int")):
+        with pytest.raises(ValueError, match=error):
+            common.parse_arg(arg, runlocal=False, res=224)
+    with pytest.raises(TypeError):
+        common.parse_arg("", sizes=(1, 2))
+
+
+@pytest.mark.parametrize("name", CONFIG_FILES)
+def test_every_config_file_loads_by_path_from_anywhere(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    full, small = load(f"configs/{name}"), load(f"configs/{name}:runlocal")
+    monkeypatch.chdir(tmp_path)
+    assert load(str(REPO / "configs" / name)).to_dict() == full.to_dict()
+    assert small.model.name == "tiny" and small.input.image_size == 32
+    assert full.model.name != "tiny"
+    with pytest.raises(Exception, match="norunlocal"):
+        load(f"{REPO / 'configs' / name}:norunlocal")
+    # Each file opens with the command that runs it.
+    doc = (REPO / "configs" / name).read_text().split('"""')[1]
+    assert f"--config=configs/{name}" in doc.splitlines()[0] + doc.splitlines()[1]
+
+
+@pytest.mark.parametrize("name", CONFIG_FILES)
+def test_runlocal_is_applied_once_after_the_variant(name, monkeypatch):
+    variant = importlib.import_module(f"configs.{name[:-3]}")
+    calls = []
+    apply = default.apply_runlocal
+    monkeypatch.setattr(default, "apply_runlocal", lambda config: (calls.append(1), apply(config)))
+    small = variant.get_config("runlocal")
+    assert len(calls) == 1
+    expected = copy.deepcopy(variant.get_config(""))
+    assert len(calls) == 1
+    apply(expected)
+    assert small.to_dict() == expected.to_dict()
+
+
+def test_runlocal_shrinks_what_a_variant_sets():
+    assert gpu.get_config("").input.image_size == 224
+    small = gpu.get_config("runlocal")
+    assert (small.input.image_size, small.model.dtype, small.model.conv_impl) == (32, "float32", "auto")
+    pod = tpu_pod.get_config("runlocal")
+    assert (pod.mesh.fsdp, pod.distributed.auto, pod.model.name) == (1, False, "tiny")
