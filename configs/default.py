@@ -1,7 +1,8 @@
 """iap-train --config=configs/default.py[:runlocal] --workdir=W --config.dataset_dir=D
 
-The base config: every field a run reads. The other files in configs/ are variants of it:
-each calls `build` with its own overrides.
+The base config: every field a run reads (config.input's are those of
+iap_jax.input_pipeline.InputConfig). The other files in configs/ are variants of it: each
+calls `build` with its own overrides.
 
 The text after the file name is a comma-separated list of switches (common.parse_arg):
 "runlocal" shrinks the config, whichever variant, to run in a minute on a laptop's CPU.
@@ -9,6 +10,7 @@ The text after the file name is a comma-separated list of switches (common.parse
 import ml_collections
 
 from configs import common
+from iap_jax.input_pipeline import InputConfig
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -50,19 +52,11 @@ def base() -> ml_collections.ConfigDict:
         iaps=(), min_count=1, always_other=True, aliases=False,
         kinds={}, transforms={"EchoTime": "log", "RepetitionTime": "log"}))
 
-    # exclude: {IAP: [canonical values]} leaves those examples out of every split training
-    # reads (e.g. {"ManufacturerModelName": ["SKYRA"]} holds a scanner out, bench/ood.py).
-    # logical_shards: the global batch is assembled from this many fixed shards of the
-    # split, so it depends on (seed, step) only and a run resumes on any number of
-    # processes that divides it (the batch size must be a multiple of it).
-    # cache: keep this process's decoded training images in memory after one read (when they
-    # fit in half the free memory; else it reads the files every epoch and says so): far
-    # less input CPU per image than decoding every epoch (bench/input.py).
-    # workers: reader processes decoding records (0: one reader thread in the training
-    # process); prefetch: batches read ahead per reader.
-    config.input = ml_collections.ConfigDict(dict(
-        image_size=0, normalisation="max", percentiles=(1.0, 99.0), augment=False,
-        prefetch=2, workers=0, exclude={}, logical_shards=16, cache=True))
+    # The input settings are the fields of iap_jax.input_pipeline.InputConfig, with their
+    # defaults and meanings there (image_size, normalisation, percentiles, augment, prefetch,
+    # workers, exclude, logical_shards, cache); training caches the decoded images.
+    config.input = ml_collections.ConfigDict(InputConfig.config_fields())
+    config.input.cache = True
 
     config.batch_size = 128  # global, over all processes
     config.eval_batch_size = 128

@@ -45,30 +45,58 @@ from iap_jax.preprocess import NORMALISATIONS, PixelSpec
 
 @dataclasses.dataclass(frozen=True)
 class InputConfig:
+    """The input settings: the fields of a training config's `input` and their defaults
+    (configs/default.py builds config.input from them, with the cache on for training)."""
+
     image_size: int = 0  # 0: the stored size
     normalisation: str = "max"
     percentiles: tuple[float, float] = (1.0, 99.0)
     augment: bool = False
-    prefetch: int = 2  # batches read ahead (per worker process where there are workers)
-    workers: int = 0  # reader processes (0: a reader thread in the training process)
+    # Batches read ahead, per reader process where there are workers.
+    prefetch: int = 2
+    # Reader processes decoding records (0: one reader thread in the training process).
+    workers: int = 0
     # Data selection: leave out every example whose header value of an IAP is one of these
-    # canonical values, e.g. (("ManufacturerModelName", ("SKYRA",)),) to hold a scanner out.
+    # canonical values, e.g. (("ManufacturerModelName", ("SKYRA",)),) holds a scanner out
+    # (bench/ood.py); a config writes it {IAP: [values]}.
     exclude: tuple[tuple[str, tuple[str, ...]], ...] = ()
-    # The global batch is split into this many logical shards: a multiple of every process
-    # count the run may use, and a divisor of the global batch size.
+    # The global batch is assembled from this many fixed logical shards of the split, so it
+    # depends on (seed, step) only and a run resumes on any number of processes that divides
+    # it: a multiple of every process count the run may use, and a divisor of the batch size.
     logical_shards: int = 16
-    cache: bool = False  # keep decoded training rows in memory after the first read
+    # Keep this process's decoded training rows in memory after one read (when they fit in
+    # half the free memory; else the files are read every epoch, and it says so): far less
+    # input CPU per image than decoding every epoch (bench/input.py).
+    cache: bool = False
+
+    @classmethod
+    def config_fields(cls) -> dict:
+        """The fields with their defaults, as a config holds them (exclude as a dict)."""
+        fields = {field.name: field.default for field in dataclasses.fields(cls)}
+        fields["exclude"] = dict(fields["exclude"])
+        return fields
 
     @classmethod
     def from_config(cls, config) -> "InputConfig":
-        exclude = tuple(sorted((name, tuple(values)) for name, values in
-                               dict(config.get("exclude", {}) or {}).items()))
-        return cls(image_size=int(config.image_size), normalisation=config.normalisation,
-                   percentiles=tuple(config.percentiles), augment=bool(config.augment),
-                   prefetch=int(config.prefetch), workers=int(config.get("workers", 0)),
-                   exclude=exclude,
-                   logical_shards=int(config.get("logical_shards", cls.logical_shards)),
-                   cache=bool(config.get("cache", False)))
+        """From a config's `input`: each field converted to its type, the default where the
+        config lacks it (a config saved before the field existed)."""
+        fields = {field.name: field for field in dataclasses.fields(cls)}
+        unknown = sorted(set(config.keys()) - set(fields))
+        if unknown:
+            raise ValueError(f"config.input: no such input setting {', '.join(unknown)} "
+                             f"(the settings: {', '.join(fields)})")
+        values = {}
+        for name, field in fields.items():
+            value = config.get(name, field.default)
+            if name == "exclude":
+                value = tuple(sorted((iap, tuple(canonical))
+                                     for iap, canonical in dict(value or {}).items()))
+            elif isinstance(field.default, tuple):
+                value = tuple(value)
+            else:
+                value = type(field.default)(value)
+            values[name] = value
+        return cls(**values)
 
 
 def dataset_fingerprint(dataset_dir: str, info: DatasetInfo) -> dict:

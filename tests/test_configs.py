@@ -1,5 +1,7 @@
-"""The config files: switches, runlocal, loading by path."""
+"""The config files: switches, runlocal, loading by path, and what they declare for the
+library (the input settings, the fields a resume keeps)."""
 import copy
+import dataclasses
 import importlib
 from pathlib import Path
 
@@ -8,6 +10,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from configs import common, default, gpu, tpu_pod
+from iap_jax.input_pipeline import InputConfig
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_FILES = sorted(p.name for p in (REPO / "configs").glob("*.py")
@@ -73,3 +76,16 @@ def test_runlocal_shrinks_what_a_variant_sets():
     assert (small.input.image_size, small.model.dtype, small.model.conv_impl) == (32, "float32", "auto")
     pod = tpu_pod.get_config("runlocal")
     assert (pod.mesh.fsdp, pod.distributed.auto, pod.model.name) == (1, False, "tiny")
+
+
+def test_the_input_settings_are_input_configs_fields():
+    config = default.get_config()
+    assert set(config.input) == {f.name for f in dataclasses.fields(InputConfig)}
+    assert InputConfig.from_config(config.input) == dataclasses.replace(InputConfig(), cache=True)
+    config.input.exclude = {"Manufacturer": ["SIEMENS", "GE"]}
+    assert InputConfig.from_config(config.input).exclude == (("Manufacturer", ("SIEMENS", "GE")),)
+    # A config saved before a field existed gets its default; an unknown field is an error.
+    assert InputConfig.from_config({"image_size": 64, "normalisation": "max",
+                                    "percentiles": [1, 99], "augment": True}).logical_shards == 16
+    with pytest.raises(ValueError, match="no such input setting imag_size"):
+        InputConfig.from_config({"imag_size": 64})
