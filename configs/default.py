@@ -84,6 +84,14 @@ def base() -> ml_collections.ConfigDict:
     config.distributed = ml_collections.ConfigDict(dict(
         coordinator="", num_processes=1, process_id=-1, cpu_collectives="gloo", auto=False))
 
+    # Resuming (a rerun in the same --workdir) refuses a config that changes one of the
+    # `fixed` fields, or a field inside one, as the resumed run would then differ from an
+    # uninterrupted one (more epochs would stretch the started schedule); the `free` ones
+    # inside them change no batch and may change. iap_jax/train.py reads these lists.
+    config.resume = ml_collections.ConfigDict(dict(
+        fixed=("batch_size", "seed", "train_split", "model", "labels", "loss", "optim",
+               "num_epochs", "input"),
+        free=("input.workers", "input.prefetch", "input.cache")))
     return config
 
 

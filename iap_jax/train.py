@@ -125,31 +125,27 @@ class Preemption:
         return self.requested
 
 
-# Config fields whose change would make a resumed run differ from an uninterrupted one
-# (input settings that change no batch -- workers, prefetch, cache -- may change).
-_RESUME_FIELDS = ("batch_size", "seed", "train_split", "model", "labels", "loss", "optim",
-                  "num_epochs", "input")
-_FREE_INPUT_FIELDS = ("workers", "prefetch", "cache")
+def _resume_view(config: dict, fixed, free) -> dict:
+    """The fields a resume must keep (config.resume, declared with the config's fields): each
+    of `fixed`, or each field inside it, by dotted name, less those named in `free`."""
+    view = {}
+    for name in fixed:
+        value = _lookup(config, name)
+        if isinstance(value, dict):
+            view.update({f"{name}.{k}": v for k, v in value.items()})
+        else:
+            view[name] = value
+    return {k: v for k, v in view.items()
+            if not any(k == f or k.startswith(f + ".") for f in free)}
 
 
-def _resume_view(config: dict) -> dict:
-    view = {k: config.get(k) for k in _RESUME_FIELDS}
-    view["input"] = {k: v for k, v in (config.get("input") or {}).items()
-                     if k not in _FREE_INPUT_FIELDS}
-    return view
-
-
-def _check_resumable(current: dict, saved: dict) -> None:
-    """Refuses to resume with settings that would make a different run. More epochs
-    would stretch the started learning-rate schedule, so they are refused too."""
-    now, then = _resume_view(current), _resume_view(saved)
-    changed = []
-    for key in _RESUME_FIELDS:
-        if isinstance(then[key], dict) and isinstance(now[key], dict):
-            changed += [f"{key}.{k}" for k in sorted(set(then[key]) | set(now[key]))
-                        if then[key].get(k) != now[key].get(k)]
-        elif then[key] != now[key]:
-            changed.append(key)
+def _check_resumable(current: dict, saved: dict, resume) -> None:
+    """Refuses to resume with settings that would make a different run (the current
+    config's resume.fixed fields). More epochs would stretch the started learning-rate
+    schedule, so they are refused too."""
+    fixed, free = tuple(resume.fixed), tuple(resume.free)
+    now, then = _resume_view(current, fixed, free), _resume_view(saved, fixed, free)
+    changed = sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k))
     if changed:
         detail = "; ".join(f"{k}: {_lookup(saved, k)!r} -> {_lookup(current, k)!r}"
                            for k in changed[:6])
@@ -251,7 +247,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     resume_step = checkpointer.latest_step()
     if resume_step is not None:  # the run's own encoding, even if the stats file changed
         saved = checkpointer.restore(resume_step, items=("label_encoding", "config"))
-        _check_resumable(config_json, saved["config"])
+        _check_resumable(config_json, saved["config"], config.resume)
         encoding = LabelEncoding.from_json(saved["label_encoding"])
     logging.info("heads %s", encoding.head_sizes())
 

@@ -10,6 +10,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from configs import common, default, gpu, tpu_pod
+from iap_jax import train
 from iap_jax.input_pipeline import InputConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,3 +90,20 @@ def test_the_input_settings_are_input_configs_fields():
                                     "percentiles": [1, 99], "augment": True}).logical_shards == 16
     with pytest.raises(ValueError, match="no such input setting imag_size"):
         InputConfig.from_config({"imag_size": 64})
+
+
+def test_the_resume_fields_are_declared_with_the_config():
+    config = default.get_config()
+    names = set(config.to_dict()) | {f"input.{k}" for k in config.input}
+    assert set(config.resume.fixed) <= names and set(config.resume.free) <= names
+    saved = config.to_dict()
+    for key, value, named in (("batch_size", 32, "batch_size: 128 -> 32"),
+                              ("optim.learning_rate", 0.5, "optim.learning_rate: 0.001 -> 0.5"),
+                              ("input.logical_shards", 8, "input.logical_shards: 16 -> 8")):
+        changed = copy.deepcopy(config)
+        changed.update_from_flattened_dict({key: value})
+        with pytest.raises(ValueError, match=named.replace(".", r"\.")):
+            train._check_resumable(changed.to_dict(), saved, changed.resume)
+    free = copy.deepcopy(config)
+    free.update_from_flattened_dict({"input.workers": 4, "input.cache": False, "eval_batch_size": 8})
+    train._check_resumable(free.to_dict(), saved, free.resume)
