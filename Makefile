@@ -54,8 +54,7 @@ predict-validation: train
 	  --out $(RUN)/predict_validation --no-calibration --quiet
 
 calibrate: predict-validation
-	$(BIN)/iap-eval --predictions $(RUN)/predict_validation --fit-calibration
-	$(BIN)/iap-ood --workdir $(RUN)/train
+	$(BIN)/iap-fit --predictions $(RUN)/predict_validation
 
 # The calibration is fitted anew by every run: where it changed, the parts predicted with the
 # old one are discarded (--overwrite); where it did not, they are kept.

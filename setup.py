@@ -95,7 +95,7 @@ setup(
             "iap-predict=iap_jax.predict:run",
             "iap-eval=iap_jax.evaluate:run",
             "iap-sort=iap_jax.sort:run",
-            "iap-ood=iap_jax.ood:run",
+            "iap-fit=iap_jax.fit:run",
         ]
     },
 )

@@ -6,7 +6,7 @@ ones (goal: recall >= 0.9, false flags <= 2%).
   python bench/header_qa.py --workdir runs/demo/train --dicom-root runs/demo/dicom \
       --dataset-dir runs/demo/data/iap_dataset/pre_64/1.0.0 --salt synthetic-demo
 
-The workdir needs a calibration (iap-eval --fit-calibration on validation predictions,
+The workdir needs a calibration (iap-fit on validation predictions,
 as `make demo` does). Prints a table and writes JSON.
 """
 from __future__ import annotations
@@ -53,7 +53,7 @@ def main() -> None:
 
     step = resolve_step(Checkpointer(args.workdir, read_only=True), "best")
     if load_calibration(args.workdir, step) is None:
-        sys.exit(f"{args.workdir}: no calibration for step {step}; run iap-eval --fit-calibration first")
+        sys.exit(f"{args.workdir}: no calibration for step {step}; run iap-fit first")
     keys = test_series_keys(args.dataset_dir)
     found = discover(args.dicom_root, workers=2, progress=False)
     selection = SeriesSelection()

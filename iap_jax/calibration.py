@@ -17,7 +17,7 @@ small where the data does not ask for them. A bias or per-class scale can change
 class: the predicted class is always the argmax of the calibrated probabilities, and accuracy
 is scored on it.
 
-The calibrators are fitted on the validation split's predictions (iap-eval --fit-calibration)
+The calibrators are fitted on the validation split's predictions (iap-fit)
 and kept in the training workdir as CALIBRATION_FILE, for the checkpoint step they were fitted
 for; iap-predict applies them when the step matches. Each head's family is chosen by
 patient-grouped K-fold cross-validation on the fitting data (cross_validate, select_family):

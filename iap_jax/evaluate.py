@@ -1,7 +1,6 @@
 """iap-eval: accuracy, intervals, calibration and pictures from iap-predict's tables.
 
   iap-eval --predictions PRED_DIR --out REPORT_DIR [--bootstrap 1000]
-  iap-eval --predictions VALIDATION_PRED_DIR --fit-calibration [--workdir TRAIN_WORKDIR]
 
 On predictions of a labelled input (the headers it carried are the truth, scored as training
 scores them: a value outside the vocabulary counts as "<other>"): per IAP, top-1 and top-2
@@ -16,11 +15,8 @@ model's domain (their predictions untrusted, their headers not QA'd). Writes rep
 out like the paper's results table), report.html (one self-contained page) and metrics.json
 under REPORT_DIR.
 
---fit-calibration fits one calibrator per categorical head on these predictions (the
-validation split's), its family (temperature, bias-corrected temperature, vector scaling:
-iap_jax.calibration) chosen per head by patient-grouped cross-validation on them, and stores
-them with the cross-validation scores as calibration.json in the training workdir, for the
-checkpoint step the predictions came from; iap-predict applies them from then on.
+It reads predictions and writes a report, nothing else: the calibration it reports on was
+fitted by iap-fit (iap_jax/fit.py) and applied by iap-predict.
 """
 from __future__ import annotations
 
@@ -39,7 +35,8 @@ from iap_jax import calibration as calibration_lib
 from iap_jax import metrics, plots, predictions
 from iap_jax.atomic import (absolute, makedirs, read_json, relative, write_json_atomic,
                             write_text_atomic)
-from iap_jax.labels import LabelEncoding
+from iap_jax.header_qa import commonest
+from iap_jax.labels import LabelEncoding, class_indices
 
 INTERVAL = (2.5, 97.5)
 
@@ -99,7 +96,7 @@ def domain_note(metrics: dict) -> str:
     outside = metrics.get("out_of_domain_series")
     if outside is None:
         return ("Not checked: these predictions were made without an out-of-distribution model "
-                "(iap-ood), so a series outside the model's domain is not marked")
+                "(iap-fit), so a series outside the model's domain is not marked")
     return (f"{outside} of {metrics['series']} series are outside the model's domain (column "
             f"out_of_domain): their predictions are not to be trusted however confident they "
             f"read, they got no header QA, and the numbers above include them")
@@ -162,7 +159,7 @@ def _categorical(head, table, headers, calibrator, series_rows, groups, series_p
     from sklearn.metrics import confusion_matrix, recall_score
 
     slice_patient = groups["patient"]
-    truth = predictions.class_indices(head, headers)
+    truth = class_indices(head, headers)
     mask = (truth >= 0).astype(np.float64)
     raw = predictions.slice_probabilities(table, head)
     calibrated = predictions.slice_probabilities(table, head, calibrator)
@@ -202,7 +199,7 @@ def _categorical(head, table, headers, calibrator, series_rows, groups, series_p
     s_truth, s_hit1, s_hit2 = [], [], []
     for rows in series_rows:
         labelled_rows = [int(truth[i]) for i in rows if truth[i] >= 0]
-        t = predictions.commonest([head.classes[c] for c in labelled_rows])
+        t = commonest([head.classes[c] for c in labelled_rows])
         mean = calibrated[rows].mean(axis=0)
         ranked = np.argsort(-mean, kind="stable")
         s_truth.append(head.classes.index(t) if t is not None else -1)
@@ -452,91 +449,6 @@ figure.qa{{width:170px;margin:4px;font-size:11px}} figure.qa img{{width:160px}}<
 
 # --- calibration ------------------------------------------------------------------------
 
-QA_IAPS = ("Manufacturer", "ManufacturerModelName", "MagneticFieldStrength", "PatientPosition")
-QA_FALSE_FLAG_RATE = 0.02
-
-
-def qa_threshold(scores: np.ndarray, rate: float, floor: float = 0.5) -> float:
-    """The lowest threshold at which at most `rate` of these correctly labelled series would
-    be flagged, a series being flagged when its score (1 - P(header's class)) reaches it."""
-    ranked = np.sort(np.asarray(scores, np.float64))[::-1]
-    allowed = int(math.floor(rate * len(ranked)))
-    if len(ranked) <= allowed:
-        return floor
-    # Just above the (allowed + 1)-th highest score: only `allowed` reach it.
-    return float(max(floor, np.nextafter(ranked[allowed], np.inf)))
-
-
-def fit_calibration(pred_dir: str, workdir: str | None = None, qa_iaps=QA_IAPS,
-                    false_flag_rate: float = QA_FALSE_FLAG_RATE,
-                    families=calibration_lib.FAMILIES) -> tuple[str, dict]:
-    """A calibrator per categorical head fitted on these predictions (and the header-QA
-    thresholds they give), saved into the training workdir. Each head's family is chosen
-    among `families` by patient-grouped cross-validation on these predictions (the first,
-    temperature, unless another is significantly better: calibration.cross_validate and
-    select_family) and then fitted on all of them. The QA budget
-    is shared by the QA IAPs, so that at most `false_flag_rate` of correctly labelled
-    validation series get any flag."""
-    slices_path = os.path.join(pred_dir, "slices.parquet")
-    metadata = predictions.read_metadata(slices_path)
-    encoding = LabelEncoding.from_json(metadata["label_encoding"])
-    workdir = workdir or os.path.dirname(os.path.dirname(metadata["checkpoint"]))
-    table = predictions.read_table(slices_path)
-    if f"{encoding.heads[0].name}_header" not in table.column_names:
-        raise ValueError(f"{pred_dir}: the input carried no headers to calibrate against")
-    families = tuple(families)
-    for family in families:
-        calibration_lib.check_family(family)
-    patients = slice_patients(table)
-    calibrators, fitted = {}, {}
-    for head in encoding.heads:
-        if not head.categorical:
-            continue
-        truth = predictions.class_indices(head, table.column(f"{head.name}_header").to_pylist())
-        rows = np.flatnonzero(truth >= 0)
-        labels = truth[rows]
-        logits = predictions.slice_logits(table, head)[rows]
-        scores = (calibration_lib.cross_validate(logits, labels, patients[rows], families)
-                  if len(families) > 1 and len(rows) else {})
-        family = calibration_lib.select_family(scores) if scores else families[0]
-        calibrator = calibration_lib.fit(logits, labels, family)
-        calibrators[head.name] = calibrator
-        fitted[head.name] = {"slices": int(len(rows)), "patients": int(len(np.unique(patients[rows]))),
-                             "family": family, "cv": scores}
-        if len(rows):
-            for when, c in (("before", None), ("after", calibrator)):
-                fitted[head.name][f"nll_{when}"] = calibration_lib.negative_log_likelihood(logits, labels, c)
-                fitted[head.name][f"top_label_loss_{when}"] = calibration_lib.top_label_loss(logits, labels, c)
-            calibrated_top1 = calibration_lib.calibrated_logits(logits, calibrator).argmax(axis=1)
-            fitted[head.name]["top1_changed"] = float(np.mean(logits.argmax(axis=1) != calibrated_top1))
-    _, series_rows = predictions.series_groups(table)
-    qa_heads = [h for h in encoding.heads if h.categorical and h.name in qa_iaps]
-    thresholds = {}
-    for head in qa_heads:
-        probs = predictions.slice_probabilities(table, head, calibrators[head.name])
-        headers = table.column(f"{head.name}_header").to_pylist()
-        scores = []
-        for rows in series_rows:
-            p = predictions.header_probability(head, probs[rows].mean(axis=0),
-                                               predictions.commonest([headers[i] for i in rows]))
-            if p is not None:
-                scores.append(1.0 - p)
-        thresholds[head.name] = qa_threshold(np.array(scores), false_flag_rate / max(len(qa_heads), 1))
-    data = {"step": metadata["step"], "checkpoint": metadata["checkpoint"],
-            "calibrators": {k: c.to_json() for k, c in calibrators.items()},
-            "selection": {"families": list(families), "folds": calibration_lib.CV_FOLDS,
-                          "repeats": calibration_lib.CV_REPEATS, "groups": "patient",
-                          "l2": calibration_lib.L2, "seed": calibration_lib.CV_SEED,
-                          "temperature_objective": calibration_lib.TEMPERATURE_OBJECTIVE,
-                          "rule": f"{families[0]} unless another family has a lower "
-                                  "out-of-fold ECE with the 95% bootstrap interval of the "
-                                  f"difference below -{calibration_lib.CV_MIN_GAIN:g}"},
-            "qa": {"iaps": [h.name for h in qa_heads], "false_flag_rate": false_flag_rate,
-                   "thresholds": thresholds, "series": len(series_rows)},
-            "fitted_on": {"predictions": absolute(pred_dir), "heads": fitted}}
-    return calibration_lib.save_calibration(workdir, data), data
-
-
 def calibration_selection(calibration: dict | None) -> dict | None:
     """How a calibration chose its heads' families (None for one from before the choice):
     {"selection": its settings, "heads": {IAP: {"family", "cv"}}}."""
@@ -567,18 +479,7 @@ def _selection_note(selection: dict | None) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="iap-eval", description=__doc__.split("\n\n")[0])
     parser.add_argument("--predictions", required=True, help="an iap-predict --out folder")
-    parser.add_argument("--out", default=None, help="report folder (report.md, report.html, ...)")
-    parser.add_argument("--fit-calibration", action="store_true",
-                        help="fit calibrators on these (validation) predictions into the workdir")
-    parser.add_argument("--workdir", default=None,
-                        help="training workdir for --fit-calibration (default: the checkpoint's)")
-    parser.add_argument("--calibration-families", default=",".join(calibration_lib.FAMILIES),
-                        help="calibrator families --fit-calibration chooses among per head by "
-                             "cross-validation (comma-separated; one: that family for every head)")
-    parser.add_argument("--qa-iaps", default=",".join(QA_IAPS),
-                        help="IAPs whose headers the predictor checks (comma-separated)")
-    parser.add_argument("--qa-false-flag-rate", type=float, default=QA_FALSE_FLAG_RATE,
-                        help="share of correct validation series allowed a flag")
+    parser.add_argument("--out", required=True, help="report folder (report.md, report.html, ...)")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
     parser.add_argument("--seed", type=int, default=0)
     return parser
@@ -586,29 +487,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if not args.out and not args.fit_calibration:
-        print("iap-eval: error: pass --out REPORT_DIR and/or --fit-calibration", file=sys.stderr)
-        return 2
     try:
-        if args.fit_calibration:
-            path, data = fit_calibration(args.predictions, args.workdir,
-                                         tuple(filter(None, args.qa_iaps.split(","))),
-                                         args.qa_false_flag_rate,
-                                         tuple(filter(None, args.calibration_families.split(","))))
-            print(f"calibration for step {data['step']}: " + ", ".join(
-                f"{k} {calibration_lib.HeadCalibration.from_json(v).describe()}"
-                for k, v in data["calibrators"].items()) + f"\n  -> {path}")
-        if args.out:
-            metrics = evaluate(args.predictions, args.bootstrap, args.seed)
-            files = write_report(metrics, args.out, args.predictions)
-            flagged = flagged_series(args.predictions)
-            if flagged:
-                print(f"header QA: {len(flagged)} series flagged (listed in the report)")
-            if metrics["out_of_domain_series"]:
-                print(domain_note(metrics))
-            cat_header, cat, cont_header, cont = main_table_rows(metrics)
-            print(_markdown_table(cat_header, cat) + "\n\n" + _markdown_table(cont_header, cont))
-            print("report: " + ", ".join(files.values()))
+        metrics = evaluate(args.predictions, args.bootstrap, args.seed)
+        files = write_report(metrics, args.out, args.predictions)
+        flagged = flagged_series(args.predictions)
+        if flagged:
+            print(f"header QA: {len(flagged)} series flagged (listed in the report)")
+        if metrics["out_of_domain_series"]:
+            print(domain_note(metrics))
+        cat_header, cat, cont_header, cont = main_table_rows(metrics)
+        print(_markdown_table(cat_header, cat) + "\n\n" + _markdown_table(cont_header, cont))
+        print("report: " + ", ".join(files.values()))
     except (ValueError, FileNotFoundError) as err:
         print(f"iap-eval: error: {err}", file=sys.stderr)
         return 2

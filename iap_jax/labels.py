@@ -258,3 +258,21 @@ class LabelEncoding:
             heads.append(HeadEncoding(**{**h, "classes": tuple(h.get("classes", ())),
                                          "aliases": tuple(tuple(p) for p in h.get("aliases", ()))}))
         return cls(tuple(heads))
+
+
+def target_class(head, header) -> str | None:
+    """The class a header value is scored against (as training scores it): the value when
+    the vocabulary has it, else "<other>" where there is one; None where unlabelled."""
+    if header is None:
+        return None
+    header = head.canonical(header)
+    if header in head.classes:
+        return header
+    return OTHER if OTHER in head.classes else None
+
+
+def class_indices(head, headers) -> np.ndarray:
+    """Per header value, the index of the class it is scored against (-1: unlabelled)."""
+    index = {c: i for i, c in enumerate(head.classes)}
+    targets = (target_class(head, h) for h in headers)
+    return np.array([-1 if t is None else index[t] for t in targets], np.int64)

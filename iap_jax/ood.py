@@ -8,15 +8,11 @@ the 95th percentile of the validation split's slice scores, so about 5% of known
 slices score above it. Stored beside the calibration in the training workdir (OOD_FILE), for
 the checkpoint step it was fitted for; iap-predict adds `ood_score` and `out_of_domain` to
 both tables when it is present (the decision made once, in predictions.series_table), and
-gives out-of-domain series no header-QA flags.
-
-  python -m iap_jax.ood --workdir TRAIN_WORKDIR [--dataset-dir D] [--step best]   (or iap-ood)
+gives out-of-domain series no header-QA flags. Fitted by iap-fit (iap_jax/fit.py).
 """
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 
 import jax
 import numpy as np
@@ -111,31 +107,3 @@ def fit(workdir: str, dataset_dir: str | None = None, step="best", batch_size: i
             "means": means.tolist(), "precision": precision.tolist()}
     write_json_atomic(os.path.join(workdir, OOD_FILE), data)
     return data
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="iap-ood", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workdir", required=True, help="the training run's --workdir")
-    parser.add_argument("--dataset-dir", default=None, help="default: the run's dataset")
-    parser.add_argument("--step", default="best")
-    parser.add_argument("--batch-size", type=int, default=256)
-    args = parser.parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    try:
-        data = fit(args.workdir, args.dataset_dir, args.step, args.batch_size)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"iap-ood: error: {err}", file=sys.stderr)
-        return 2
-    print(f"out-of-distribution model for step {data['step']}: {len(data['groups'])} scanner "
-          f"models, {data['features']} features, threshold {data['threshold']:.2f} (the "
-          f"{data['quantile']:g}th percentile of {data['validation_slices']} validation slices)\n"
-          f"  -> {os.path.join(args.workdir, OOD_FILE)}")
-    return 0
-
-
-def run() -> None:
-    sys.exit(main())
-
-
-if __name__ == "__main__":
-    run()

@@ -11,8 +11,8 @@ the local devices while a reader thread decodes the next ones. Several processes
 (jax.distributed) each predict their own share of the input's units and write their own
 part files; process 0 writes the merged tables and the report.
 
-When the workdir holds a calibration (iap-eval --fit-calibration: a calibrator per
-categorical head, header-QA thresholds) or an out-of-distribution model (iap-ood) fitted for
+When the workdir holds a calibration (iap-fit: a calibrator per
+categorical head, header-QA thresholds) or an out-of-distribution model (iap-fit) fitted for
 the step, they are applied (probabilities, qa_flags, ood_score and out_of_domain) and recorded;
 --no-calibration skips both.
 
@@ -92,8 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "files' salted keys; iap-sort --link-into and iap-eval's "
                              "thumbnails read it)")
     parser.add_argument("--no-calibration", action="store_true",
-                        help="ignore the workdir's calibration.json (iap-eval --fit-calibration) "
-                             "and ood.json (iap-ood)")
+                        help="ignore the workdir's calibration.json and ood.json (iap-fit)")
     parser.add_argument("--overwrite", action="store_true",
                         help="discard part files of a different earlier run in OUT_DIR")
     parser.add_argument("--strict", action="store_true", help="exit 1 if anything was skipped")

@@ -48,7 +48,8 @@ from iap_jax import calibration as calibration_lib
 from iap_jax import metrics
 from iap_jax.atomic import is_remote, open_file, replacing
 from iap_jax.iaps import IAP_NAMES, SPECS, LabelState
-from iap_jax.labels import ABSENT, EMPTY, OTHER, LabelEncoding
+from iap_jax.header_qa import OUT_OF_DOMAIN_NOTE, commonest, header_probability, qa_flags
+from iap_jax.labels import ABSENT, EMPTY, LabelEncoding, target_class
 
 KEY_COLUMNS = ("series_key", "slice_index", "patient", "phase", "file_key", "frame")
 
@@ -236,17 +237,6 @@ def merge_parts(parts: Sequence[str], path: str, schema: pa.Schema) -> int:
     return rows
 
 
-def commonest(values: Sequence) -> Any:
-    """The most frequent value that is not None (ties: the first by its text); None if none."""
-    counts: dict[Any, int] = {}
-    for v in values:
-        if v is not None:
-            counts[v] = counts.get(v, 0) + 1
-    if not counts:
-        return None
-    return max(sorted(counts, key=str), key=counts.get)
-
-
 def series_groups(table: pa.Table) -> tuple[list[str], list[np.ndarray]]:
     """The series keys of a slices table (sorted) and the row indices of each."""
     keys = np.asarray(table.column("series_key").to_pylist(), dtype=object)
@@ -265,27 +255,6 @@ def slice_probabilities(table: pa.Table, head, calibration=None) -> np.ndarray:
     """[slices, classes] probabilities of a categorical head from its stored logits, through
     a calibrator (calibration.HeadCalibration, or a temperature) where given."""
     return calibration_lib.probabilities(slice_logits(table, head), calibration)
-
-
-def qa_flags(head, answer_probability: float, header, header_probability: float | None,
-             threshold: float) -> list[str]:
-    """Header QA of one series and IAP: the IAP when the prediction is at least `threshold`
-    sure that the header is wrong (1 - the probability of the header's class), and
-    "missing_header:<IAP>" when the header is missing and the top-1 answer is that sure."""
-    if header is None:
-        return [f"missing_header:{head.name}"] if answer_probability >= threshold else []
-    if target_class(head, header) is None or header_probability is None:
-        return []
-    return [head.name] if 1.0 - header_probability >= threshold else []
-
-
-def header_probability(head, mean: np.ndarray, header) -> float | None:
-    """The (mean) probability a prediction gives the class of a header value."""
-    target = target_class(head, header)
-    return None if target is None else float(mean[head.classes.index(target)])
-
-
-OUT_OF_DOMAIN_NOTE = "not applied: the series is outside the model's domain"
 
 
 def series_table(slices_path: str, encoding: LabelEncoding,
@@ -366,24 +335,6 @@ def mark_out_of_domain_slices(slices_path: str, series: pa.Table) -> None:
     column = pa.array([outside[k] for k in table.column("series_key").to_pylist()], pa.bool_())
     write_parquet_atomic(table.append_column(pa.field("out_of_domain", pa.bool_()), column),
                          slices_path)
-
-
-def target_class(head, header) -> str | None:
-    """The class a header value is scored against (as training scores it): the value when
-    the vocabulary has it, else "<other>" where there is one; None where unlabelled."""
-    if header is None:
-        return None
-    header = head.canonical(header)
-    if header in head.classes:
-        return header
-    return OTHER if OTHER in head.classes else None
-
-
-def class_indices(head, headers) -> np.ndarray:
-    """Per header value, the index of the class it is scored against (-1: unlabelled)."""
-    index = {c: i for i, c in enumerate(head.classes)}
-    targets = (target_class(head, h) for h in headers)
-    return np.array([-1 if t is None else index[t] for t in targets], np.int64)
 
 
 def accuracy(slices_path: str, series_path: str | None = None) -> dict[str, dict[str, float]]:

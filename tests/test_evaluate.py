@@ -13,8 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from iap_jax import calibration, evaluate, predictions, sort
-from iap_jax.labels import HeadEncoding, LabelEncoding
+from iap_jax import calibration, evaluate, fit, header_qa, predictions, sort
+from iap_jax.labels import HeadEncoding, LabelEncoding, class_indices
 from predict_data import run_predict
 
 
@@ -50,18 +50,18 @@ def test_bootstrap_intervals_over_patients_cover_the_true_accuracy():
 def test_qa_threshold_and_flags():
     scores = np.array([0.99, 0.03, 0.9, 0.6, 0.05, 0.2])  # 1 - P(header's class), per series
     # One flag in six correct series is allowed at a rate of 0.2: just above the second score.
-    t = evaluate.qa_threshold(scores, rate=0.2)
+    t = header_qa.qa_threshold(scores, rate=0.2)
     assert 0.9 < t <= 0.9 + 1e-9 and np.sum(scores >= t) == 1
-    assert evaluate.qa_threshold(scores, rate=0.0) > 0.99
-    assert evaluate.qa_threshold(np.array([0.1, 0.2]), rate=0.0) == 0.5  # the floor
+    assert header_qa.qa_threshold(scores, rate=0.0) > 0.99
+    assert header_qa.qa_threshold(np.array([0.1, 0.2]), rate=0.0) == 0.5  # the floor
     head = HeadEncoding("Manufacturer", "categorical", classes=("GE", "SIEMENS", "<other>"))
-    assert predictions.header_probability(head, np.array([0.9, 0.08, 0.02]), "SIEMENS") == 0.08
-    assert predictions.header_probability(head, np.array([0.9, 0.08, 0.02]), "PHILIPS") == 0.02
-    assert predictions.qa_flags(head, 0.9, "SIEMENS", 0.08, 0.9) == ["Manufacturer"]
-    assert predictions.qa_flags(head, 0.9, "GE", 0.9, 0.9) == []
-    assert predictions.qa_flags(head, 0.6, "SIEMENS", 0.4, 0.9) == []  # not sure enough
-    assert predictions.qa_flags(head, 0.95, None, None, 0.9) == ["missing_header:Manufacturer"]
-    assert predictions.qa_flags(head, 0.5, None, None, 0.9) == []
+    assert header_qa.header_probability(head, np.array([0.9, 0.08, 0.02]), "SIEMENS") == 0.08
+    assert header_qa.header_probability(head, np.array([0.9, 0.08, 0.02]), "PHILIPS") == 0.02
+    assert header_qa.qa_flags(head, 0.9, "SIEMENS", 0.08, 0.9) == ["Manufacturer"]
+    assert header_qa.qa_flags(head, 0.9, "GE", 0.9, 0.9) == []
+    assert header_qa.qa_flags(head, 0.6, "SIEMENS", 0.4, 0.9) == []  # not sure enough
+    assert header_qa.qa_flags(head, 0.95, None, None, 0.9) == ["missing_header:Manufacturer"]
+    assert header_qa.qa_flags(head, 0.5, None, None, 0.9) == []
 
 
 @pytest.fixture(scope="module")
@@ -74,10 +74,28 @@ def calibrated_run(trained_run, tmp_path_factory):
     run = type(trained_run)(trained_run.dicom_root, trained_run.dataset_dir, str(workdir),
                             trained_run.validation)
     run_predict(run, str(root / "val"), "--input", run.dataset_dir, "--split", "validation")
-    path, data = evaluate.fit_calibration(str(root / "val"))
+    path, data = fit.fit_calibration(str(root / "val"))
     assert path == str(workdir / calibration.CALIBRATION_FILE)
     report = run_predict(run, str(root / "dicom"), "--input", run.dicom_root)
     return run, root, data, report
+
+
+def test_iap_fit_stores_the_calibration_and_the_ood_model_and_iap_eval_only_reports(
+        calibrated_run, tmp_path, capsys):
+    run, root, _, _ = calibrated_run
+    workdir = tmp_path / "train"  # its own copy: the other tests' run stays as it was
+    shutil.copytree(run.workdir, workdir)
+    for name in (calibration.CALIBRATION_FILE, "ood.json"):
+        (workdir / name).unlink(missing_ok=True)
+    assert fit.main(["--predictions", str(root / "val"), "--workdir", str(workdir)]) == 0
+    out = capsys.readouterr().out
+    fitted = {name: json.loads((workdir / name).read_text())
+              for name in (calibration.CALIBRATION_FILE, "ood.json")}
+    assert fitted["calibration.json"]["step"] == fitted["ood.json"]["step"]
+    assert "calibration for step" in out and "out-of-distribution model for step" in out
+    assert fit.main(["--predictions", str(tmp_path / "nothing")]) == 2
+    with pytest.raises(SystemExit):  # no fitting flag any more, and a report is its only output
+        evaluate.main(["--predictions", str(root / "val"), "--fit-calibration"])
 
 
 def test_calibration_is_stored_for_its_step_and_applied(calibrated_run):
@@ -144,7 +162,7 @@ def test_report_files_and_a_self_contained_page(calibrated_run, tmp_path):
     slices = pq.read_table(root / "dicom" / "slices.parquet")
     head = metrics["_encoding"].head("Manufacturer")
     calibrator = calibration.HeadCalibration.from_json(saved["calibrators"]["Manufacturer"])
-    labelled = predictions.class_indices(head, slices.column("Manufacturer_header").to_pylist()) >= 0
+    labelled = class_indices(head, slices.column("Manufacturer_header").to_pylist()) >= 0
     probs = predictions.slice_probabilities(slices, head, calibrator)[labelled]
     series = np.unique(slices.column("series_key").to_pylist(), return_inverse=True)[1][labelled]
     rng = np.random.default_rng(0)

@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import train_data
-from iap_jax import evaluate, train
+from iap_jax import fit, train
 from iap_jax.iaps import LabelState
 from iap_jax.predict import build_parser, predict
 
@@ -46,7 +46,7 @@ def test_altered_headers_are_flagged_and_untouched_ones_are_not(tmp_path):
                                                   "--quiet", *extra]))
 
     run(dataset, tmp_path / "val", "--no-calibration")
-    _, calibration = evaluate.fit_calibration(str(tmp_path / "val"), qa_iaps=CHANGES)
+    _, calibration = fit.fit_calibration(str(tmp_path / "val"), qa_iaps=CHANGES)
     assert set(calibration["qa"]["thresholds"]) == set(CHANGES)
     run(held_out, tmp_path / "held_out_pred")
     series = pq.read_table(tmp_path / "held_out_pred" / "series.parquet").to_pylist()

@@ -104,7 +104,7 @@ def test_bad_stats_and_names():
 
 
 def test_aliases_join_one_scanners_spellings_only_when_asked():
-    from iap_jax.predictions import target_class
+    from iap_jax.labels import target_class
 
     stats = _stats()
     stats["iaps"]["Manufacturer"]["value_counts"] = {"SIEMENS": 10, "SIEMENS HEALTHINEERS": 4,

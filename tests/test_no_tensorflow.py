@@ -53,7 +53,10 @@ def test_training_prediction_and_analysis_never_import_tensorflow(trained_run, t
         ("iap_jax.predict", "run", predict + ["--input", str(pngs.parent), "--out", out + "_png"]),
         ("iap_jax.evaluate", "run", ["--predictions", out, "--out", str(tmp_path / "report"),
                                      "--bootstrap", "20"]),
-        ("iap_jax.ood", "run", ["--workdir", workdir]),
+        ("iap_jax.predict", "run", predict + ["--input", trained_run.dataset_dir, "--split",
+                                              "validation", "--out", out + "_val",
+                                              "--no-calibration"]),
+        ("iap_jax.fit", "run", ["--predictions", out + "_val"]),
         ("iap_jax.sort", "run", ["--predictions", out, "--out", str(tmp_path / "manifest.csv")]),
     ]
     done = subprocess.run([sys.executable, "-c", _DRIVER, json.dumps(commands)], cwd=REPO,
@@ -66,4 +69,6 @@ def test_training_prediction_and_analysis_never_import_tensorflow(trained_run, t
         assert os.path.exists(os.path.join(folder, "slices.parquet")), folder
     assert os.path.exists(tmp_path / "report" / "report.html")
     assert os.path.exists(tmp_path / "manifest.csv")
+    assert os.path.exists(os.path.join(workdir, "calibration.json"))
+    assert os.path.exists(os.path.join(workdir, "ood.json"))
     assert os.path.exists(os.path.join(workdir, "tensorboard"))
