@@ -83,8 +83,9 @@ setup(
     # config file given by path (--config=configs/gpu.py) finds its base from anywhere.
     packages=find_packages(include=["iap_jax", "iap_jax.*", "data_prep", "data_prep.*",
                                     "configs"]),
-    # The oneDNN convolution's source, compiled on first use (iap_jax/models/onednn.py).
-    package_data={"iap_jax": ["native/*.cc"]},
+    # The oneDNN convolution's source, compiled on first use (iap_jax/models/onednn.py), and
+    # the evaluation report's page (iap_jax/evaluate.py).
+    package_data={"iap_jax": ["native/*.cc", "templates/*.html"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
     entry_points={

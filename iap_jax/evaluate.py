@@ -23,8 +23,10 @@ from __future__ import annotations
 import argparse
 import base64
 import html
+import importlib.resources
 import math
 import os
+import string
 import sys
 from typing import Any
 
@@ -429,16 +431,14 @@ def write_report(metrics: dict, out_dir: str, pred_dir: str | None = None) -> di
                   if pred_dir else "")
     sections = "".join(f"<h2>{html.escape(kind.capitalize())}</h2><div class='grid'>" +
                        "".join(f"<figure>{image(p)}</figure>" for p in paths) + "</div>" for kind, paths in written.items() if paths)
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<style>body{{font-family:sans-serif;margin:24px;color:#222}} table{{border-collapse:collapse;margin:8px 0 20px}}
-td,th{{border:1px solid #ccc;padding:4px 8px;font-size:13px;text-align:right}} td:first-child,th:first-child{{text-align:left}}
-th{{background:#f0f3f7}} .grid{{display:flex;flex-wrap:wrap;gap:8px}} img{{max-width:460px}} p{{max-width:900px}}
-figure.qa{{width:170px;margin:4px;font-size:11px}} figure.qa img{{width:160px}}</style>
-</head><body><h1>{html.escape(title)}</h1><p>{html.escape(notes)}</p>
-<h2>Categorical IAPs</h2>{html_table(cat_header, cat)}<p>{html.escape(calibration_note)}</p>
-<h2>Continuous IAPs</h2>{html_table(cont_header, cont)}
-<h2>Model's domain</h2><p>{html.escape(domain_note(metrics), quote=False)}.</p>
-{qa_section}{sections}</body></html>"""
+    template = string.Template(
+        importlib.resources.files("iap_jax").joinpath("templates", "report.html").read_text())
+    page = template.substitute(
+        title=html.escape(title), notes=html.escape(notes),
+        categorical_table=html_table(cat_header, cat), calibration_note=html.escape(calibration_note),
+        continuous_table=html_table(cont_header, cont),
+        domain_note=html.escape(domain_note(metrics), quote=False),
+        qa_section=qa_section, plot_sections=sections)
     write_text_atomic(os.path.join(out_dir, "report.html"), page)
     public = {k: v for k, v in metrics.items() if not k.startswith("_")}
     write_json_atomic(os.path.join(out_dir, "metrics.json"), public)
