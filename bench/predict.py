@@ -33,7 +33,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train import HEAD_SIZES, _torch_available, _torch_resnet18  # noqa: E402  (bench/train.py)
+from paper_model import HEAD_SIZES, torch_available, torch_resnet18  # noqa: E402
 
 DEFAULT_OUT = os.path.join("bench", "results", "predict.json")
 E2E_IMAGES = int(os.environ.get("IAP_BENCH_E2E_IMAGES", "1024"))
@@ -96,7 +96,7 @@ def _run_torch(size: int, batch: int, batches: int, dtype: str, compiled: bool =
     import torch
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = _torch_resnet18(HEAD_SIZES).eval().to(device).to(memory_format=torch.channels_last)
+    model = torch_resnet18(HEAD_SIZES).eval().to(device).to(memory_format=torch.channels_last)
     images = torch.rand(batch, 1, size, size, device=device).to(memory_format=torch.channels_last) * 255
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -214,7 +214,7 @@ def main() -> None:
         print(json.dumps(VARIANTS[args.worker](sizes[0], args.batch, args.batches, args.dtype)))
         return
     variants = [v for v in args.variants.split(",") if v in VARIANTS]
-    if not _torch_available():
+    if not torch_available():
         print("PyTorch is not installed (make bench-predict installs it): JAX rows only", file=sys.stderr)
         variants = [v for v in variants if not v.startswith("torch")]
     best: dict = {}

@@ -43,23 +43,8 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The paper's twelve heads with its class counts (Manufacturer 3, model 8, scan options 9,
-# position 2, field 4, agent 6, matrix 10, slice thickness 21, flip angle 4, FOV 27);
-# TE and TR are regressed (one output each).
-HEAD_SIZES = {
-    "Manufacturer": 3,
-    "ManufacturerModelName": 8,
-    "ScanOptions": 9,
-    "PatientPosition": 2,
-    "MagneticFieldStrength": 4,
-    "ContrastBolusAgent": 6,
-    "AcquisitionMatrix": 10,
-    "SliceThickness": 21,
-    "FlipAngle": 4,
-    "FOV": 27,
-    "EchoTime": 1,
-    "RepetitionTime": 1,
-}
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # also when loaded by path
+from paper_model import HEAD_SIZES, torch_available, torch_resnet18  # noqa: E402
 DEFAULT_CONFIG = os.path.join("configs", "paper_dbc.py")
 DEFAULT_OUT = os.path.join("bench", "results", "train.json")
 MASKED_SHARE = 0.1  # of every head's labels, masked in the synthetic batch
@@ -282,59 +267,6 @@ def _run_jax(conv_impl: str, size: int, batch: int, steps: int, dtype: str, conf
 # ------------------------------------------------------------------------- PyTorch
 
 
-# Basic-block ResNets by name, as iap_jax/models/resnet.py's ARCHITECTURES spells them.
-TORCH_STAGES = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3), "tiny": (1, 1)}
-
-
-def _torch_resnet18(heads: dict, name: str = "resnet18", width: int = 64):
-    """The PyTorch twin of the Flax ResNet (1 input channel, a head per IAP)."""
-    import torch
-    from torch import nn
-
-    if name not in TORCH_STAGES:
-        raise ValueError(f"no PyTorch twin of model {name!r} (have {sorted(TORCH_STAGES)})")
-
-    class BasicBlock(nn.Module):
-        def __init__(self, cin, cout, stride):
-            super().__init__()
-            self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-            self.bn1 = nn.BatchNorm2d(cout)
-            self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-            self.bn2 = nn.BatchNorm2d(cout)
-            self.proj = None
-            if stride != 1 or cin != cout:
-                self.proj = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-        def forward(self, x):
-            y = torch.relu(self.bn1(self.conv1(x)))
-            y = self.bn2(self.conv2(y))
-            return torch.relu(y + (x if self.proj is None else self.proj(x)))
-
-    class ResNet(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.stem = nn.Sequential(
-                nn.Conv2d(1, width, 7, 2, 3, bias=False),
-                nn.BatchNorm2d(width),
-                nn.ReLU(inplace=True),
-                nn.MaxPool2d(3, 2, 1),
-            )
-            blocks, cin = [], width
-            for stage, count in enumerate(TORCH_STAGES[name]):
-                cout = width * 2 ** stage
-                for index in range(count):
-                    blocks.append(BasicBlock(cin, cout, 2 if stage > 0 and index == 0 else 1))
-                    cin = cout
-            self.blocks = nn.Sequential(*blocks)
-            self.heads = nn.ModuleDict({head: nn.Linear(cin, n) for head, n in heads.items()})
-
-        def forward(self, x):
-            features = self.blocks(self.stem(x)).mean(dim=(2, 3))
-            return {head: layer(features) for head, layer in self.heads.items()}
-
-    return ResNet()
-
-
 def _run_torch(size: int, batch: int, steps: int, dtype: str, config_path: str,
                model_name: str = "", compiled: bool = False) -> dict:
     import contextlib
@@ -353,7 +285,7 @@ def _run_torch(size: int, batch: int, steps: int, dtype: str, config_path: str,
     offset = torch.from_numpy(host["offset"]).to(device)[:, None, None, None]
     targets = {k: torch.from_numpy(v).to(device) for k, v in host["targets"].items()}
     masks = {k: torch.from_numpy(v).to(device) for k, v in host["masks"].items()}
-    model = _torch_resnet18(HEAD_SIZES, config.model.name, config.model.width).train().to(device)
+    model = torch_resnet18(HEAD_SIZES, config.model.name, config.model.width).train().to(device)
     model = model.to(memory_format=torch.channels_last)
     if cuda:  # PyTorch's fast GPU path: cuDNN autotuning, NHWC
         torch.backends.cudnn.benchmark = True
@@ -436,14 +368,6 @@ VARIANTS = {
     "torch_compile": lambda a: _run_torch(*a, compiled=True),
 }
 DEFAULT_VARIANTS = "jax_xla,jax_cpu_fast,jax_cpu_fast_2dev,jax_onednn,torch"
-
-
-def _torch_available() -> bool:
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def _worker(args) -> dict:
@@ -562,7 +486,7 @@ def main(argv=None) -> int:
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {sorted(VARIANTS)}")
-    if any(v.startswith("torch") for v in variants) and not _torch_available():
+    if any(v.startswith("torch") for v in variants) and not torch_available():
         print("torch not installed, skipping baseline (pip install 'iap-jax[bench]')")
         variants = [v for v in variants if not v.startswith("torch")]
     datasets = {size: (args.dataset or _default_dataset(size)) if "jax_e2e" in variants else None
