@@ -44,6 +44,8 @@ from iap_jax.preprocess import PixelSpec, preprocess_slice
 from iap_jax.salt import salted_hash
 
 IMAGE_SUFFIXES = (".png", ".npy")
+# The salt of a source's keys: a function asked once a key is needed, the salt, or None.
+Salt = Callable[[], str] | str | None
 # A unit of DICOM or image input holds whole series of at least this many slices.
 UNIT_SLICES = 512
 
@@ -82,16 +84,18 @@ class Skip:
 class Source:
     """One input SPEC. `plan()` lists the units; `read(unit, skips)` yields its slices and
     appends what it could not read to skips. `salt` (asked for once, when a first key is
-    needed) keys the files, and the series of sources that have no keys of their own; None
-    for keys that never leave this process (a random salt)."""
+    needed; or the salt itself) keys the files, and the series of sources that have no keys
+    of their own; None for keys that never leave this process (a random salt)."""
 
     kind = ""
     has_headers = False
 
-    def __init__(self, root: str, spec: PixelSpec, salt: Callable[[], str] | None):
+    def __init__(self, root: str, spec: PixelSpec, salt: Salt):
         self.root = root
         self.spec = spec
-        self._salt_of = salt or (lambda: secrets.token_hex(16))
+        given = salt
+        self._salt_of = (given if callable(given) else (lambda: given) if given is not None
+                         else (lambda: secrets.token_hex(16)))
         self._salt: str | None = None
         self.paths: dict[str, str] = {}  # file key -> path relative to root, of files named
         self.plan_skips: list[Skip] = []  # found while planning (DICOM headers)
@@ -153,7 +157,7 @@ class TfrecordSource(Source):
     has_headers = True
 
     def __init__(self, root: str, files: Sequence[str], spec: PixelSpec,
-                 salt: Callable[[], str] | None = None, counts: dict[str, int] | None = None):
+                 salt: Salt = None, counts: dict[str, int] | None = None):
         super().__init__(root, spec, salt)
         self.files = sorted(files)
         self.counts = counts or {}  # records per shard, by path relative to the root
@@ -235,7 +239,7 @@ def _message(err: Exception, path: str) -> str:
 
 
 def tfds_source(dataset_dir: str, split: str | None, spec: PixelSpec,
-                salt: Callable[[], str] | None = None) -> TfrecordSource:
+                salt: Salt = None) -> TfrecordSource:
     info = DatasetInfo.load(dataset_dir)
     if not split:
         raise ValueError(f"{dataset_dir} is a TFDS dataset: pass --split (one of {sorted(info.splits)})")
@@ -260,7 +264,7 @@ class DicomSource(Source):
     kind = "dicom"
     has_headers = True
 
-    def __init__(self, root: str, spec: PixelSpec, salt: Callable[[], str], workers: int = 1,
+    def __init__(self, root: str, spec: PixelSpec, salt: Salt, workers: int = 1,
                  progress: bool = True):
         super().__init__(root, spec, salt)
         self.workers = max(1, int(workers))
@@ -370,7 +374,7 @@ class ImageSource(Source):
 
     kind = "images"
 
-    def __init__(self, root: str, files: Sequence[str], spec: PixelSpec, salt: Callable[[], str]):
+    def __init__(self, root: str, files: Sequence[str], spec: PixelSpec, salt: Salt):
         super().__init__(root, spec, salt)
         self.files = sorted(files)
 
@@ -445,7 +449,7 @@ def _glob(pattern: str) -> list[str]:
 
 
 def open_source(spec_text: str, pixel_spec: PixelSpec, *, split: str | None = None,
-                salt: Callable[[], str] | None = None, workers: int = 1,
+                salt: Salt = None, workers: int = 1,
                 progress: bool = True) -> Source:
     """The source a SPEC names (a local path or a URI). `salt` is asked for once a key is
     needed (the file keys; DICOM and image series keys)."""
