@@ -1,10 +1,10 @@
 """Train-step throughput of the multi-task ResNet-18: the project's own step beside a
 PyTorch ResNet-18 of the same shape, batch, loss and optimizer.
 
-The JAX variants time `iap_jax.train.make_train_step` (preprocess.model_input on the stored
-uint16 batch, the masked multi-task loss of losses.make_loss_fn, the optimizer of
-optim.make_optimizer) for the model of models.factory.build_model, jitted with the state
-laid out by sharding.tree_shardings on the mesh sharding.make_mesh builds from the config
+The JAX variants time the training loop's own step, as `iap_jax.train.build_steps` builds
+it (preprocess.model_input on the stored uint16 batch, the masked multi-task loss, the
+config's optimizer, the model of models.factory.build_model, the state laid out by the
+config's sharding tactic), on the mesh sharding.make_mesh builds from the config
 (--config, default configs/paper_dbc.py: the paper's Adam with coupled L2, sum of CE + MSE,
 per-image max scaling), fed by sharding.global_batch:
 
@@ -139,11 +139,11 @@ def _run_jax(conv_impl: str, size: int, batch: int, steps: int, dtype: str, conf
     if cpu_devices > 1:  # data parallel over host devices, as iap_jax.main does on the CPU
         jax.config.update("jax_num_cpu_devices", cpu_devices)
 
-    from iap_jax import input_pipeline, losses, optim
+    from iap_jax import input_pipeline
     from iap_jax import sharding as sharding_lib
-    from iap_jax.models.factory import build_model, describe_convolutions
+    from iap_jax.models.factory import describe_convolutions
     from iap_jax.preprocess import PixelSpec
-    from iap_jax.train import make_init_fn, make_train_step
+    from iap_jax.train import build_steps
 
     config = load_config(config_path, model_name)
     config.model.dtype, config.model.conv_impl = dtype, conv_impl
@@ -176,18 +176,8 @@ def _run_jax(conv_impl: str, size: int, batch: int, steps: int, dtype: str, conf
         encoding = _synthetic_encoding(config.loss.mode)
         first = synthetic_batch(batch, size)
 
-    model = build_model(config.model, encoding.head_sizes())
-    tx = optim.make_optimizer(config.optim, total_steps=steps + 2)
-    init_fn = make_init_fn(model, tx, spec.input_size)
-    abstract_state = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
-    state_shardings = sharding_lib.tree_shardings(abstract_state, mesh, config.sharding.tactic,
-                                                  config.sharding.fsdp_min_size)
-    loss_fn = losses.make_loss_fn(encoding, mode=config.loss.mode, weights=dict(config.loss.weights),
-                                  huber_delta=config.loss.huber_delta)
-    train_step = jax.jit(make_train_step(model, tx, loss_fn, spec, bool(config.input.augment)),
-                         in_shardings=(state_shardings, sharding_lib.batch_sharding(mesh)),
-                         out_shardings=(state_shardings, sharding_lib.replicated(mesh)),
-                         donate_argnums=0)
+    built = build_steps(config, encoding, spec, mesh, total_steps=steps + 2)
+    init_fn, state_shardings, train_step = built.init_fn, built.state_shardings, built.train_step
 
     rss_before = _max_rss_mib()
     start = time.perf_counter()
@@ -202,12 +192,11 @@ def _run_jax(conv_impl: str, size: int, batch: int, steps: int, dtype: str, conf
     flops_lowered, flops_compiled = _flops(lowered), _flops(compiled)
     if describe_convolutions(conv_impl, dtype).split()[0] != "xla":
         # Custom-call convolutions are opaque to XLA's cost analysis: count the same step
-        # with XLA's convolutions (lowered only, not compiled).
-        twin = build_model({**config.model.to_dict(), "conv_impl": "xla"}, encoding.head_sizes())
-        twin_step = jax.jit(make_train_step(twin, tx, loss_fn, spec, bool(config.input.augment)),
-                            in_shardings=(state_shardings, sharding_lib.batch_sharding(mesh)),
-                            out_shardings=(state_shardings, sharding_lib.replicated(mesh)))
-        flops_lowered = _flops(twin_step.lower(state, device_batch))
+        # built by the same factory with XLA's convolutions (lowered only, not compiled).
+        xla = config.copy_and_resolve_references()
+        xla.model.conv_impl = "xla"
+        flops_lowered = _flops(build_steps(xla, encoding, spec, mesh, steps + 2).train_step.lower(
+            state, device_batch))
     flops_per_step = flops_lowered or flops_compiled
 
     losses_seen = []

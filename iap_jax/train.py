@@ -7,6 +7,7 @@ Checkpoints (Orbax) carry the input position, so a killed run resumes exactly.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -94,6 +95,44 @@ def make_eval_step(model, encoding: LabelEncoding, spec: PixelSpec):
                               images, train=False)
         return metrics_lib.metric_sums(outputs, batch["targets"], batch["masks"], encoding)
     return eval_step
+
+
+@dataclasses.dataclass(frozen=True)
+class Steps:
+    """A run's model and its jitted steps on a mesh, built in one place (build_steps) for
+    the training loop and bench/train.py alike."""
+
+    model: Any
+    init_fn: Callable[[jax.Array], TrainState]
+    abstract_state: TrainState  # shapes and dtypes (jax.eval_shape), for shardings and restores
+    state_shardings: Any
+    batch_sharding: Any
+    train_step: Any  # jitted (state, batch) -> (state, logs); the state is donated
+    eval_step: Any  # jitted (state, batch) -> metric sums
+
+
+def build_steps(config: ml_collections.ConfigDict, encoding: LabelEncoding, spec: PixelSpec,
+                mesh, total_steps: int, seed: int = 0) -> Steps:
+    """The model the config names, its optimizer over total_steps, the state's shardings by
+    the config's tactic, and the jitted train and eval steps."""
+    model = build_model(config.model, encoding.head_sizes())
+    tx = optim.make_optimizer(config.optim, total_steps)
+    init_fn = make_init_fn(model, tx, spec.input_size)
+    abstract_state = jax.eval_shape(init_fn, jax.random.PRNGKey(seed))
+    state_shardings = sharding_lib.tree_shardings(
+        abstract_state, mesh, config.sharding.tactic, config.sharding.fsdp_min_size)
+    batch_sharding = sharding_lib.batch_sharding(mesh)
+    replicated = sharding_lib.replicated(mesh)
+    loss_fn = losses.make_loss_fn(encoding, mode=config.loss.mode, weights=dict(config.loss.weights),
+                                  huber_delta=config.loss.huber_delta)
+    augmented = input_pipeline.InputConfig.from_config(config.input).augment
+    train_step = jax.jit(make_train_step(model, tx, loss_fn, spec, augmented),
+                         in_shardings=(state_shardings, batch_sharding),
+                         out_shardings=(state_shardings, replicated), donate_argnums=0)
+    eval_step = jax.jit(make_eval_step(model, encoding, spec),
+                        in_shardings=(state_shardings, batch_sharding), out_shardings=replicated)
+    return Steps(model, init_fn, abstract_state, state_shardings, batch_sharding, train_step,
+                 eval_step)
 
 
 def config_to_json(config: ml_collections.ConfigDict) -> dict:
@@ -251,29 +290,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         encoding = LabelEncoding.from_json(saved["label_encoding"])
     logging.info("heads %s", encoding.head_sizes())
 
-    # ---------------------------------------------------------------- model shapes --
-    model = build_model(config.model, encoding.head_sizes())
+    # ---------------------------------------------------------------- model, shardings, jitted steps
+    steps = build_steps(config, encoding, spec, mesh, total_steps, config.seed)
+    init_fn, abstract_state = steps.init_fn, steps.abstract_state
+    state_shardings, batch_sharding = steps.state_shardings, steps.batch_sharding
+    train_step, eval_step = steps.train_step, steps.eval_step
     logging.info("convolutions: %s", describe_convolutions(config.model.conv_impl, config.model.dtype))
-    tx = optim.make_optimizer(config.optim, total_steps)
-    init_fn = make_init_fn(model, tx, spec.input_size)
-    abstract_state = jax.eval_shape(init_fn, jax.random.PRNGKey(config.seed))
     num_params = sum(x.size for x in jax.tree.leaves(abstract_state.params))
     logging.info("model %s: %.2fM parameters", config.model.name, num_params / 1e6)
-
-    # ---------------------------------------------------------------- shardings -----
-    state_shardings = sharding_lib.tree_shardings(
-        abstract_state, mesh, config.sharding.tactic, config.sharding.fsdp_min_size)
-    batch_sharding = sharding_lib.batch_sharding(mesh)
-    replicated = sharding_lib.replicated(mesh)
-
-    # ---------------------------------------------------------------- jitted steps --
-    loss_fn = losses.make_loss_fn(encoding, mode=config.loss.mode, weights=dict(config.loss.weights),
-                                  huber_delta=config.loss.huber_delta)
-    train_step = jax.jit(make_train_step(model, tx, loss_fn, spec, input_config.augment),
-                         in_shardings=(state_shardings, batch_sharding),
-                         out_shardings=(state_shardings, replicated), donate_argnums=0)
-    eval_step = jax.jit(make_eval_step(model, encoding, spec),
-                        in_shardings=(state_shardings, batch_sharding), out_shardings=replicated)
 
     # ---------------------------------------------------------------- checkpoint / resume
     target = sharding_lib.with_shardings(abstract_state, state_shardings)
