@@ -13,7 +13,7 @@ WORKERS ?= 2
 
 # Builds (once per machine, cached) the oneDNN convolution library, or says why it cannot.
 install: $(VENV)/.installed sysdeps
-	@$(BIN)/python -c "from iap_jax.models import onednn; r = onednn.unavailable_reason(); \
+	@$(BIN)/python -c "from iap_jax.kernels import onednn; r = onednn.unavailable_reason(); \
 	  print('oneDNN convolutions: ' + ('unavailable, ' + r if r else 'ready'))"
 
 $(VENV)/.installed: setup.py

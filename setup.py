@@ -45,7 +45,7 @@ PREP = [
     "tensorflow-cpu>=2.18,<2.22",
     "tensorflow-datasets>=4.9.7,<5",
 ]
-# oneDNN (library and headers) for the CPU's fastest convolutions (iap_jax/models/onednn.py);
+# oneDNN (library and headers) for the CPU's fastest convolutions (iap_jax/kernels/onednn.py);
 # a GPU/TPU host convolves in XLA and needs none of it.
 CPU = ["onednn-devel-cpu-gomp==2023.2.0; platform_system == 'Linux' and platform_machine == 'x86_64'"]
 BEAM = ["apache-beam>=2.60,<3"]
@@ -83,9 +83,9 @@ setup(
     # config file given by path (--config=configs/gpu.py) finds its base from anywhere.
     packages=find_packages(include=["iap_jax", "iap_jax.*", "data_prep", "data_prep.*",
                                     "configs"]),
-    # The oneDNN convolution's source, compiled on first use (iap_jax/models/onednn.py), and
+    # The oneDNN convolution's source, compiled on first use (iap_jax/kernels/onednn.py), and
     # the evaluation report's page (iap_jax/evaluate.py).
-    package_data={"iap_jax": ["native/*.cc", "templates/*.html"]},
+    package_data={"iap_jax": ["templates/*.html"], "iap_jax.kernels": ["native/*.cc"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
     entry_points={

@@ -9,7 +9,7 @@ config's sharding tactic), on the mesh sharding.make_mesh builds from the config
 per-image max scaling), fed by sharding.global_batch:
 
   jax_xla            XLA's own convolutions (the accelerator path)
-  jax_cpu_fast       iap_jax/models/conv.py's custom gradients
+  jax_cpu_fast       iap_jax/kernels/conv.py's custom gradients
   jax_cpu_fast_2dev  the same, data parallel over two host devices
   jax_onednn         oneDNN convolutions as XLA custom calls
   jax_e2e            the training loop's input too: input_pipeline.train_batches over a

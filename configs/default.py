@@ -41,7 +41,7 @@ def base() -> ml_collections.ConfigDict:
     config.seed = 0
 
     # conv_impl: auto (XLA off the CPU; on the CPU oneDNN for one float32 device, else the
-    # pure-JAX CPU convolution) | xla | cpu_fast | onednn. See iap_jax/models/conv.py.
+    # pure-JAX CPU convolution) | xla | cpu_fast | onednn. See iap_jax/models/factory.py.
     config.model = ml_collections.ConfigDict(dict(
         name="resnet18", width=64, dtype="float32", conv_impl="auto"))
 

@@ -24,8 +24,8 @@ import numpy as np
 
 from iap_jax import sharding as sharding_lib
 from iap_jax.checkpoints import restore_model
-from iap_jax.models.conv import pack_for_inference
-from iap_jax.models.factory import build_model, describe_convolutions, inference_settings
+from iap_jax.models.factory import (build_model, describe_convolutions, inference_settings,
+                                    prepare_inference)
 from iap_jax.preprocess import model_input
 
 
@@ -52,13 +52,14 @@ class Predictor:
         self.conv_impl, self.dtype = inference_settings(self.config["model"], conv_impl, dtype)
         self.convolutions = describe_convolutions(self.conv_impl, self.dtype, inference=fold_norms)
         model = build_model(self.config["model"], self.encoding.head_sizes(),
-                            conv_impl=self.conv_impl, dtype=self.dtype, fold_norms=fold_norms)
+                            conv_impl=self.conv_impl, dtype=self.dtype, inference=True,
+                            fold_norms=fold_norms)
         self.batch_size = self.global_batch_size(batch_size, self.mesh.size)
         variables = {"params": restored["params"], "batch_stats": restored["batch_stats"]}
         spec = self.spec
         # With oneDNN: every kernel folded with its BatchNorm and packed once, here.
-        variables = pack_for_inference(model, variables,
-                                       (self.batch_size, spec.input_size, spec.input_size, 1))
+        variables = prepare_inference(model, variables,
+                                      (self.batch_size, spec.input_size, spec.input_size, 1))
 
         def forward(variables, images, scales, offsets):
             outputs, state = model.apply(variables, model_input(images, scales, offsets, spec),

@@ -26,7 +26,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from iap_jax import distributed, train
-from iap_jax.models import onednn
+from iap_jax.kernels import onednn
 
 FLAGS = flags.FLAGS
 EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL: stopped early, saved; run again to resume

@@ -115,7 +115,7 @@ def build_steps(config: ml_collections.ConfigDict, encoding: LabelEncoding, spec
                 mesh, total_steps: int, seed: int = 0) -> Steps:
     """The model the config names, its optimizer over total_steps, the state's shardings by
     the config's tactic, and the jitted train and eval steps."""
-    model = build_model(config.model, encoding.head_sizes())
+    model = build_model(config.model, encoding.head_sizes(), device_count=mesh.size)
     tx = optim.make_optimizer(config.optim, total_steps)
     init_fn = make_init_fn(model, tx, spec.input_size)
     abstract_state = jax.eval_shape(init_fn, jax.random.PRNGKey(seed))
@@ -295,7 +295,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     init_fn, abstract_state = steps.init_fn, steps.abstract_state
     state_shardings, batch_sharding = steps.state_shardings, steps.batch_sharding
     train_step, eval_step = steps.train_step, steps.eval_step
-    logging.info("convolutions: %s", describe_convolutions(config.model.conv_impl, config.model.dtype))
+    logging.info("convolutions: %s", describe_convolutions(config.model.conv_impl, config.model.dtype,
+                                                          device_count=mesh.size))
     num_params = sum(x.size for x in jax.tree.leaves(abstract_state.params))
     logging.info("model %s: %.2fM parameters", config.model.name, num_params / 1e6)
 

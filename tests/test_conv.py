@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from jax import lax
 
-from iap_jax.models import conv, onednn
-from iap_jax.models.conv import Conv, conv2d_cpu, conv2d_onednn, max_pool_3x3_stride2, resolve_conv_impl
+from iap_jax.kernels import conv, onednn
+from iap_jax.kernels.conv import Conv, FoldedConv, conv2d_cpu, conv2d_onednn, max_pool
+from iap_jax.models.factory import resolve_conv_impl
 
 TOL = dict(rtol=2e-5, atol=2e-5)
 needs_onednn = pytest.mark.skipif(not onednn.available(), reason=f"oneDNN: {onednn.unavailable_reason()}")
@@ -20,6 +21,11 @@ CONVS = [pytest.param(conv2d_cpu, id="cpu_fast"),
 
 def _reference_conv(x, kernel, strides, padding):
     return lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def max_pool_3x3_stride2(x, impl):
+    """The ResNet stem's pooling (PyTorch's MaxPool2d(3, stride=2, padding=1))."""
+    return max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), impl=impl)
 
 
 def _value_and_pullback(fn, cotangent, *args):
@@ -159,19 +165,31 @@ def test_conv_module_bf16_compute_keeps_f32_params():
     assert grads["params"]["kernel"].dtype == jnp.float32
 
 
-def test_conv_fuses_affine_residual_relu_only_as_onednn_inference():
-    # Elsewhere the caller applies them (ResNet's conv_norm): Conv has no second copy.
-    x = jnp.zeros((1, 4, 4, 2))
-    affine = (jnp.ones(3), jnp.zeros(3))
-    impls = ("xla", "cpu_fast") + (("onednn",) if onednn.available() else ())
-    for impl in impls:
-        module = Conv(3, (3, 3), impl=impl)
-        variables = module.init(jax.random.PRNGKey(0), x)
-        for kwargs in (dict(affine=affine), dict(residual=jnp.zeros((1, 4, 4, 3))), dict(relu=True)):
-            if impl == "onednn" and "affine" in kwargs:
-                continue
-            with pytest.raises(ValueError, match="for oneDNN inference only"):
-                module.apply(variables, x, **kwargs)
+def test_conv_takes_only_a_resolved_impl():
+    # "auto" is resolved by the model factory, never by a layer while tracing.
+    for impl in ("auto", "cudnn"):
+        with pytest.raises(ValueError, match="impl must be one of"):
+            Conv(3, (3, 3), impl=impl).init(jax.random.PRNGKey(0), jnp.zeros((1, 4, 4, 2)))
+    with pytest.raises(ValueError, match="impl must be one of"):
+        max_pool_3x3_stride2(jnp.zeros((1, 4, 4, 2)), "auto")
+
+
+@needs_onednn
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_folded_conv_is_conv_bias_residual_relu_in_one_onednn_call(relu, with_residual):
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 9, 9, 3))
+    module = FoldedConv(5, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    variables = module.init(jax.random.PRNGKey(2), x)
+    variables = {"params": {**variables["params"], "bias": jnp.arange(5.0) - 2.0}}
+    assert jax.tree.map(jnp.shape, variables) == {"params": {"kernel": (3, 3, 3, 5), "bias": (5,)}}
+    residual = jax.random.normal(jax.random.PRNGKey(3), (2, 5, 5, 5)) if with_residual else None
+    forward = jax.jit(lambda v, a, r: module.apply(v, a, residual=r, relu=relu))
+    want = _reference_conv(x, variables["params"]["kernel"], (2, 2), ((1, 1), (1, 1))) \
+        + variables["params"]["bias"] + (0 if residual is None else residual)
+    np.testing.assert_allclose(forward(variables, x, residual), jnp.maximum(want, 0) if relu else want,
+                               **TOL)
+    assert forward.lower(variables, x, residual).as_text().count("iap_onednn_IapConvInference") == 1
 
 
 def test_conv_rejects_mismatched_channels():
@@ -192,6 +210,11 @@ def test_resolve_conv_impl():
         resolve_conv_impl("cudnn")
     with pytest.raises(ValueError, match="float32"):
         resolve_conv_impl("onednn", jnp.bfloat16)
+    # From the caller's backend and device count, where given, not JAX's.
+    assert resolve_conv_impl("auto", backend="gpu", device_count=1) == "xla"
+    assert resolve_conv_impl("auto", backend="cpu", device_count=2) == "cpu_fast"
+    with pytest.raises(ValueError, match="single device"):
+        resolve_conv_impl("onednn", backend="cpu", device_count=2)
 
 
 def test_without_onednn_auto_falls_back_and_explicit_onednn_says_why(monkeypatch):
@@ -240,7 +263,7 @@ def test_max_pool_matches_flax_values_and_gradients(shape, impl):
     assert ("iap_onednn_IapMaxPool" in pool.lower(x).as_text()) == (impl == "onednn")
     if impl == "onednn" and onednn.bfloat16_inference_available():
         half = x.astype(jnp.bfloat16)
-        got = jax.jit(lambda a: max_pool_3x3_stride2(a, "auto"))(half)
+        got = jax.jit(lambda a: max_pool_3x3_stride2(a, "onednn"))(half)
         assert got.dtype == jnp.bfloat16
         np.testing.assert_array_equal(got, max_pool_3x3_stride2(half, "xla"))
 
@@ -333,8 +356,8 @@ def test_bfloat16_inference_falls_back_where_the_cpu_has_no_native_kernel():
     import subprocess
     import sys
 
-    code = ("import jax.numpy as jnp; from iap_jax.models import onednn; "
-            "from iap_jax.models.conv import resolve_inference_conv_impl as r; "
+    code = ("import jax.numpy as jnp; from iap_jax.kernels import onednn; "
+            "from iap_jax.models.factory import resolve_inference_conv_impl as r; "
             "print(onednn.bfloat16_inference_available(), r('auto', jnp.bfloat16), r('auto', jnp.float32))")
     env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2", JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)

@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from iap_jax.models.norm import BatchNorm
+from iap_jax.kernels.norm import BatchNorm
+from iap_jax.models.resnet import fold_batch_norms
 
 
 def _pair(train: bool, dtype=jnp.float32):
@@ -82,18 +83,19 @@ def test_rejects_non_image_input():
         module.init(jax.random.PRNGKey(0), jnp.ones((4, 3)))
 
 
-def test_fold_gives_the_affine_map_of_evaluation_with_the_same_variables():
+def test_folding_into_the_convolution_gives_the_map_of_evaluation():
     x, _ = _inputs()
     ours, _ = _pair(train=False)
-    variables = _with_params(ours.init(jax.random.PRNGKey(2), x))
-    variables["batch_stats"] = {"mean": jnp.array([1.0, 2.0, 3.0]), "var": jnp.array([4.0, 0.5, 2.0])}
-    folded = ours.init(jax.random.PRNGKey(2), fold_channels=3)
-    assert jax.tree.map(jnp.shape, folded) == jax.tree.map(jnp.shape, variables)
-    multiplier, shift = ours.apply(variables, fold_channels=3)
-    np.testing.assert_allclose(x * multiplier + shift, ours.apply(variables, x), rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="running averages"):
-        _pair(train=True)[0].init(jax.random.PRNGKey(2), fold_channels=3)
-    with pytest.raises(ValueError, match="either"):
-        ours.apply(variables, x, fold_channels=3)
-    with pytest.raises(ValueError, match="either"):
-        ours.apply(variables)
+    norm = _with_params(ours.init(jax.random.PRNGKey(2), x))
+    norm["batch_stats"] = {"mean": jnp.array([1.0, 2.0, 3.0]), "var": jnp.array([4.0, 0.5, 2.0])}
+    conv = nn.Conv(3, (3, 3), use_bias=False)
+    kernel = conv.init(jax.random.PRNGKey(3), x)["params"]["kernel"]
+    variables = {"params": {"stem_conv": {"kernel": kernel}, "stem_norm": norm["params"],
+                            "head": {"kernel": jnp.ones((3, 2))}},
+                 "batch_stats": {"stem_norm": norm["batch_stats"]}}
+    folded = fold_batch_norms(variables)
+    assert jax.tree.map(jnp.shape, folded) == {"params": {
+        "stem_conv": {"kernel": (3, 3, 3, 3), "bias": (3,)}, "head": {"kernel": (3, 2)}}}
+    want = ours.apply(norm, conv.apply({"params": {"kernel": kernel}}, x))
+    got = nn.Conv(3, (3, 3)).apply({"params": folded["params"]["stem_conv"]}, x)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -99,7 +99,7 @@ def test_last_batch_is_padded_without_recompiling(trained_run, tmp_path):
     batches = -(-report["counts"]["slices"] // 7)
     assert report["counts"]["slices"] % 7 and batches >= 3  # several batches, the last padded
     # The forward, and with oneDNN the one-off packing of its kernels: none per batch.
-    from iap_jax.models import onednn
+    from iap_jax.kernels import onednn
     packs = 1 if report["run"]["convolutions"] == "onednn" and onednn.available() else 0
     assert compiles["/jax/core/compile/backend_compile_duration"] - before == 1 + packs
     assert report["run"]["batch_size"] == 7
@@ -267,7 +267,7 @@ def test_a_model_that_cannot_be_built_leaves_no_reader_behind(trained_run, tmp_p
 
 
 def test_bfloat16_prediction_on_a_cpu_agrees_with_float32(trained_run, tmp_path):
-    from iap_jax.models import onednn
+    from iap_jax.kernels import onednn
 
     if not (onednn.available() and onednn.bfloat16_inference_available()):
         pytest.skip("no oneDNN bfloat16 inference convolutions on this CPU")

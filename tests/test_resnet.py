@@ -5,8 +5,10 @@ import numpy as np
 import optax
 import pytest
 
-from iap_jax.models import onednn
-from iap_jax.models.resnet import make_model
+from iap_jax.kernels import onednn
+from iap_jax.models import factory
+from iap_jax.models.factory import make_model
+from iap_jax.models.resnet import ResNet, fold_batch_norms
 
 HEADS = {"manufacturer": 3, "flip_angle": 5, "te": 1}
 
@@ -84,51 +86,60 @@ def _trained_statistics(model, variables, x, steps=3):
     return variables
 
 
+def _small(block="basic", dtype=jnp.float32, **layers):
+    return ResNet(head_sizes=HEADS, stage_sizes=(1, 1), block=block, width=8, dtype=dtype, **layers)
+
+
 @pytest.mark.skipif(not onednn.available(), reason=f"oneDNN: {onednn.unavailable_reason()}")
 @pytest.mark.parametrize("block", ["basic", "bottleneck"])
 def test_inference_folds_batchnorm_residual_and_relu_into_the_onednn_convolutions(block):
-    from iap_jax.models.resnet import ResNet
+    from iap_jax.kernels.conv import PACKED
 
     x = _images(batch=3, size=40)
-    model = ResNet(head_sizes=HEADS, stage_sizes=(1, 1), block=block, width=8, conv_impl="onednn")
-    unfolded = model.clone(fold_norms=False)
+    model = _small(block, **factory.layers("onednn", jnp.float32))
+    folded = _small(block, **factory.layers("onednn", jnp.float32, inference=True))
+    unfolded = _small(block, **factory.layers("onednn", jnp.float32, inference=True, fold_norms=False))
+    assert factory.is_folded(folded) and not factory.is_folded(unfolded)
     variables = _trained_statistics(model, _init(model, x), x)
     assert jax.tree.structure(_init(unfolded, x)) == jax.tree.structure(variables)
-    assert set(model.init(jax.random.PRNGKey(0), x, train=False)) == {"params", "batch_stats"}
+    # Folding is a transform of the parameter tree: each convolution gains a bias, the
+    # BatchNorms and their statistics go.
+    folded_variables = fold_batch_norms(variables)
+    assert jax.tree.structure(_init(folded, x)) == jax.tree.structure(folded_variables)
+    assert set(folded_variables) == {"params"}
     want = jax.jit(lambda v, a: unfolded.apply(v, a, train=False))(variables, x)
-    xla = jax.jit(lambda v, a: model.clone(conv_impl="xla").apply(v, a, train=False))(variables, x)
-    forward = jax.jit(lambda v, a: model.apply(v, a, train=False))
-    got = forward(variables, x)
+    xla = jax.jit(lambda v, a: _small(block).apply(v, a, train=False))(variables, x)
+    forward = jax.jit(lambda v, a: folded.apply(v, a, train=False))
+    got = forward(folded_variables, x)
     for name in HEADS:
         np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(got[name], xla[name], rtol=1e-4, atol=1e-5)
-    # Every convolution is one fused call: none runs alone, and no BatchNorm rsqrt is left
-    # on the activations (only the folding of the kernels remains).
-    hlo = forward.lower(variables, x).as_text()
+    # Every convolution is one fused call: none runs alone, and no BatchNorm is left.
+    hlo = forward.lower(folded_variables, x).as_text()
     convolutions = len(jax.tree.leaves(variables["params"])) - 2 * len(HEADS)
     convolutions //= 3  # kernel, scale, bias per convolution and its norm
     assert hlo.count("iap_onednn_IapConvInference") == convolutions
-    assert "iap_onednn_IapConvForward" not in hlo
-    # Packed once for prediction: the same outputs, and the forward neither packs nor folds.
-    from iap_jax.models.conv import PACKED, pack_for_inference
-
-    packed = pack_for_inference(model, variables, x.shape)
-    assert set(packed) == {"params", "batch_stats", PACKED}
-    packed_forward = jax.jit(lambda v, a: model.apply(v, a, train=False))
+    assert "iap_onednn_IapConvForward" not in hlo and "rsqrt" not in hlo
+    # Prepared once for prediction (folded and packed): the same outputs, and the forward
+    # never packs.
+    packed = factory.prepare_inference(folded, variables, x.shape)
+    assert set(packed) == {"params", PACKED}
+    packed_forward = jax.jit(lambda v, a: folded.apply(v, a, train=False))
     got_packed = packed_forward(packed, x)
     for name in HEADS:
         np.testing.assert_allclose(got_packed[name], got[name], rtol=1e-5, atol=1e-6)
     packed_hlo = packed_forward.lower(packed, x).as_text()
     assert packed_hlo.count("iap_onednn_IapConvInference") == convolutions
     assert "IapConvPackWeights" not in packed_hlo
-    assert "rsqrt" in hlo and "rsqrt" not in packed_hlo  # folding BatchNorm: once, not per call
     with pytest.raises(ValueError, match="packed for input"):
-        model.apply(packed, x[:2], train=False)
-    # Without oneDNN inference convolutions there is nothing to pack (nor to trace).
-    assert set(pack_for_inference(unfolded, variables, x.shape)) == {"params", "batch_stats"}
-    assert pack_for_inference(unfolded, variables, x.shape) is variables
-    assert pack_for_inference(model.clone(conv_impl="cpu_fast"), variables, x.shape) is variables
-    # Training still runs convolution, BatchNorm and ReLU apart (and their gradients).
+        folded.apply(packed, x[:2], train=False)
+    with pytest.raises(ValueError, match="inference only"):
+        folded.apply(folded_variables, x, train=True)
+    # Without folded convolutions there is nothing to fold or pack (nor to trace).
+    assert factory.prepare_inference(unfolded, variables, x.shape) is variables
+    cpu_fast = _small(block, **factory.layers("cpu_fast", jnp.float32, inference=True))
+    assert factory.prepare_inference(cpu_fast, variables, x.shape) is variables
+    # Training runs convolution, BatchNorm and ReLU apart (and their gradients).
     train_hlo = jax.jit(lambda v, a: model.apply(v, a, train=True, mutable=["batch_stats"])).lower(
         variables, x).as_text()
     assert "IapConvInference" not in train_hlo and "iap_onednn_IapConvForward" in train_hlo
@@ -137,15 +148,14 @@ def test_inference_folds_batchnorm_residual_and_relu_into_the_onednn_convolution
 @pytest.mark.skipif(not onednn.available() or not onednn.bfloat16_inference_available(),
                     reason="no oneDNN bfloat16 inference convolutions on this CPU")
 def test_bfloat16_inference_runs_the_folded_onednn_convolutions_in_bfloat16():
-    from iap_jax.models.conv import PACKED, pack_for_inference
-    from iap_jax.models.resnet import ResNet
+    from iap_jax.kernels.conv import PACKED
 
     x = _images(batch=3, size=40)
-    model = ResNet(head_sizes=HEADS, stage_sizes=(1, 1), width=8, conv_impl="auto")
+    model = _small(**factory.layers("auto", jnp.float32))
     variables = _trained_statistics(model, _init(model, x), x)
     want = jax.jit(lambda v, a: model.apply(v, a, train=False))(variables, x)
-    bf16 = model.clone(dtype=jnp.bfloat16)
-    packed = pack_for_inference(bf16, variables, x.shape)
+    bf16 = _small(dtype=jnp.bfloat16, **factory.layers("auto", jnp.bfloat16, inference=True))
+    packed = factory.prepare_inference(bf16, variables, x.shape)
     assert PACKED in packed
     assert {a.dtype for a in jax.tree.leaves(packed[PACKED]) if a.ndim == 1 and a.size > 64} \
         == {jnp.dtype(jnp.bfloat16)}  # the packed kernels (the biases stay float32)
@@ -158,15 +168,35 @@ def test_bfloat16_inference_runs_the_folded_onednn_convolutions_in_bfloat16():
         scale = float(np.abs(want[name]).max())
         np.testing.assert_allclose(np.asarray(got[name], np.float32), want[name], atol=0.05 * scale)
     # Unpacked, the same convolutions read the folded kernel cast to bfloat16.
-    unpacked = jax.jit(lambda v, a: bf16.apply(v, a, train=False))(variables, x)
+    unpacked = forward(fold_batch_norms(variables), x)
     for name in HEADS:
         np.testing.assert_allclose(np.asarray(unpacked[name], np.float32),
                                    np.asarray(got[name], np.float32), rtol=2e-2, atol=2e-2)
     # Training in bfloat16 on the CPU keeps its convolutions off oneDNN (whose training
     # convolutions are float32); only the max pooling's forward is oneDNN's.
-    train_hlo = jax.jit(lambda v, a: bf16.apply(v, a, train=True, mutable=["batch_stats"])).lower(
+    bf16_train = _small(dtype=jnp.bfloat16, **factory.layers("auto", jnp.bfloat16))
+    train_hlo = jax.jit(lambda v, a: bf16_train.apply(v, a, train=True, mutable=["batch_stats"])).lower(
         variables, x).as_text()
     assert "iap_onednn_IapConv" not in train_hlo and "iap_onednn_IapMaxPoolBf16" in train_hlo
+
+
+def test_the_model_is_plain_flax_and_the_factory_picks_kernels_once():
+    """resnet.py imports no kernel; off the CPU the factory imports none either, and the
+    layers it picks come from its arguments, not from JAX's state while tracing."""
+    import subprocess
+    import sys
+
+    code = ("import sys, jax.numpy as jnp; from iap_jax.models import factory, resnet; "
+            "m = factory.make_model('tiny', {'a': 2}, backend='gpu', device_count=1); "
+            "assert m.conv is resnet.ResNet.conv and m.folded_conv is None, m; "
+            "print(sorted(k for k in sys.modules if k.startswith('iap_jax.kernels')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.stdout.split() == ["[]"], done.stderr[-2000:]
+    assert factory.layers("xla", jnp.float32) == {}
+    cpu = factory.layers("auto", jnp.float32, backend="cpu", device_count=2)
+    assert cpu["conv"].keywords == {"impl": "cpu_fast"} and cpu["pool"].keywords == {"impl": "cpu_fast"}
+    assert "folded_conv" not in factory.layers("auto", jnp.float32, inference=True, backend="cpu",
+                                               device_count=2)
 
 
 def test_batchnorm_uses_batch_statistics_in_training_and_running_ones_in_eval():

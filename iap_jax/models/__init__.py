@@ -1,5 +1,5 @@
-"""Flax models: the multi-task ResNet family and its CPU-fast convolution."""
-from iap_jax.models.conv import Conv, conv2d_cpu, max_pool_3x3_stride2, resolve_conv_impl
-from iap_jax.models.resnet import ARCHITECTURES, ResNet, make_model
+"""Flax models: the multi-task ResNet family (its layers injected) and the factory that
+picks those layers for a machine."""
+from iap_jax.models.resnet import ARCHITECTURES, ResNet, fold_batch_norms, make_model
 
-__all__ = ["ARCHITECTURES", "Conv", "ResNet", "conv2d_cpu", "make_model", "max_pool_3x3_stride2", "resolve_conv_impl"]
+__all__ = ["ARCHITECTURES", "ResNet", "fold_batch_norms", "make_model"]

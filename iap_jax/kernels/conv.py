@@ -1,4 +1,4 @@
-"""A 2-D convolution that trains fast on XLA's CPU backend, and a Flax module for it.
+"""CPU convolutions and max pooling for the ResNet: drop-in Flax modules and functions.
 
 XLA's CPU convolution runs its forward pass, its weight gradient and its stride-1 input
 gradient near the machine's matrix-product speed on ordinary feature maps, but it is
@@ -13,11 +13,15 @@ convolution), and a 1x1 kernel is plainly a matrix product. `conv2d_cpu` is a
 
 Patches are only built for 1x1 kernels and tiny maps, one layer at a time.
 
-Faster still, where the machine has oneDNN, is "onednn" (`iap_jax/models/onednn.py`): all
+Faster still, where the machine has oneDNN, is "onednn" (`iap_jax/kernels/onednn.py`): all
 three products are oneDNN's convolutions, called from XLA as FFI custom calls.
 
 `Conv` is a drop-in for `flax.linen.Conv` (NHWC, kernel HWIO named "kernel", optional
-"bias"), so parameters are interchangeable between the XLA and the CPU-fast paths.
+"bias"), so parameters are interchangeable between the XLA and the CPU paths; `max_pool`
+one for `flax.linen.max_pool`. `FoldedConv` is oneDNN's inference convolution with a
+BatchNorm already folded into its kernel and bias (see `iap_jax.models.resnet.fold_batch_norms`),
+the residual sum and the ReLU in the same call. Which of them a model uses is decided once,
+by `iap_jax.models.factory`; nothing here reads the backend or the device count.
 """
 from __future__ import annotations
 
@@ -30,52 +34,12 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax import lax
 
-from iap_jax.models import onednn
+from iap_jax.kernels import onednn
 
 Padding = tuple[tuple[int, int], tuple[int, int]]
 
-CONV_IMPLS = ("auto", "xla", "cpu_fast", "onednn")
+IMPLS = ("xla", "cpu_fast", "onednn")
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
-
-
-def resolve_conv_impl(impl: str, dtype: Any = None) -> str:
-    """Maps "auto" to "xla" off the CPU; on the CPU to "onednn" where oneDNN is available,
-    the computation is float32 and JAX has a single device (a custom call is not split
-    over a mesh), else to "cpu_fast"."""
-    if impl not in CONV_IMPLS:
-        raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {impl!r}")
-    float32 = dtype is None or jnp.dtype(dtype) == jnp.float32
-    if impl == "auto":
-        if jax.default_backend() != "cpu":
-            return "xla"
-        single = jax.device_count() == 1
-        return "onednn" if float32 and single and onednn.available() else "cpu_fast"
-    if impl == "onednn":
-        if not float32:
-            raise ValueError(f"conv_impl 'onednn' computes in float32, not {jnp.dtype(dtype)}")
-        if jax.device_count() > 1:
-            raise ValueError(f"conv_impl 'onednn' runs on a single device, and JAX has "
-                             f"{jax.device_count()}; use 'auto' or 'cpu_fast'")
-        reason = onednn.unavailable_reason()
-        if reason is not None:
-            raise onednn.OnednnUnavailable(f"conv_impl 'onednn' is unavailable: {reason}")
-    return impl
-
-
-def resolve_inference_conv_impl(impl: str, dtype: Any = None) -> str:
-    """The convolution a folded inference forward runs (`Conv` with `affine`): as
-    resolve_conv_impl, except that bfloat16 on a CPU runs oneDNN's bfloat16 inference
-    convolution where this CPU has one (AVX-512; AMX makes it several times float32's speed).
-    Training's oneDNN convolutions stay float32."""
-    bfloat16 = dtype is not None and jnp.dtype(dtype) == jnp.bfloat16
-    if bfloat16 and impl in ("auto", "onednn") and jax.default_backend() == "cpu" \
-            and jax.device_count() == 1 and onednn.available():
-        if onednn.bfloat16_inference_available():
-            return "onednn"
-        if impl == "onednn":
-            raise ValueError("conv_impl 'onednn' has no bfloat16 inference convolution on this "
-                             "CPU (it needs AVX-512); use float32")
-    return resolve_conv_impl(impl, dtype)
 
 
 def explicit_padding(
@@ -270,36 +234,10 @@ def conv2d_onednn(x: jnp.ndarray, kernel: jnp.ndarray, strides=(1, 1), padding: 
     return _onednn_conv2d(x, kernel, strides, pads)
 
 
-# The variable collection of kernels folded and packed for oneDNN inference: made from a
-# checkpoint's variables on the predicting machine, for one batch shape, never saved.
-PACKED = "packed_inference"
-
-
-def pack_for_inference(model: nn.Module, variables, input_shape) -> dict:
-    """`variables` plus the PACKED collection for `model.apply(..., train=False)` on inputs of
-    `input_shape`: every oneDNN inference convolution's kernel folded with its BatchNorm
-    and reordered once, instead of at every call. Where nothing is packed (other
-    convolutions, or BatchNorm not folded) the variables come back as they were, and
-    nothing is traced. `model` is a ResNet (it has conv_impl, dtype and fold_norms)."""
-    if not model.fold_norms or resolve_inference_conv_impl(model.conv_impl, model.dtype) != "onednn":
-        return variables
-
-    def packed(variables):
-        # Only the packing is kept: the forward's convolutions are unused and dropped.
-        return model.apply(variables, jnp.zeros(tuple(input_shape), jnp.float32), train=False,
-                           mutable=[PACKED])[1].get(PACKED, {})
-
-    collection = jax.jit(packed)(variables)
-    return {**variables, PACKED: collection} if collection else dict(variables)
-
-
 class Conv(nn.Module):
-    """`flax.linen.Conv` subset (2-D, NHWC, no dilation or groups) with a selectable backend.
-
-    impl: "xla" runs `lax.conv_general_dilated`; "cpu_fast" runs `conv2d_cpu`; "onednn"
-    runs `conv2d_onednn`; "auto" picks per `resolve_conv_impl`. Parameters are identical
-    in every case.
-    """
+    """`flax.linen.Conv` subset (2-D, NHWC, no dilation or groups) computed by `impl`:
+    "xla" runs `lax.conv_general_dilated`, "cpu_fast" `conv2d_cpu`, "onednn" `conv2d_onednn`.
+    Parameters are identical in every case."""
 
     features: int
     kernel_size: Sequence[int]
@@ -310,114 +248,137 @@ class Conv(nn.Module):
     param_dtype: Any = jnp.float32
     kernel_init: Any = nn.initializers.lecun_normal()
     bias_init: Any = nn.initializers.zeros
-    impl: str = "auto"
+    impl: str = "cpu_fast"
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, affine=None, residual=None, relu: bool = False) -> jnp.ndarray:
-        """conv(x); or, with affine = (multiplier, shift) per output channel (a folded
-        BatchNorm), conv(x) * multiplier + shift [+ residual] [then ReLU] as one oneDNN call
-        with the affine folded into kernel and bias (forward only: for prediction)."""
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        if self.impl not in IMPLS:
+            raise ValueError(f"Conv impl must be one of {IMPLS}, got {self.impl!r}")
         kernel_hw = tuple(self.kernel_size)
-        strides = tuple(self.strides)
+        strides = tuple(int(s) for s in self.strides)
         kernel = self.param(
             "kernel", self.kernel_init, kernel_hw + (x.shape[-1], self.features), self.param_dtype
         )
         bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
-        params = kernel, bias  # as stored (float32): what a BatchNorm is folded into
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         pads = explicit_padding(x.shape[1:3], kernel_hw, strides, self.padding)
-        if affine is not None or residual is not None or relu:
-            if affine is None or resolve_inference_conv_impl(self.impl, x.dtype) != "onednn":
-                # Elsewhere the caller applies norm, residual and ReLU (ResNet's conv_norm).
-                raise ValueError("affine/residual/relu are for oneDNN inference only")
-            multiplier, shift = affine
-            out_hw = _output_hw(x.shape[1:3], kernel_hw, strides, pads)
-
-            def folded():  # in float32, whatever the activations' dtype
-                k, b = (None if p is None else p.astype(jnp.float32) for p in params)
-                return k * multiplier, shift if b is None else b * multiplier + shift
-
-            # Packed only on request (pack_for_inference), never by init: a model's variables
-            # and checkpoints hold no packed kernels.
-            packing = self.is_mutable_collection(PACKED) and not self.is_initializing()
-            if not (packing or self.has_variable(PACKED, "kernel")):
-                k, b = folded()
-                return onednn.inference(x, k.astype(x.dtype), b, strides, pads, out_hw, relu,
-                                        residual)
-            # Prediction: the folded kernel packed once (see `pack_for_inference`).
-            packed = self.variable(PACKED, "kernel", lambda: onednn.pack_weights(
-                folded()[0], x.shape, strides, pads, out_hw, relu, residual is not None, x.dtype))
-            packed_bias = self.variable(PACKED, "bias", lambda: folded()[1])
-            # The layout belongs to the input shape it was packed for, which this empty
-            # array's shape records (the later size checks are a backstop: they pass a
-            # layout of the same size).
-            packed_for = self.variable(PACKED, "input_shape", lambda: jnp.zeros((*x.shape, 0)))
-            if tuple(packed_for.value.shape[:-1]) != tuple(x.shape):
-                raise ValueError(f"{self.name}: kernels packed for input {packed_for.value.shape[:-1]} "
-                                 f"applied to {tuple(x.shape)}; pack them for this shape")
-            return onednn.inference(x, packed.value, packed_bias.value, strides, pads, out_hw,
-                                    relu, residual, kernel_shape=kernel.shape)
-        impl = resolve_conv_impl(self.impl, x.dtype)
-        if impl == "onednn":
+        if self.impl == "onednn":
             y = _onednn_conv2d(x, kernel, strides, pads)
-        elif impl == "cpu_fast":
+        elif self.impl == "cpu_fast":
             y = _conv2d(x, kernel, strides, pads)
         else:
             y = _xla_conv(x, kernel, strides, pads)
         return y if bias is None else y + bias
 
 
-# 3x3 stride-2 max pooling (the ResNet stem). XLA's CPU gradient of reduce_window is a
-# select-and-scatter that runs slowly; here the gradient goes, like PyTorch's, to the
-# first maximal position of each window, written as masks and the same fold as above.
-_POOL_WINDOW = (3, 3)
-_POOL_STRIDES = (2, 2)
-_POOL_PADDING = ((1, 1), (1, 1))
+# The variable collection of folded kernels packed for oneDNN inference: made from a
+# model's folded variables on the predicting machine, for one batch shape, never saved.
+PACKED = "packed_inference"
 
 
-def _pool_windows(x):
-    out_hw = _output_hw(x.shape[1:3], _POOL_WINDOW, _POOL_STRIDES, _POOL_PADDING)
-    xp = jnp.pad(x, ((0, 0), *_POOL_PADDING, (0, 0)), constant_values=-jnp.inf)
-    return _window_slices(xp, out_hw, _POOL_WINDOW, _POOL_STRIDES)
+class FoldedConv(nn.Module):
+    """relu(conv(x) + bias [+ residual]) as one oneDNN inference call (forward only: for
+    prediction), where kernel and bias are a convolution's with its BatchNorm folded in
+    (`iap_jax.models.resnet.fold_batch_norms`). Parameters "kernel" (HWIO) and "bias" are
+    float32; the activations are float32 or bfloat16 (`dtype`), the residual x's dtype.
+
+    Applied with the PACKED collection mutable (`iap_jax.models.factory.prepare_inference`),
+    it also stores its kernel packed once into the layout oneDNN reads for this input shape;
+    applied with that collection present, it reads the packed kernel instead."""
+
+    features: int
+    kernel_size: Sequence[int]
+    strides: Sequence[int] = (1, 1)
+    padding: Any = "SAME"
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    kernel_init: Any = nn.initializers.lecun_normal()
+    bias_init: Any = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, residual=None, relu: bool = False) -> jnp.ndarray:
+        kernel_hw = tuple(self.kernel_size)
+        strides = tuple(int(s) for s in self.strides)
+        kernel = self.param(
+            "kernel", self.kernel_init, kernel_hw + (x.shape[-1], self.features), self.param_dtype
+        )
+        bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+        if self.dtype is not None:
+            x = x.astype(self.dtype)
+        pads = explicit_padding(x.shape[1:3], kernel_hw, strides, self.padding)
+        out_hw = _output_hw(x.shape[1:3], kernel_hw, strides, pads)
+        kernel32, bias32 = kernel.astype(jnp.float32), bias.astype(jnp.float32)
+        # Packed only on request, never by init: a model's variables hold no packed kernels.
+        packing = self.is_mutable_collection(PACKED) and not self.is_initializing()
+        if not (packing or self.has_variable(PACKED, "kernel")):
+            return onednn.inference(x, kernel32.astype(x.dtype), bias32, strides, pads, out_hw,
+                                    relu, residual)
+        packed = self.variable(PACKED, "kernel", lambda: onednn.pack_weights(
+            kernel32, x.shape, strides, pads, out_hw, relu, residual is not None, x.dtype))
+        packed_bias = self.variable(PACKED, "bias", lambda: bias32)
+        # The layout belongs to the input shape it was packed for, which this empty array's
+        # shape records (the later size checks are a backstop: they pass a layout of the
+        # same size).
+        packed_for = self.variable(PACKED, "input_shape", lambda: jnp.zeros((*x.shape, 0)))
+        if tuple(packed_for.value.shape[:-1]) != tuple(x.shape):
+            raise ValueError(f"{self.name}: kernels packed for input {packed_for.value.shape[:-1]} "
+                             f"applied to {tuple(x.shape)}; pack them for this shape")
+        return onednn.inference(x, packed.value, packed_bias.value, strides, pads, out_hw,
+                                relu, residual, kernel_shape=kernel.shape)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _max_pool(x, with_onednn: bool):
+# Max pooling. XLA's CPU gradient of reduce_window is a select-and-scatter that runs slowly;
+# here the gradient goes, like PyTorch's, to the first maximal position of each window,
+# written as masks and the same fold as the convolutions' input gradient.
+def _pool_windows(x, window, strides, padding: Padding):
+    out_hw = _output_hw(x.shape[1:3], window, strides, padding)
+    xp = jnp.pad(x, ((0, 0), *padding, (0, 0)), constant_values=-jnp.inf)
+    return _window_slices(xp, out_hw, window, strides)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
+def _max_pool(x, window, strides, padding: Padding, with_onednn: bool):
     if with_onednn:  # not differentiated: prediction and evaluation
-        out_hw = _output_hw(x.shape[1:3], _POOL_WINDOW, _POOL_STRIDES, _POOL_PADDING)
-        return onednn.max_pool(x, _POOL_WINDOW, _POOL_STRIDES, _POOL_PADDING, out_hw)
-    return functools.reduce(jnp.maximum, _pool_windows(x))
+        out_hw = _output_hw(x.shape[1:3], window, strides, padding)
+        return onednn.max_pool(x, window, strides, padding, out_hw)
+    return functools.reduce(jnp.maximum, _pool_windows(x, window, strides, padding))
 
 
-def _max_pool_fwd(x, with_onednn: bool):
+def _max_pool_fwd(x, window, strides, padding, with_onednn: bool):
     # Differentiated (training), the maxima are XLA's even with oneDNN: the backward finds
     # each window's maximum by comparing it with y, and XLA may recompute x for those
     # comparisons (a BatchNorm and ReLU fused into them) with other rounding than the copy
     # a oneDNN call read, whose maxima then match no window (485 of 3200 in a tiny ResNet).
-    y = _max_pool(x, False)
+    y = _max_pool(x, window, strides, padding, False)
     return y, (x, y)
 
 
-def _max_pool_bwd(with_onednn: bool, residuals, dy):
+def _max_pool_bwd(window, strides, padding, with_onednn: bool, residuals, dy):
     x, y = residuals
     taken = jnp.zeros(y.shape, bool)
     pieces = []
-    for window in _pool_windows(x):
-        first_max = (window == y) & ~taken
+    for piece in _pool_windows(x, window, strides, padding):
+        first_max = (piece == y) & ~taken
         taken = taken | first_max
         pieces.append(jnp.where(first_max, dy, jnp.zeros((), dy.dtype)))
-    return (_fold(pieces, x.shape, _POOL_WINDOW, _POOL_STRIDES, _POOL_PADDING),)
+    return (_fold(pieces, x.shape, window, strides, padding),)
 
 
 _max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
-def max_pool_3x3_stride2(x: jnp.ndarray, impl: str = "auto") -> jnp.ndarray:
-    """PyTorch's MaxPool2d(3, stride=2, padding=1) on NHWC input, CPU-fast when impl says so
-    (undifferentiated with oneDNN convolutions, oneDNN's pooling: about 6x faster than XLA's CPU
-    loop on the 224 px stem)."""
-    if resolve_inference_conv_impl(impl, x.dtype) == "onednn":
-        return _max_pool(x, True)
-    if resolve_conv_impl(impl, x.dtype) == "cpu_fast":
-        return _max_pool(x, False)
-    return nn.max_pool(x, _POOL_WINDOW, strides=_POOL_STRIDES, padding=_POOL_PADDING)
+def max_pool(inputs: jnp.ndarray, window_shape: Sequence[int], strides: Sequence[int] | None = None,
+             padding: Any = "VALID", *, impl: str = "cpu_fast") -> jnp.ndarray:
+    """`flax.linen.max_pool` on 2-D NHWC maps with a CPU-fast gradient ("cpu_fast"); with
+    "onednn", undifferentiated, oneDNN's pooling (about 6x faster than XLA's CPU loop on the
+    224 px stem), and "xla" is flax's own."""
+    if impl not in IMPLS:
+        raise ValueError(f"max_pool impl must be one of {IMPLS}, got {impl!r}")
+    window = tuple(int(w) for w in window_shape)
+    strides = tuple(int(s) for s in (strides or (1,) * len(window)))
+    if impl == "xla":
+        return nn.max_pool(inputs, window, strides=strides, padding=padding)
+    if inputs.ndim != 4 or len(window) != 2:
+        raise ValueError(f"max_pool here takes NHWC maps and a 2-D window, got {inputs.shape}, {window}")
+    pads = explicit_padding(inputs.shape[1:3], window, strides, padding)
+    return _max_pool(inputs, window, strides, pads, impl == "onednn")

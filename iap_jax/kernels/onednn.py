@@ -2,7 +2,7 @@
 
 XLA's CPU convolutions run at a fraction of the machine's speed on ResNet shapes (the weight
 gradient of a 56 x 56, 64 -> 64 layer: 130 ms against 41 ms in PyTorch, which calls oneDNN).
-`iap_jax/native/onednn_conv.cc` hands the three convolution products (forward, input
+`iap_jax/kernels/native/onednn_conv.cc` hands the three convolution products (forward, input
 gradient, weight gradient) to oneDNN on NHWC / HWIO float32 buffers, so XLA keeps fusing
 everything around them. The library is compiled on first use against the installed jaxlib's
 FFI headers and oneDNN (the onednn-devel-cpu-gomp wheel that setup.py installs on Linux
@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-SOURCE = Path(__file__).resolve().parents[1] / "native" / "onednn_conv.cc"
+SOURCE = Path(__file__).resolve().parent / "native" / "onednn_conv.cc"
 TARGETS = {"forward": "IapConvForward", "input_grad": "IapConvInputGrad",
            "weight_grad": "IapConvWeightGrad", "inference": "IapConvInference",
            "pack": "IapConvPackWeights", "inference_bf16": "IapConvInferenceBf16",

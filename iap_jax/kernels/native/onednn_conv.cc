@@ -1,6 +1,6 @@
 // 2-D convolution forward, input gradient and weight gradient on the CPU through oneDNN,
 // and an inference forward with bias, residual sum and ReLU fused in, exposed to XLA as
-// typed FFI custom calls (see iap_jax/models/onednn.py).
+// typed FFI custom calls (see iap_jax/kernels/onednn.py).
 //
 // Layouts are the model's: activations NHWC, kernels HWIO, float32. Activations are
 // handed to oneDNN in place (oneDNN's direct convolutions read and write NHWC); only the

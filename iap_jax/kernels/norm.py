@@ -69,25 +69,14 @@ class BatchNorm(nn.Module):
     dtype: Any = None
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray | None = None, *, fold_channels: int | None = None):
-        """The normalised NHWC x; or, given fold_channels (the channel count) instead of x
-        (running averages only), the per-channel (multiplier, shift) of the same affine
-        map, for a convolution to absorb."""
-        fold = fold_channels is not None
-        if fold == (x is not None):
-            raise ValueError("BatchNorm takes either an NHWC input or fold_channels")
-        if not fold and x.ndim != 4:
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        if x.ndim != 4:
             raise ValueError(f"BatchNorm expects NHWC input, got shape {x.shape}")
-        channels = int(fold_channels) if fold else x.shape[-1]
+        channels = x.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (channels,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
         running_mean = self.variable("batch_stats", "mean", jnp.zeros, (channels,), jnp.float32)
         running_var = self.variable("batch_stats", "var", jnp.ones, (channels,), jnp.float32)
-        if fold:
-            if not self.use_running_average:
-                raise ValueError("only BatchNorm with running averages folds into a convolution")
-            multiplier = lax.rsqrt(running_var.value + self.epsilon) * scale
-            return multiplier, bias - running_mean.value * multiplier
         if self.dtype is not None:
             x = x.astype(self.dtype)
         if self.use_running_average:
