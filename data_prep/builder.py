@@ -295,6 +295,14 @@ class IapDataset(tfds.core.GeneratorBasedBuilder):
         super().__init__(**kwargs)
         assert DATASET_NAME == self.name, (DATASET_NAME, self.name)
 
+    # TFDS prints a line before a build ("Downloading and preparing dataset Unknown size ...")
+    # and one after it; the prep prints its own summary, the dataset's folder included.
+    def _log_download_bytes(self) -> None:
+        pass
+
+    def _log_download_done(self) -> None:
+        pass
+
     def _info(self) -> tfds.core.DatasetInfo:
         return self.dataset_info_from_configs(
             features=example_features(int(self.builder_config.image_size),

@@ -11,8 +11,9 @@ on bad arguments, an unusable DICOM root or data dir, or a changed archive.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
+
+from iap_jax import console
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    console.quiet_libraries()
     import tensorflow_datasets as tfds
 
     from data_prep.builder import prepare

@@ -34,7 +34,7 @@ import numpy as np
 from etils import epath
 
 from iap_jax import calibration as calibration_lib
-from iap_jax import metrics, plots, predictions
+from iap_jax import console, metrics, plots, predictions
 from iap_jax.atomic import (absolute, makedirs, read_json, relative, write_json_atomic,
                             write_text_atomic)
 from iap_jax.header_qa import commonest
@@ -486,6 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    console.quiet_libraries()
     args = build_parser().parse_args(argv)
     try:
         metrics = evaluate(args.predictions, args.bootstrap, args.seed)

@@ -22,7 +22,7 @@ import sys
 import numpy as np
 
 from iap_jax import calibration as calibration_lib
-from iap_jax import evaluate, header_qa, ood, predictions
+from iap_jax import console, evaluate, header_qa, ood, predictions
 from iap_jax.atomic import absolute
 from iap_jax.labels import LabelEncoding, class_indices
 
@@ -108,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    console.quiet_libraries()
     args = build_parser().parse_args(argv)
     try:
         path, data = fit_calibration(args.predictions, args.workdir,

@@ -25,7 +25,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from iap_jax import distributed, train
+from iap_jax import console, distributed, train
 from iap_jax.kernels import onednn
 
 FLAGS = flags.FLAGS
@@ -115,6 +115,7 @@ def main(argv):
 
 def run():
     """Console script entry (iap-train)."""
+    console.quiet_libraries()
     if any(arg in ("-h", "--help") for arg in sys.argv[1:]):
         # absl's --help lists the flags of the script's own module, which here is the
         # console-script stub: print this module's usage and flags instead.

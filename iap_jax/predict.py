@@ -40,7 +40,7 @@ import jax
 from etils import epath
 from jax.experimental import multihost_utils
 
-from iap_jax import distributed, local_paths, predictions, sources
+from iap_jax import console, distributed, local_paths, predictions, sources
 from iap_jax import salt as salt_lib
 from iap_jax.atomic import absolute, is_remote, makedirs, read_json, write_json_atomic
 from iap_jax.calibration import CALIBRATION_FILE, head_calibrators, load_calibration
@@ -364,7 +364,7 @@ def _count_reasons(skipped) -> dict[str, int]:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    console.quiet_libraries()
     try:
         distributed.initialise(args.coordinator, args.num_processes, args.process_id)
         report = predict(args)

@@ -32,7 +32,7 @@ import re
 import sys
 from typing import Any
 
-from iap_jax import local_paths
+from iap_jax import console, local_paths
 from iap_jax.atomic import absolute, is_remote, makedirs, read_json, write_text_atomic
 from iap_jax.predictions import read_table
 
@@ -177,6 +177,7 @@ def sort_series(pred_dir: str, rules: dict | None, out: str, min_confidence: flo
 
 
 def main(argv=None) -> int:
+    console.quiet_libraries()
     parser = argparse.ArgumentParser(prog="iap-sort", description=__doc__.split("\n\n")[0])
     parser.add_argument("--predictions", required=True, help="an iap-predict --out folder")
     parser.add_argument("--rules", default=None, help="JSON rules (default: manufacturer x field)")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from data_prep.synthetic import cohort
 from data_prep.synthetic.contact_sheet import write_contact_sheet
+from iap_jax import console
 
 
 def positive_int(text: str) -> int:
@@ -79,6 +80,7 @@ def summary_table(rows: list[dict], results: list, seconds: float) -> str:
 
 
 def main(argv=None) -> int:
+    console.quiet_libraries()
     args = parse_args(argv)
     start = time.perf_counter()
     try:
