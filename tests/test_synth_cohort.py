@@ -59,13 +59,20 @@ def test_csv_has_contract_columns_and_one_row_per_series(small_cohort):
         assert phases[0] == 0 and phases[-1] >= 2
 
 
-def test_headers_valid_complete_and_match_csv(small_cohort):
-    out, rows = small_cohort
+@pytest.fixture(scope="module")
+def cohort_files(small_cohort):
+    """(cohort.csv row, its series' files in order, each file read) per series, read once."""
+    out, _ = small_cohort
+    series = []
     for row in _read_csv(out / "cohort.csv"):
         files = sorted((out / row["series_dir"]).glob("*.dcm"))
-        uids = set()
-        for k, path in enumerate(files):
-            ds = pydicom.dcmread(path)
+        series.append((row, files, [pydicom.dcmread(path) for path in files]))
+    return series
+
+
+def test_files_are_mr_image_storage_with_every_required_tag(cohort_files):
+    for row, files, datasets in cohort_files:
+        for k, (path, ds) in enumerate(zip(files, datasets)):
             assert ds.file_meta.TransferSyntaxUID == ImplicitVRLittleEndian
             assert ds.file_meta.MediaStorageSOPClassUID == MRImageStorage == ds.SOPClassUID
             assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
@@ -73,7 +80,12 @@ def test_headers_valid_complete_and_match_csv(small_cohort):
             assert not missing, f"{path}: missing {missing}"
             assert int(ds.InstanceNumber) == k + 1
             assert ds.pixel_array.shape == (ds.Rows, ds.Columns) == (int(row["rows"]),) * 2
-            uids.add(ds.SOPInstanceUID)
+        assert len({ds.SOPInstanceUID for ds in datasets}) == len(files)
+
+
+def test_headers_match_the_csv(cohort_files):
+    for row, _, datasets in cohort_files:
+        for ds in datasets:
             assert ds.PatientID == row["patient_id"]
             assert ds.Manufacturer == row["Manufacturer"]
             assert ds.ManufacturerModelName == row["ManufacturerModelName"]
@@ -95,11 +107,15 @@ def test_headers_valid_complete_and_match_csv(small_cohort):
                 assert (ds.ContrastBolusAgent or "") == row["ContrastBolusAgent"]
             if row["series_role"] == "dce":
                 assert int(ds.TemporalPositionIdentifier) == int(row["phase"]) + 1
-            # Orientation follows the patient position: feet-first flips left-right.
+
+
+def test_orientation_follows_the_patient_position(cohort_files):
+    """Feet-first flips left-right; the slice location is the position along the bore."""
+    for _, _, datasets in cohort_files:
+        for ds in datasets:
             row_dir = [float(v) for v in ds.ImageOrientationPatient[:3]]
             assert row_dir == ([-1.0, 0.0, 0.0] if ds.PatientPosition == "FFP" else [1.0, 0.0, 0.0])
             assert float(ds.SliceLocation) == pytest.approx(float(ds.ImagePositionPatient[2]))
-        assert len(uids) == len(files)
 
 
 def test_dcmdump_reads_every_file(small_cohort):
