@@ -146,19 +146,31 @@ def test_an_old_calibration_file_of_temperatures_is_still_applied(calibrated_run
     assert "| temperature T=2.00 |" in row
 
 
-def test_report_files_and_a_self_contained_page(calibrated_run, tmp_path):
-    run, root, data, _ = calibrated_run
+@pytest.fixture(scope="module")
+def report(calibrated_run, tmp_path_factory):
+    """The calibrated run's report, written once: (metrics, files, metrics.json read back)."""
+    _, root, _, _ = calibrated_run
     metrics = evaluate.evaluate(str(root / "dicom"), resamples=200)
-    files = evaluate.write_report(metrics, str(tmp_path / "report"))
-    saved = json.load(open(files["metrics.json"]))
+    files = evaluate.write_report(metrics, str(tmp_path_factory.mktemp("report")))
+    return metrics, files, json.load(open(files["metrics.json"]))
+
+
+def test_metrics_json_holds_scores_intervals_and_calibration(report):
+    metrics, _, saved = report
     m = saved["heads"]["Manufacturer"]
     assert m["slices"] == metrics["slices"] and 0 <= m["top1"] <= 1
     assert m["top1_ci"][0] <= m["top1"] <= m["top1_ci"][1]
     assert saved["calibrated"] and "ece_after" in m and "series_top1" in m
     assert m["calibrator"] in calibration.FAMILIES
     assert m["ece_after_ci"][0] <= m["ece_after_ci"][1]
-    # The floor is the ECE of labels drawn from the calibrated probabilities of the labelled
-    # slices, one uniform number per series; drawn here label set by label set, it agrees.
+    assert saved["heads"]["EchoTime"]["unit"] == "ms" and "r2" in saved["heads"]["EchoTime"]
+
+
+def test_ece_floor_is_that_of_labels_drawn_per_series(calibrated_run, report):
+    """The floor is the ECE of labels drawn from the calibrated probabilities of the labelled
+    slices, one uniform number per series; drawn here label set by label set, it agrees."""
+    _, root, _, _ = calibrated_run
+    metrics, _, saved = report
     slices = pq.read_table(root / "dicom" / "slices.parquet")
     head = metrics["_encoding"].head("Manufacturer")
     calibrator = calibration.HeadCalibration.from_json(saved["calibrators"]["Manufacturer"])
@@ -172,15 +184,22 @@ def test_report_files_and_a_self_contained_page(calibrated_run, tmp_path):
         simulated.append(calibration.expected_calibration_error(probs.max(axis=1),
                                                                 probs.argmax(axis=1) == labels))
     # Slices drawn as if independent would give about 0.6 of it: outside this tolerance.
-    assert m["ece_floor"] == pytest.approx(np.mean(simulated), rel=0.2)
-    assert saved["heads"]["EchoTime"]["unit"] == "ms" and "r2" in saved["heads"]["EchoTime"]
+    assert saved["heads"]["Manufacturer"]["ece_floor"] == pytest.approx(np.mean(simulated), rel=0.2)
+
+
+def test_markdown_report_has_the_main_table_and_the_calibration_columns(report):
+    _, files, _ = report
     markdown = open(files["report.md"]).read()
     assert "| Manufacturer |" in markdown and "slice top-1 [95% CI]" in markdown
     assert "ECE floor (mean, p95)" in markdown and "cross-validation over validation patients" in markdown
+
+
+def test_html_page_is_self_contained_with_every_plot(report):
+    _, files, _ = report
     page = open(files["report.html"]).read()
     assert not re.search(r'(src|href)="(?!data:)', page)  # nothing outside the page
     images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
-    plots = os.listdir(tmp_path / "report" / "plots")
+    plots = os.listdir(os.path.join(os.path.dirname(files["report.html"]), "plots"))
     assert len(images) == len(plots) >= 12
     assert all(base64.b64decode(i)[:8] == b"\x89PNG\r\n\x1a\n" for i in images)
 

@@ -52,17 +52,28 @@ def test_validation_prediction_reproduces_the_training_table(trained_run, tmp_pa
             assert math.isclose(got["mae"], expected["mae"], rel_tol=1e-4), name
 
 
-def test_outputs_are_decoded_in_real_values_with_metadata(trained_run, tmp_path):
-    out = tmp_path / "test"
+@pytest.fixture(scope="module")
+def test_split(trained_run, tmp_path_factory):
+    """The test split predicted once with the top 3 classes and CSV copies: (out, report)."""
+    out = tmp_path_factory.mktemp("test_split")
     report = run_predict(trained_run, str(out), "--input", trained_run.dataset_dir, "--split",
                          "test", "--top-k", "3", "--csv")
-    slices = pq.read_table(out / "slices.parquet")
+    return out, report
+
+
+def test_tables_carry_the_checkpoint_step_and_pixel_spec(trained_run, test_split):
+    out, report = test_split
     meta = predictions.read_metadata(str(out / "slices.parquet"))
-    classes = {h["name"]: h["classes"] for h in meta["label_encoding"]["heads"] if h["classes"]}
     steps = [int(d) for d in os.listdir(os.path.join(trained_run.workdir, "checkpoints")) if d.isdigit()]
     assert meta["step"] == report["checkpoint"]["step"] and meta["step"] in steps
     assert meta["pixel_spec"]["stored_size"] == 32
-    rows = slices.to_pylist()
+
+
+def test_classes_come_back_as_names_with_sorted_top_k_probabilities(test_split):
+    out, report = test_split
+    meta = predictions.read_metadata(str(out / "slices.parquet"))
+    classes = {h["name"]: h["classes"] for h in meta["label_encoding"]["heads"] if h["classes"]}
+    rows = pq.read_table(out / "slices.parquet").to_pylist()
     assert rows and len(rows) == report["counts"]["slices"]
     for row in rows:
         for name, vocabulary in classes.items():
@@ -71,10 +82,20 @@ def test_outputs_are_decoded_in_real_values_with_metadata(trained_run, tmp_path)
             assert len(probs) == min(3, len(vocabulary)) and probs == sorted(probs, reverse=True)
             assert math.isclose(row[f"{name}_prob"], probs[0]) and 0 < sum(probs) <= 1 + 1e-5
             assert len(row[f"{name}_logits"]) == len(vocabulary)
-        # Continuous IAPs come back in milliseconds (the synthetic TE is 1-5 ms, TR 3-10 ms).
+
+
+def test_continuous_iaps_come_back_in_milliseconds_beside_the_headers(test_split):
+    out, _ = test_split
+    for row in pq.read_table(out / "slices.parquet").to_pylist():
+        # The synthetic TE is 1-5 ms, TR 3-10 ms.
         assert 0.05 < row["EchoTime"] < 100 and 0.05 < row["RepetitionTime"] < 1000
         assert row["Manufacturer_header"] in ("SIEMENS", "GE MEDICAL SYSTEMS")
         assert isinstance(row["EchoTime_header"], float)
+
+
+def test_series_table_summarises_its_slices(test_split):
+    out, _ = test_split
+    rows = pq.read_table(out / "slices.parquet").to_pylist()
     series = pq.read_table(out / "series.parquet").to_pylist()
     by_key = collections.Counter(r["series_key"] for r in rows)
     assert {s["series_key"]: s["num_slices"] for s in series} == dict(by_key)
@@ -83,10 +104,14 @@ def test_outputs_are_decoded_in_real_values_with_metadata(trained_run, tmp_path)
         assert 0 < s["Manufacturer_agreement"] <= 1
         assert s["EchoTime"] == pytest.approx(float(np.median([r["EchoTime"] for r in members])))
         assert s["Manufacturer_header"] == members[0]["Manufacturer_header"]
+    assert json.load(open(out / "predict_report.json"))["counts"]["series"] == len(series)
+
+
+def test_csv_copies_hold_the_top_k_but_no_logits(test_split):
+    out, _ = test_split
     with open(out / "slices.csv") as f:
         header = f.readline()
     assert "Manufacturer_topk" in header and "_logits" not in header
-    assert json.load(open(out / "predict_report.json"))["counts"]["series"] == len(series)
 
 
 def test_last_batch_is_padded_without_recompiling(trained_run, tmp_path):
@@ -139,6 +164,8 @@ assert report["run"]["devices"] == int(sys.argv[4]), report["run"]
 """
 
 
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_one_and_four_devices_agree(trained_run, tmp_path):
     outs = {}
     for devices in (1, 4):
@@ -152,6 +179,8 @@ def test_one_and_four_devices_agree(trained_run, tmp_path):
     _assert_close(*(_rows(os.path.join(outs[d], "slices.parquet")) for d in (1, 4)))
 
 
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_two_processes_share_the_input_and_process_0_writes_the_tables(trained_run, tmp_path):
     pattern = os.path.join(trained_run.dataset_dir, "*.tfrecord*")  # 3 shards: 3 units
     single = run_predict(trained_run, str(tmp_path / "one"), "--input", pattern)
