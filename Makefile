@@ -9,7 +9,7 @@ PATIENTS ?= 1000
 SLICES ?= 5
 WORKERS ?= 2
 
-.PHONY: install sysdeps demo synth prep train predict-validation calibrate predict evaluate sort test test-accelerator bench bench-synth bench-prep bench-train bench-predict bench-input bench-gpu-check bench-qa bench-ood clean
+.PHONY: install sysdeps demo synth prep train predict-validation calibrate predict evaluate sort test test-fast test-accelerator bench bench-synth bench-prep bench-train bench-predict bench-input bench-gpu-check bench-qa bench-ood clean
 
 # Builds (once per machine, cached) the oneDNN convolution library, or says why it cannot.
 install: $(VENV)/.installed sysdeps
@@ -70,13 +70,18 @@ sort: evaluate
 
 demo: sort
 
-# The suite, less the slow tier; test-accelerator: the slow tier (the accelerator bundle built
-# and run by a Python 3.12 environment holding only an accelerator image's packages).
+# Tiers (markers in pytest.ini). test: the whole suite but the accelerator bundle (what CI
+# runs first); test-fast: less the slow tests (multi-process training, the GCS emulator, Beam,
+# long training runs), for the edit-test loop; test-accelerator: the accelerator bundle built
+# and run by a Python 3.12 environment holding only an accelerator image's packages.
 test: install
+	$(BIN)/python -m pytest -q -n 2 -m "not accelerator" tests
+
+test-fast: install
 	$(BIN)/python -m pytest -q -n 2 -m "not slow" tests
 
 test-accelerator: install
-	$(BIN)/python -m pytest -q -m slow tests
+	$(BIN)/python -m pytest -q -m accelerator tests
 
 # The PyTorch baseline is pinned to the CPU build that installs without a GPU stack.
 $(VENV)/.torch: $(VENV)/.installed

@@ -10,6 +10,8 @@ from iap_jax import train
 from iap_jax.checkpoints import restore_model
 from train_data import tiny_config
 
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TRAIN_ON_FOUR_DEVICES = textwrap.dedent("""

@@ -13,6 +13,8 @@ from iap_jax.kernels import conv, onednn
 from iap_jax.kernels.conv import Conv, FoldedConv, conv2d_cpu, conv2d_onednn, max_pool
 from iap_jax.models.factory import resolve_conv_impl
 
+pytestmark = [pytest.mark.onednn, pytest.mark.slow]
+
 TOL = dict(rtol=2e-5, atol=2e-5)
 needs_onednn = pytest.mark.skipif(not onednn.available(), reason=f"oneDNN: {onednn.unavailable_reason()}")
 CONVS = [pytest.param(conv2d_cpu, id="cpu_fast"),

@@ -4,12 +4,15 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 from iap_jax.checkpoints import restore_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "launch"))
 import local_multiprocess  # noqa: E402
+
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
 
 def test_two_processes_train_and_checkpoint(train_dataset_dir, tmp_path):

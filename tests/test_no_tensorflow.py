@@ -9,9 +9,12 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 
 import predict_data
+
+pytestmark = pytest.mark.slow  # a trained run's commands, each in a fresh interpreter
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -14,6 +14,7 @@ import time
 
 import jax
 import numpy as np
+import pytest
 
 from iap_jax.checkpoints import Checkpointer, restore_model
 from iap_jax.main import EXIT_PREEMPTED
@@ -21,6 +22,8 @@ from iap_jax.main import EXIT_PREEMPTED
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "launch"))
 import local_multiprocess  # noqa: E402
+
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
 # 64 examples, batch 16: 4 steps an epoch, 12 steps. (Over 24 steps, the rounding of the
 # steps run on 2 processes grows into a difference in half of the values, whether or not

@@ -19,6 +19,8 @@ from data_prep.builder import REPORT_FILE, IapDataset, make_config, prepare, rea
 from data_prep.examples import SliceItem
 from data_prep.synthetic.cohort import generate_cohort
 
+pytestmark = [pytest.mark.beam, pytest.mark.slow]
+
 NUM_PATIENTS, NUM_SLICES = 4, 3
 # The salt puts the 4 patients into every split (2, 1, 1).
 OPTIONS = dict(phases="all", image_size=16, split=(0.5, 0.25, 0.25), salt="beam test salt 3",

@@ -136,6 +136,8 @@ def examples_by_key(dataset_dir):
             for e in tfds.as_numpy(builder.as_dataset(split=split))}
 
 
+@pytest.mark.beam
+@pytest.mark.slow
 def test_beam_direct_runner_matches_local(archive, tmp_path):
     options = dict(image_size=16, split=(0.5, 0.25, 0.25), slices="stride:6", progress=False)
     local = prepare(archive, str(tmp_path / "local"), salt="s", **options)

@@ -58,6 +58,7 @@ def _loss(model, variables, x, params):
     return sum(jnp.sum(jnp.sin(v)) for v in outputs.values()), updates
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["cpu_fast", pytest.param("onednn", marks=pytest.mark.skipif(
     not onednn.available(), reason=f"oneDNN: {onednn.unavailable_reason()}"))])
 def test_xla_and_cpu_convolutions_agree_on_outputs_and_gradients(impl):
@@ -90,6 +91,8 @@ def _small(block="basic", dtype=jnp.float32, **layers):
     return ResNet(head_sizes=HEADS, stage_sizes=(1, 1), block=block, width=8, dtype=dtype, **layers)
 
 
+@pytest.mark.onednn
+@pytest.mark.slow
 @pytest.mark.skipif(not onednn.available(), reason=f"oneDNN: {onednn.unavailable_reason()}")
 @pytest.mark.parametrize("block", ["basic", "bottleneck"])
 def test_inference_folds_batchnorm_residual_and_relu_into_the_onednn_convolutions(block):
@@ -145,6 +148,8 @@ def test_inference_folds_batchnorm_residual_and_relu_into_the_onednn_convolution
     assert "IapConvInference" not in train_hlo and "iap_onednn_IapConvForward" in train_hlo
 
 
+@pytest.mark.onednn
+@pytest.mark.slow
 @pytest.mark.skipif(not onednn.available() or not onednn.bfloat16_inference_available(),
                     reason="no oneDNN bfloat16 inference convolutions on this CPU")
 def test_bfloat16_inference_runs_the_folded_onednn_convolutions_in_bfloat16():
@@ -221,6 +226,7 @@ def test_batchnorm_uses_batch_statistics_in_training_and_running_ones_in_eval():
         model.apply(variables, x, train=True)  # batch_stats must be declared mutable
 
 
+@pytest.mark.slow
 def test_tiny_model_overfits_a_small_batch():
     model = make_model("tiny", {"cls": 4, "reg": 1})
     x = _images(batch=8, size=32, seed=1)

@@ -83,6 +83,8 @@ MULTI_DEVICE_STEP = textwrap.dedent("""
 """)
 
 
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_train_step_on_four_devices_matches_one_device():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
                JAX_PLATFORMS="cpu", PYTHONPATH=REPO)

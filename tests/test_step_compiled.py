@@ -164,6 +164,7 @@ class Watched:
         return self.value
 
 
+@pytest.mark.slow
 def test_the_loop_reads_metrics_only_at_log_steps(train_dataset_dir, tmp_path, monkeypatch):
     """A real run: 64 examples in batches of 16, 2 epochs = 8 steps, logged every 3."""
     steps, reads = [], set()
@@ -183,6 +184,7 @@ def test_the_loop_reads_metrics_only_at_log_steps(train_dataset_dir, tmp_path, m
     assert reads == {3, 6, 8}  # the log steps and the last
 
 
+@pytest.mark.slow
 def test_flops_per_image_are_linear_in_the_batch(train_dataset_dir, step):
     # XLA's count of the compiled step, per image, at two batch sizes: nearly all of a
     # step's work is per image (the optimizer's update is a few percent of it here).
@@ -192,6 +194,7 @@ def test_flops_per_image_are_linear_in_the_batch(train_dataset_dir, step):
     assert per_image[0] > 0 and per_image[1] == pytest.approx(per_image[0], rel=0.1)
 
 
+@pytest.mark.slow
 def test_bench_rows_record_flops_per_image():
     spec = importlib.util.spec_from_file_location("bench_train", REPO / "bench" / "train.py")
     bench = importlib.util.module_from_spec(spec)

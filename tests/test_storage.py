@@ -15,6 +15,8 @@ from iap_jax.features import PREP_OPTIONS_FILE, STATS_FILE, load_iap_stats, load
 from iap_jax.salt import SALT_ENV, SALT_FILE, create_if_absent, kept_salt, resolve_salt
 from predict_data import run_predict
 
+pytestmark = [pytest.mark.gcs, pytest.mark.slow]
+
 
 @pytest.fixture(autouse=True)
 def no_salt_in_environment(monkeypatch):

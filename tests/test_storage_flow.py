@@ -23,6 +23,8 @@ from train_data import tiny_config
 
 from predict_data import SALT  # noqa: E402
 
+pytestmark = [pytest.mark.gcs, pytest.mark.slow]
+
 
 @pytest.mark.usefixtures("compiled_programs_cache")
 def test_prep_train_stop_resume_predict_on_a_bucket(gcs_bucket, trained_run, tmp_path):  # noqa: F811

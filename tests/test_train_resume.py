@@ -9,6 +9,8 @@ from iap_jax import train
 from iap_jax.checkpoints import Checkpointer, restore_model
 from train_data import tiny_config
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.mark.usefixtures("compiled_programs_cache")
 def test_killed_run_resumes_to_the_same_result(train_dataset_dir, tmp_path):
