@@ -30,6 +30,7 @@ def _alter(split, index, example):
     return example
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("compiled_programs_cache")
 def test_altered_headers_are_flagged_and_untouched_ones_are_not(tmp_path):
     dataset = train_data.write_dataset(str(tmp_path / "data"), num_train=192, num_validation=100)

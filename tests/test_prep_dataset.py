@@ -167,6 +167,7 @@ def test_tfds_builder_interface(cohort, tmp_path):
     assert example["image"].shape == (224, 224)
 
 
+@pytest.mark.slow
 def test_tfds_build_command(cohort, tmp_path):
     """The builder through TFDS's own command line, as documented."""
     root, _ = cohort

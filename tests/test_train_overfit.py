@@ -1,6 +1,7 @@
 import jax
 import ml_collections
 import numpy as np
+import pytest
 
 from iap_jax import losses, optim
 from iap_jax.labels import HeadEncoding, LabelEncoding
@@ -9,6 +10,7 @@ from iap_jax.preprocess import PixelSpec, model_input
 from iap_jax.train import make_init_fn, make_train_step
 
 
+@pytest.mark.slow
 def test_tiny_model_overfits_a_small_batch():
     enc = LabelEncoding((HeadEncoding("Manufacturer", "categorical", classes=("A", "B", "C", "D")),
                          HeadEncoding("FlipAngle", "categorical", classes=("10", "12")),
