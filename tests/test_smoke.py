@@ -1,4 +1,4 @@
-"""Smoke test of the whole path in seconds: a tiny synthetic cohort (iap-synth's API) ->
+"""Smoke test of the whole path in about a minute: a tiny synthetic cohort (iap-synth's API) ->
 iap-prep -> a tiny model trained a few steps -> iap-predict, the two commands run as a user
 runs them. Also what those commands print: their own lines, no library start-up notices."""
 import json
