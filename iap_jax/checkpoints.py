@@ -25,6 +25,7 @@ from etils import epath
 from orbax.checkpoint import checkpoint_managers
 
 from iap_jax import atomic
+from iap_jax import sharding as sharding_lib
 from iap_jax.labels import LabelEncoding
 from iap_jax.preprocess import PixelSpec
 
@@ -135,8 +136,6 @@ def restore_model(workdir: str, mesh=None, step: int | str = "best") -> dict[str
     this process's devices). Never reads the optimizer state.
 
     step: an int, "best" (by the validation metric; the latest if none) or "latest"."""
-    from iap_jax import sharding as sharding_lib
-
     if not (epath.Path(workdir) / "checkpoints").is_dir():
         raise FileNotFoundError(f"{workdir}: no checkpoints/ here; pass the training --workdir")
     checkpointer = Checkpointer(workdir, read_only=True)

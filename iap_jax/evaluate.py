@@ -34,11 +34,13 @@ import numpy as np
 from etils import epath
 
 from iap_jax import calibration as calibration_lib
-from iap_jax import console, metrics, plots, predictions
+from iap_jax import console, local_paths, metrics, plots, predictions, sources
 from iap_jax.atomic import (absolute, makedirs, read_json, relative, write_json_atomic,
                             write_text_atomic)
+from iap_jax.dicom import DicomError, read_prepared_frame
 from iap_jax.header_qa import commonest
 from iap_jax.labels import LabelEncoding, class_indices
+from iap_jax.preprocess import PixelSpec
 
 INTERVAL = (2.5, 97.5)
 
@@ -327,9 +329,6 @@ def middle_slices(pred_dir: str, series_keys) -> dict[str, np.ndarray]:
     prediction's paths.local.json (none without it; each TFRecord shard scanned once).
     A series whose slice cannot be read has no entry: a thumbnail is a courtesy, the flag is
     listed either way."""
-    from iap_jax import local_paths, sources
-    from iap_jax.preprocess import PixelSpec
-
     wanted = set(series_keys)
     if not wanted:
         return {}
@@ -358,8 +357,6 @@ def middle_slices(pred_dir: str, series_keys) -> dict[str, np.ndarray]:
                 if (s.series_key, s.frame) in targets:
                     images[s.series_key] = s.image
         return images
-    from iap_jax.dicom import DicomError, read_prepared_frame
-
     for key, row in middle.items():
         path = os.path.join(root, kept["files"][row["file_key"]])
         try:

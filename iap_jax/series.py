@@ -57,6 +57,7 @@ from iap_jax.atomic import files_under, is_remote, relative
 from iap_jax.dicom import DicomError, InstanceHeader, iap_origin_counts, order_frames, read_instance_header
 from iap_jax.iaps import IAP_NAMES, LabelState
 from iap_jax.progress import Progress
+from iap_jax.salt import salted_hash
 from iap_jax.workers import worker_pool
 
 
@@ -420,8 +421,6 @@ def select(discovery: Discovery, selection: SeriesSelection, slices: str, salt: 
     """The selected series of a discovery with their salted keys and slice indices, and the
     count of series left out per reason: the prep stage and the predictor both plan from it,
     so a slice gets the same series key and slice index either way."""
-    from iap_jax.salt import salted_hash
-
     kept, rejected = [], collections.Counter()
     for series in discovery.series:
         reason = selection.rejection(series)

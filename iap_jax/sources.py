@@ -42,6 +42,8 @@ from iap_jax.iaps import IAP_NAMES
 from iap_jax.local_paths import file_key, scrub
 from iap_jax.preprocess import PixelSpec, preprocess_slice
 from iap_jax.salt import salted_hash
+from iap_jax.series import SeriesSelection, discover, list_files, select
+from iap_jax.workers import worker_pool
 
 IMAGE_SUFFIXES = (".png", ".npy")
 # The salt of a source's keys: a function asked once a key is needed, the salt, or None.
@@ -272,13 +274,9 @@ class DicomSource(Source):
         self._pool = None
 
     def _listing(self) -> list[str]:
-        from iap_jax.series import list_files
-
         return list_files(self.root)
 
     def plan(self) -> list[Unit]:
-        from iap_jax.series import SeriesSelection, discover, select
-
         found = discover(self.root, self.workers, progress=self.progress)
         self.plan_skips = [self.skip(*s.keyed(self.key)) for s in found.skips]
         kept, rejected = select(found, SeriesSelection(self.spec.series_filter, self.spec.phases),
@@ -315,7 +313,6 @@ class DicomSource(Source):
                  resize) for group in groups]
         if self.workers > 1:
             if self._pool is None:
-                from iap_jax.workers import worker_pool
                 self._pool = worker_pool(self.workers)
             # Files of one frame (classic series) go four to a task, as single slices did.
             single = all(len(group) == 1 for group in groups)
