@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 RUN ?= runs/demo
 PATIENTS ?= 1000
 # Many patients with few slices each: neighbouring slices share anatomy, which a small
-# model memorises instead of the acquisition (measured in README.md).
+# model memorises instead of the acquisition (measured in docs/results.md).
 SLICES ?= 5
 WORKERS ?= 2
 

@@ -47,7 +47,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_DATA = os.path.join("bench", "results", "input_data")
 DEFAULT_OUT = os.path.join("bench", "results", "input.json")
-# One H200 trains the ResNet-18 at about 17.5k images/s (README, bench/train.py): an
+# One H200 trains the ResNet-18 at about 17.5k images/s (bench/README.md, bench/train.py): an
 # 8-GPU node needs this many training images per second from its host.
 NODE_TARGET = 140_000
 FORMATS = ("zlib", "raw")

@@ -7,7 +7,7 @@ shared-memory block (allocated once, reused) and send back the small arrays. The
 copies the images out and frees the slot. Moving a decoded batch between processes so
 costs one copy of its images; Grain's process prefetch (a new shared-memory block and
 its page faults per array, per batch) cost more than decoding raw records itself
-(bench/input.py and README, "Input speed").
+(bench/input.py; bench/README.md, "Training input").
 """
 from __future__ import annotations
 
