@@ -287,9 +287,11 @@ def group_series(root: str, headers: list[InstanceHeader]) -> tuple[list[Series]
     return series, skips
 
 
-def discover(root: str, workers: int = 1, progress: bool = True) -> Discovery:
-    """Every usable series under root and every file skipped, with its reason."""
-    relative_paths = list_files(root)
+def discover(root: str, workers: int = 1, progress: bool = True,
+             relative_paths: Sequence[str] | None = None) -> Discovery:
+    """Every usable series under root and every file skipped, with its reason.
+    relative_paths: root's listing (list_files) where the caller has it already."""
+    relative_paths = list_files(root) if relative_paths is None else list(relative_paths)
     meter = Progress("headers", len(relative_paths), unit="files") if progress else None
     headers, skips = read_headers(root, relative_paths, workers, meter)
     if meter:

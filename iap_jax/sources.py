@@ -267,17 +267,22 @@ class DicomSource(Source):
     has_headers = True
 
     def __init__(self, root: str, spec: PixelSpec, salt: Salt, workers: int = 1,
-                 progress: bool = True):
+                 progress: bool = True, listing: Sequence[str] | None = None):
+        """listing: root's files (series.list_files) where the caller has listed them."""
         super().__init__(root, spec, salt)
         self.workers = max(1, int(workers))
         self.progress = progress
+        self._files = None if listing is None else list(listing)
         self._pool = None
 
     def _listing(self) -> list[str]:
-        return list_files(self.root)
+        if self._files is None:  # a bucket is listed once
+            self._files = list_files(self.root)
+        return self._files
 
     def plan(self) -> list[Unit]:
-        found = discover(self.root, self.workers, progress=self.progress)
+        found = discover(self.root, self.workers, progress=self.progress,
+                         relative_paths=self._listing())
         self.plan_skips = [self.skip(*s.keyed(self.key)) for s in found.skips]
         kept, rejected = select(found, SeriesSelection(self.spec.series_filter, self.spec.phases),
                                 self.spec.slices, self.salt)
@@ -457,11 +462,11 @@ def open_source(spec_text: str, pixel_spec: PixelSpec, *, split: str | None = No
     if kind == "folder":
         if epath.Path(path, "dataset_info.json").exists():
             return tfds_source(path, split, pixel_spec, salt)
-        files = [os.path.join(path, f) for f in files_under(path)
-                 if not os.path.basename(f).startswith(".")]
+        listing = files_under(path)
+        files = [os.path.join(path, f) for f in listing if not os.path.basename(f).startswith(".")]
         if files and all(_is_image(f) for f in files):
             return ImageSource(path, files, pixel_spec, salt)
-        return DicomSource(path, pixel_spec, salt, workers, progress)
+        return DicomSource(path, pixel_spec, salt, workers, progress, listing)
     if kind == "file":
         root = os.path.dirname(path) or "."
         if _is_image(path):
