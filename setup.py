@@ -16,7 +16,7 @@ INSTALL_REQUIRES = [
     "matplotlib>=3.8,<4",
     "etils[epath]>=1.7",
     # Training input: TFRecord shards read without TensorFlow, their records checked with
-    # CRC32C and parsed with the protobuf runtime (iap_jax/records.py).
+    # CRC32C and parsed with the protobuf runtime (iap_jax/io/records.py).
     "google-crc32c>=1.5,<2",
     "protobuf>=4.25",
     # TensorBoard's Event protos, for event files written without TensorFlow (event_log.py).
@@ -84,19 +84,19 @@ setup(
     packages=find_packages(include=["iap_jax", "iap_jax.*", "data_prep", "data_prep.*",
                                     "configs"]),
     # The oneDNN convolution's source, compiled on first use (iap_jax/kernels/onednn.py), and
-    # the evaluation report's page (iap_jax/evaluate.py).
-    package_data={"iap_jax": ["templates/*.html"], "iap_jax.kernels": ["native/*.cc"]},
+    # the evaluation report's page (iap_jax/analysis/report.py).
+    package_data={"iap_jax.analysis": ["templates/*.html"], "iap_jax.kernels": ["native/*.cc"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
     entry_points={
         "console_scripts": [
             "iap-synth=data_prep.synthetic.cli:main",
             "iap-prep=data_prep.cli:main",
-            "iap-train=iap_jax.main:run",
-            "iap-predict=iap_jax.predict:run",
-            "iap-eval=iap_jax.evaluate:run",
-            "iap-sort=iap_jax.sort:run",
-            "iap-fit=iap_jax.fit:run",
+            "iap-train=iap_jax.training.train_cli:run",
+            "iap-predict=iap_jax.prediction.predict_cli:run",
+            "iap-eval=iap_jax.analysis.eval_cli:run",
+            "iap-sort=iap_jax.analysis.sort_cli:run",
+            "iap-fit=iap_jax.analysis.fit_cli:run",
         ]
     },
 )

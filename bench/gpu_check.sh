@@ -229,10 +229,10 @@ cli() {
               --config.log_every_steps=1 --config.progress_bar=False)
   echo "{\"config\": \"$CLI_CONFIG\", \"batch\": $batch, \"steps_per_epoch\": $per_epoch, \"halt_after_steps\": $per_epoch}" >"$PARTS/cli.json"
   rm -rf "$work" "$PARTS/cli_predict"
-  step cli_train "$(left)" env JAX_COMPILATION_CACHE_DIR="$CLI_CACHE" "$PY" -m iap_jax.main "${args[@]}" \
+  step cli_train "$(left)" env JAX_COMPILATION_CACHE_DIR="$CLI_CACHE" "$PY" -m iap_jax.training.train_cli "${args[@]}" \
     --config.halt_after_steps="$per_epoch"
-  step cli_resume "$(left)" env JAX_COMPILATION_CACHE_DIR="$CLI_CACHE" "$PY" -m iap_jax.main "${args[@]}"
-  step cli_predict "$(left)" env JAX_COMPILATION_CACHE_DIR="$CLI_CACHE" "$PY" -m iap_jax.predict \
+  step cli_resume "$(left)" env JAX_COMPILATION_CACHE_DIR="$CLI_CACHE" "$PY" -m iap_jax.training.train_cli "${args[@]}"
+  step cli_predict "$(left)" env JAX_COMPILATION_CACHE_DIR="$CLI_CACHE" "$PY" -m iap_jax.prediction.predict_cli \
     --workdir "$work" --input "$DATASET" --split test --out "$PARTS/cli_predict" --quiet
 }
 # training input per core and per host (threads 0: every core)

@@ -26,7 +26,7 @@ SWAPS = {"Manufacturer": {"GE MEDICAL SYSTEMS": "SIEMENS", "SIEMENS": "GE MEDICA
 
 
 def test_series_keys(dataset_dir: str) -> set[str]:
-    from iap_jax.input_pipeline import split_examples
+    from iap_jax.training.input_pipeline import split_examples
 
     return {example.series for example in split_examples(dataset_dir, "test")}
 
@@ -45,11 +45,12 @@ def main() -> None:
     import pydicom
     import pyarrow.parquet as pq
 
-    from iap_jax.calibration import load_calibration
-    from iap_jax.checkpoints import Checkpointer, resolve_step
-    from iap_jax.predict import build_parser, predict
-    from iap_jax.salt import salted_hash
-    from iap_jax.series import SeriesSelection, discover
+    from iap_jax.prediction.calibration import load_calibration
+    from iap_jax.io.checkpoints import Checkpointer, resolve_step
+    from iap_jax.prediction.job import predict
+    from iap_jax.prediction.predict_cli import build_parser
+    from iap_jax.io.salt import salted_hash
+    from iap_jax.io.series import SeriesSelection, discover
 
     step = resolve_step(Checkpointer(args.workdir, read_only=True), "best")
     if load_calibration(args.workdir, step) is None:

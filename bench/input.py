@@ -12,7 +12,7 @@ encoding of iap-prep (--image-encoding):
 Paths measured, each in a process pinned to `threads` cores (sched_setaffinity):
 
   train_batches   input_pipeline.train_batches, the training loop's own iterator
-                  (iap_jax.records + Grain; with more than one core, one reader process per
+                  (iap_jax.io.records + Grain; with more than one core, one reader process per
                   core), after its first epoch
   tfdata          the tf.data pipeline the training loop used before (TFDS as_dataset, the
                   per-example map, shuffle, batch, tfds.as_numpy, the label encoding), one
@@ -161,8 +161,8 @@ def _pin(threads: int) -> int:
 
 def _encoding(dataset_dir: str):
     """The default config's label encoding of the train split (configs/default.py)."""
-    from iap_jax import input_pipeline
-    from iap_jax.labels import LabelEncoding
+    from iap_jax.training import input_pipeline
+    from iap_jax.core.labels import LabelEncoding
 
     return LabelEncoding.from_stats(input_pipeline.load_split_stats(dataset_dir, "train"),
                                     transforms={"EchoTime": "log", "RepetitionTime": "log"},
@@ -183,7 +183,7 @@ def _timed(next_batch, warmup: int, seconds: float, min_batches: int = 4) -> dic
 
 def _input_config(cores: int, cache: bool):
     """One reader process per core where there are several (else a reader thread)."""
-    from iap_jax.input_pipeline import InputConfig
+    from iap_jax.training.input_pipeline import InputConfig
 
     return InputConfig(workers=cores if cores > 1 else 0, cache=cache)
 
@@ -192,7 +192,7 @@ def _measure_train_batches(dataset_dir: str, threads: int, batch: int, cache: bo
                            seconds: float) -> dict:
     """input_pipeline.train_batches as the training loop calls it: the first epoch
     (with cache: reading the files into memory) apart, then whole epochs."""
-    from iap_jax import input_pipeline
+    from iap_jax.training import input_pipeline
 
     reader = input_pipeline.SplitReader(dataset_dir, "train", _input_config(threads, cache))
     steps = input_pipeline.steps_per_epoch(reader, batch)
@@ -223,7 +223,7 @@ def _measure_tfdata(dataset_dir: str, threads: int, batch: int, cache: bool,
     import tensorflow as tf
     import tensorflow_datasets as tfds
 
-    from iap_jax.iaps import IAP_NAMES
+    from iap_jax.core.iaps import IAP_NAMES
 
     tf.config.threading.set_inter_op_parallelism_threads(threads)
     tf.config.threading.set_intra_op_parallelism_threads(threads)
@@ -260,7 +260,7 @@ def _measure_tfdata(dataset_dir: str, threads: int, batch: int, cache: bool,
 def _one_batch(dataset_dir: str, batch: int) -> dict:
     import numpy as np
 
-    from iap_jax import input_pipeline
+    from iap_jax.training import input_pipeline
 
     reader = input_pipeline.SplitReader(dataset_dir, "train", input_pipeline.InputConfig())
     positions = reader.share_positions()
@@ -282,8 +282,8 @@ def _measure_model_input(dataset_dir: str, threads: int, batch: int, normalisati
                          seconds: float) -> dict:
     import jax
 
-    from iap_jax import input_pipeline
-    from iap_jax.preprocess import model_input
+    from iap_jax.training import input_pipeline
+    from iap_jax.core.preprocess import model_input
 
     raw = _one_batch(dataset_dir, batch)
     reader = input_pipeline.SplitReader(dataset_dir, "train",
@@ -392,7 +392,7 @@ def main(argv=None) -> int:
 
     paths = [p for p in PATHS if not args.paths or _path_key(*p) in args.paths.split(",")]
     if args.dataset:  # every row on the given dataset, as the format it is
-        from iap_jax.features import DatasetInfo
+        from iap_jax.io.dataset_info import DatasetInfo
 
         info = DatasetInfo.load(args.dataset)
         fmt = "raw" if info.image_encoding == "none" else info.image_encoding

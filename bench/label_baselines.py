@@ -23,7 +23,7 @@ DEFAULT_OUT = os.path.join("bench", "results", "label_baselines.json")
 
 def read_labels(dataset_dir: str, split: str) -> list[dict[str, str]]:
     """One {IAP: value} per slice; labels that are not PRESENT are kept as their state."""
-    from iap_jax.input_pipeline import split_examples
+    from iap_jax.training.input_pipeline import split_examples
 
     # Labels only: the images stay encoded.
     return [{name: (value.decode() or f"<{state}>")
@@ -61,7 +61,7 @@ def main() -> None:
     parser.add_argument("--out", default=DEFAULT_OUT)
     args = parser.parse_args()
 
-    from iap_jax.iaps import IAPS, Kind
+    from iap_jax.core.iaps import IAPS, Kind
 
     names = [spec.name for spec in IAPS if spec.kind == Kind.CATEGORICAL]
     train, evaluation = read_labels(args.dataset_dir, "train"), read_labels(args.dataset_dir, args.split)

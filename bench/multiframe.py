@@ -34,8 +34,8 @@ def write_both(work: str, patients: int, seed: int, preset: str = "full", slices
 
 def predictor_reader(root: str, image_size: int, workers: int):
     """A timed read of every selected slice through iap-predict's DicomSource."""
-    from iap_jax.preprocess import PixelSpec
-    from iap_jax.sources import DicomSource
+    from iap_jax.core.preprocess import PixelSpec
+    from iap_jax.io.sources import DicomSource
 
     source = DicomSource(root, PixelSpec(stored_size=image_size), salt="bench", workers=workers,
                          progress=False)

@@ -1,5 +1,5 @@
 """Unknown-domain detection: train with one scanner model left out (the training config's
-input.exclude), fit the out-of-distribution model (iap_jax.ood), predict every shard, and
+input.exclude), fit the out-of-distribution model (iap_jax.prediction.ood), predict every shard, and
 score how well `ood_score` tells the held-out scanner's series from unseen patients of the
 known scanners (test split). Prints a table and writes JSON.
 
@@ -34,9 +34,14 @@ def main() -> None:
     import pyarrow.parquet as pq
     from sklearn.metrics import roc_auc_score
 
-    from iap_jax import local_paths, ood, train
-    from iap_jax.predict import build_parser, predict
-    from iap_jax.predictions import series_groups
+    from iap_jax.io import local_paths
+
+    from iap_jax.prediction import ood
+
+    from iap_jax.training import train
+    from iap_jax.prediction.job import predict
+    from iap_jax.prediction.predict_cli import build_parser
+    from iap_jax.prediction.tables import series_groups
 
     root = args.workdir or tempfile.mkdtemp(prefix="iap_bench_ood_")
     config = runpy.run_path(args.config)["get_config"]("")

@@ -2,7 +2,7 @@
 PyTorch inference of the same network and batch, and iap-predict end to end from TFRecords.
 
 Variants (each size in its own subprocess, interleaved, best of --repeats):
-  jax        iap_jax.engine.Predictor: stored uint16 images in, the pixel path and the
+  jax        iap_jax.prediction.engine.Predictor: stored uint16 images in, the pixel path and the
              forward in one compiled program (oneDNN convolutions on a CPU, XLA elsewhere;
              there each BatchNorm folded into its convolution, which adds the residual and
              applies the ReLU in the same call)
@@ -44,9 +44,9 @@ def _restored(size: int, dtype: str, mesh):
     import jax
     import jax.numpy as jnp
 
-    from iap_jax.labels import HeadEncoding, LabelEncoding
+    from iap_jax.core.labels import HeadEncoding, LabelEncoding
     from iap_jax.models.factory import build_model
-    from iap_jax.preprocess import PixelSpec
+    from iap_jax.core.preprocess import PixelSpec
 
     heads = tuple(HeadEncoding(n, "categorical", classes=tuple(f"c{i}" for i in range(k)))
                   if k > 1 else HeadEncoding(n, "continuous", unit="ms", transform="log")
@@ -74,8 +74,8 @@ def _images(batch: int, size: int):
 def _run_jax(size: int, batch: int, batches: int, dtype: str, fold_norms: bool = True) -> dict:
     import jax
 
-    from iap_jax import sharding
-    from iap_jax.engine import Predictor
+    from iap_jax.core import sharding
+    from iap_jax.prediction.engine import Predictor
 
     mesh = sharding.make_mesh({"data": -1}, devices=jax.local_devices())
     predictor = Predictor(_restored(size, dtype, mesh), mesh, batch, fold_norms=fold_norms,
@@ -126,10 +126,13 @@ def _run_e2e(size: int, batch: int, batches: int, dtype: str) -> dict:
     import jax
     import numpy as np
 
-    from iap_jax import records, sharding
-    from iap_jax.checkpoints import Checkpointer
-    from iap_jax.iaps import IAP_NAMES
-    from iap_jax.predict import build_parser, predict
+    from iap_jax.core import sharding
+
+    from iap_jax.io import records
+    from iap_jax.io.checkpoints import Checkpointer
+    from iap_jax.core.iaps import IAP_NAMES
+    from iap_jax.prediction.job import predict
+    from iap_jax.prediction.predict_cli import build_parser
 
     root = tempfile.mkdtemp(prefix="iap_bench_predict_")
     mesh = sharding.make_mesh({"data": -1}, devices=jax.local_devices())

@@ -44,7 +44,7 @@ def reference_extractor(files: list[str], out_dir: str) -> int:
 
 def selected_files(dicom_root: str) -> list[str]:
     """The files iap-prep selects by default (pre-contrast fat-sat DCE)."""
-    from iap_jax.series import SeriesSelection, discover
+    from iap_jax.io.series import SeriesSelection, discover
 
     selection = SeriesSelection()
     found = discover(dicom_root, workers=1, progress=False)

@@ -17,7 +17,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from iap_jax.features import DatasetInfo, shard_file_name  # noqa: E402
+from iap_jax.io.dataset_info import DatasetInfo, shard_file_name  # noqa: E402
 
 
 def replicate(source: str, target: str, copies: int) -> str:

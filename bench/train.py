@@ -1,7 +1,7 @@
 """Train-step throughput of the multi-task ResNet-18: the project's own step beside a
 PyTorch ResNet-18 of the same shape, batch, loss and optimizer.
 
-The JAX variants time the training loop's own step, as `iap_jax.train.build_steps` builds
+The JAX variants time the training loop's own step, as `iap_jax.training.train.build_steps` builds
 it (preprocess.model_input on the stored uint16 batch, the masked multi-task loss, the
 config's optimizer, the model of models.factory.build_model, the state laid out by the
 config's sharding tactic), on the mesh sharding.make_mesh builds from the config
@@ -88,7 +88,7 @@ def _max_rss_mib() -> float:
 
 def _synthetic_encoding(loss_mode: str):
     """A label encoding with HEAD_SIZES' heads (continuous heads raw for the paper loss)."""
-    from iap_jax.labels import HeadEncoding, LabelEncoding
+    from iap_jax.core.labels import HeadEncoding, LabelEncoding
 
     transform = "raw" if loss_mode == "paper" else "log"
     return LabelEncoding(tuple(
@@ -136,14 +136,14 @@ def _run_jax(conv_impl: str, size: int, batch: int, steps: int, dtype: str, conf
     warm-up step; with `dataset`, fed by the training input pipeline."""
     import jax
 
-    if cpu_devices > 1:  # data parallel over host devices, as iap_jax.main does on the CPU
+    if cpu_devices > 1:  # data parallel over host devices, as iap_jax.training.train_cli does on the CPU
         jax.config.update("jax_num_cpu_devices", cpu_devices)
 
-    from iap_jax import input_pipeline
-    from iap_jax import sharding as sharding_lib
+    from iap_jax.training import input_pipeline
+    from iap_jax.core import sharding as sharding_lib
     from iap_jax.models.factory import describe_convolutions
-    from iap_jax.preprocess import PixelSpec
-    from iap_jax.train import build_steps
+    from iap_jax.core.preprocess import PixelSpec
+    from iap_jax.training.train import build_steps
 
     config = load_config(config_path, model_name)
     config.model.dtype, config.model.conv_impl = dtype, conv_impl
@@ -154,7 +154,7 @@ def _run_jax(conv_impl: str, size: int, batch: int, steps: int, dtype: str, conf
     mesh = sharding_lib.make_mesh(dict(config.mesh))
     reader = None
     if dataset:
-        from iap_jax.labels import LabelEncoding
+        from iap_jax.core.labels import LabelEncoding
 
         if "logical_shards" in config.input and batch % config.input.logical_shards:
             config.input.logical_shards = math.gcd(batch, config.input.logical_shards)

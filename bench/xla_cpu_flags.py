@@ -119,7 +119,7 @@ def _run_inference(conv_impl: str, devices: int, steps: int) -> dict:
         jax.config.update("jax_num_cpu_devices", devices)
     import jax.numpy as jnp
 
-    from iap_jax import sharding as sharding_lib
+    from iap_jax.core import sharding as sharding_lib
     from iap_jax.models.factory import build_model, describe_convolutions, prepare_inference
 
     config = _config()

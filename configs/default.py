@@ -1,7 +1,7 @@
 """iap-train --config=configs/default.py[:runlocal] --workdir=W --config.dataset_dir=D
 
 The base config: every field a run reads (config.input's are those of
-iap_jax.input_pipeline.InputConfig). The other files in configs/ are variants of it: each
+iap_jax.training.input_pipeline.InputConfig). The other files in configs/ are variants of it: each
 calls `build` with its own overrides.
 
 The text after the file name is a comma-separated list of switches (common.parse_arg):
@@ -10,7 +10,8 @@ The text after the file name is a comma-separated list of switches (common.parse
 import ml_collections
 
 from configs import common
-from iap_jax.input_pipeline import InputConfig
+
+from iap_jax.training.input_pipeline import InputConfig
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -47,12 +48,12 @@ def base() -> ml_collections.ConfigDict:
 
     # Label encoding from the train split's stats. kinds: {IAP: "categorical"|"continuous"};
     # transforms: {IAP: "log"|"zscore"|"raw"} for continuous heads; aliases: join the
-    # spellings of one scanner listed in iap_jax.iaps.ALIASES into one class.
+    # spellings of one scanner listed in iap_jax.core.iaps.ALIASES into one class.
     config.labels = ml_collections.ConfigDict(dict(
         iaps=(), min_count=1, always_other=True, aliases=False,
         kinds={}, transforms={"EchoTime": "log", "RepetitionTime": "log"}))
 
-    # The input settings are the fields of iap_jax.input_pipeline.InputConfig, with their
+    # The input settings are the fields of iap_jax.training.input_pipeline.InputConfig, with their
     # defaults and meanings there (image_size, normalisation, percentiles, augment, prefetch,
     # workers, exclude, logical_shards, cache); training caches the decoded images.
     config.input = ml_collections.ConfigDict(InputConfig.config_fields())
@@ -71,7 +72,7 @@ def base() -> ml_collections.ConfigDict:
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
     config.sharding = ml_collections.ConfigDict(dict(tactic="replicate", fsdp_min_size=2**14))
 
-    # CPU only: split the CPU into this many data-parallel devices (0 = auto, see main.py).
+    # CPU only: split the CPU into this many data-parallel devices (0 = auto, see iap_jax/training/train_cli.py).
     config.cpu_devices = 0
 
     config.checkpoint = ml_collections.ConfigDict(dict(
@@ -80,14 +81,14 @@ def base() -> ml_collections.ConfigDict:
     config.progress_bar = True  # on a terminal; logs get a line per log step
 
     # Multi-process: num_processes > 1, auto=True (the cluster environment tells JAX the
-    # rest), or a SLURM / TPU pod environment seen by main.py calls jax.distributed.
+    # rest), or a SLURM / TPU pod environment seen by iap-train calls jax.distributed.
     config.distributed = ml_collections.ConfigDict(dict(
         coordinator="", num_processes=1, process_id=-1, cpu_collectives="gloo", auto=False))
 
     # Resuming (a rerun in the same --workdir) refuses a config that changes one of the
     # `fixed` fields, or a field inside one, as the resumed run would then differ from an
     # uninterrupted one (more epochs would stretch the started schedule); the `free` ones
-    # inside them change no batch and may change. iap_jax/train.py reads these lists.
+    # inside them change no batch and may change. iap_jax/training/train.py reads these lists.
     config.resume = ml_collections.ConfigDict(dict(
         fixed=("batch_size", "seed", "train_split", "model", "labels", "loss", "optim",
                "num_epochs", "input"),

@@ -9,15 +9,15 @@ Through TFDS:
 
 Output, under <data_dir>/iap_dataset/<config>/<version>/ (the "dataset dir"):
 TFRecord shards, dataset_info.json and features.json (TFDS), iap_stats.json (per-split
-statistics of the examples written, iap_jax.features), prep_options.json (the options
+statistics of the examples written, iap_jax.io.dataset_info), prep_options.json (the options
 below, which training copies into its checkpoints) and metadata.json (the same
 statistics, skip counts, the archive fingerprint and the decode skips by salted file
 hash). Nothing in it identifies a patient: identifiers are salted hashes and the salt is
-never written there (iap_jax.salt: --salt, $IAP_PREP_SALT, or <data_dir>/prep_salt).
+never written there (iap_jax.io.salt: --salt, $IAP_PREP_SALT, or <data_dir>/prep_salt).
 <data_dir>/prep_report.json lists every skipped file by its salted file key, and
 <data_dir>/paths.local.json maps those keys to paths under the DICOM root (personal data:
 archive paths often hold patients' names, IDs and UIDs; `--no-local-paths` leaves it out;
-iap_jax.local_paths). Both stay outside the dataset dir, which can be shared as is.
+iap_jax.io.local_paths). Both stay outside the dataset dir, which can be shared as is.
 
 A rerun into the same data dir reuses the dataset of the same config if the archive's
 fingerprint (relative paths, sizes, mtimes) is unchanged; if the archive changed it
@@ -71,19 +71,20 @@ from etils import epath
 from data_prep import report as report_lib
 from data_prep.examples import SliceItem, items_of_line, make_examples, series_line
 from data_prep.report import FileSkip
-from iap_jax import local_paths
-from iap_jax.atomic import absolute, read_json, relative, write_json_atomic
 from data_prep.splits import SPLIT_NAMES, parse_split, split_of
 from data_prep.stats import compute_stats, write_stats
-from iap_jax.dicom import DicomError, group_by_file
 from data_prep.features import example_features
-from iap_jax.features import DATASET_NAME, IMAGE_ENCODINGS, PREP_OPTIONS_FILE, STATS_FILE
-from iap_jax.preprocess import RESIZE_MODES
-from iap_jax.progress import Progress
-from iap_jax.salt import resolve_salt
-from iap_jax.series import (Discovery, SeriesSelection, archive_fingerprint, discover, list_files,
-                            parse_slices, select)
-from iap_jax.workers import worker_pool
+
+from iap_jax.core.preprocess import RESIZE_MODES
+from iap_jax.core.progress import Progress
+from iap_jax.core.workers import worker_pool
+from iap_jax.io import local_paths
+from iap_jax.io.dataset_info import DATASET_NAME, IMAGE_ENCODINGS, PREP_OPTIONS_FILE, STATS_FILE
+from iap_jax.io.dicom import DicomError, group_by_file
+from iap_jax.io.salt import resolve_salt
+from iap_jax.io.series import (Discovery, SeriesSelection, archive_fingerprint, discover, list_files,
+                               parse_slices, select)
+from iap_jax.io.storage import absolute, read_json, relative, write_json_atomic
 
 REPORT_FILE = "prep_report.json"
 SKIP_TAG = "skips"
@@ -545,7 +546,7 @@ def prepare(dicom_root: str, data_dir: str, *, series_filter: str | None = None,
             beam_options: Any = None, overwrite: bool = False, progress: bool = True,
             write_local_paths: bool = True) -> str:
     """DICOM archive -> TFDS dataset; returns the dataset dir (for tfds.builder_from_directory).
-    salt None: $IAP_PREP_SALT, else the data dir's kept salt (iap_jax.salt). beam_runner or
+    salt None: $IAP_PREP_SALT, else the data dir's kept salt (iap_jax.io.salt). beam_runner or
     beam_options (apache_beam PipelineOptions, e.g. the DirectRunner's direct_num_workers)
     prepare with Beam. write_local_paths False: no <data_dir>/paths.local.json."""
     if not epath.Path(dicom_root).is_dir():

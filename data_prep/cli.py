@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from iap_jax import console
+from iap_jax.core import console
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,15 +11,15 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from iap_jax.dicom import DicomError, iter_prepared_frames
-from iap_jax.iaps import IAP_NAMES
+from iap_jax.core.iaps import IAP_NAMES
+from iap_jax.io.dicom import DicomError, iter_prepared_frames
 
 
 @dataclasses.dataclass(frozen=True)
 class SliceItem:
     key: str  # unique, stable: the example key
     path: str  # absolute path of the file
-    file_key: str  # the file's salted key (iap_jax.local_paths), for skip reports
+    file_key: str  # the file's salted key (iap_jax.io.local_paths), for skip reports
     frame: int
     patient: str  # salted hash
     series: str  # salted hash

@@ -1,15 +1,15 @@
-"""The prep's record layout (iap_jax.features) as TFDS features, for writing the dataset.
+"""The prep's record layout (iap_jax.io.dataset_info) as TFDS features, for writing the dataset.
 
 Only the prep stage builds these (TensorFlow Datasets); training and prediction read the
-records with iap_jax.records and the dataset's JSON files (iap_jax.features.DatasetInfo).
+records with iap_jax.io.records and the dataset's JSON files (iap_jax.io.dataset_info.DatasetInfo).
 """
 from __future__ import annotations
 
 import numpy as np
 import tensorflow_datasets as tfds
 
-from iap_jax.features import IMAGE_ENCODINGS
-from iap_jax.iaps import IAP_NAMES
+from iap_jax.core.iaps import IAP_NAMES
+from iap_jax.io.dataset_info import IMAGE_ENCODINGS
 
 # IMAGE_ENCODINGS names -> TFDS encodings (features.json spells them "zlib" and "bytes").
 _TFDS_ENCODINGS = {"zlib": tfds.features.Encoding.ZLIB, "none": tfds.features.Encoding.BYTES}

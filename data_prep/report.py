@@ -1,6 +1,6 @@
 """The skip report (prep_report.json) and the readable summary printed after a run.
 
-The report names files by their salted keys (iap_jax.local_paths), never by a path: file
+The report names files by their salted keys (iap_jax.io.local_paths), never by a path: file
 and folder names of real archives hold patients' names and UIDs. It is written beside
 (never inside) the dataset dir, with paths.local.json, which maps its keys to the paths.
 """
@@ -14,8 +14,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 from etils import epath
 
-from iap_jax.atomic import read_json
-from iap_jax.iaps import IAP_NAMES, SPECS, Kind
+from iap_jax.core.iaps import IAP_NAMES, SPECS, Kind
+from iap_jax.io.storage import read_json
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,7 +28,7 @@ class FileSkip:
 
 
 def discovery_skips(found, key_of: Callable[[str], str]) -> list[FileSkip]:
-    """Discovery's skips (iap_jax.series.Skip, by relative path) by file key."""
+    """Discovery's skips (iap_jax.io.series.Skip, by relative path) by file key."""
     return [FileSkip(*skip.keyed(key_of)) for skip in found.skips]
 
 

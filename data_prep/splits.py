@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-from iap_jax.salt import salted_hash
+from iap_jax.io.salt import salted_hash
 
 SPLIT_NAMES = ("train", "validation", "test")
 

@@ -1,4 +1,4 @@
-"""Per-split statistics of the examples actually written (format: iap_jax.features)."""
+"""Per-split statistics of the examples actually written (format: iap_jax.io.dataset_info)."""
 from __future__ import annotations
 
 import collections
@@ -9,9 +9,9 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 from etils import epath
 
-from iap_jax.atomic import write_json_atomic
-from iap_jax.features import QUANTILES, STATS_FILE
-from iap_jax.iaps import IAP_NAMES, SPECS, LabelState
+from iap_jax.core.iaps import IAP_NAMES, SPECS, LabelState
+from iap_jax.io.dataset_info import QUANTILES, STATS_FILE
+from iap_jax.io.storage import write_json_atomic
 
 
 def _text(value: Any) -> str:

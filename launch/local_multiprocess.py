@@ -25,7 +25,7 @@ def start(num_processes: int, main_args: list[str], env: dict | None = None,
     env.setdefault("JAX_PLATFORMS", "cpu")
     procs = []
     for index in range(num_processes):
-        cmd = [sys.executable, "-m", "iap_jax.main", *main_args,
+        cmd = [sys.executable, "-m", "iap_jax.training.train_cli", *main_args,
                f"--config.distributed.coordinator={coordinator}",
                f"--config.distributed.num_processes={num_processes}",
                f"--config.distributed.process_id={index}"]
@@ -59,7 +59,7 @@ def main():
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num_processes", type=int, default=2)
     parser.add_argument("main_args", nargs=argparse.REMAINDER,
-                        help="arguments for iap_jax.main, after --")
+                        help="arguments for iap_jax.training.train_cli, after --")
     args = parser.parse_args()
     main_args = [a for a in args.main_args if a != "--"]
     codes = launch(args.num_processes, main_args)

@@ -22,7 +22,7 @@ shift 4
 EXTRA_FLAGS=""
 if [ $# -gt 0 ]; then EXTRA_FLAGS=$(printf ' %q' "$@"); fi  # quoted for the remote shell
 gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all --command="
-  cd ~/iap-jax && python -m iap_jax.main \
+  cd ~/iap-jax && python -m iap_jax.training.train_cli \
     --config=configs/tpu_pod.py \
     --workdir='$WORKDIR' \
     --config.dataset_dir='$DATASET_DIR' \

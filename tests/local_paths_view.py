@@ -2,7 +2,7 @@
 through the run's paths.local.json (the one file that maps keys to paths)."""
 from __future__ import annotations
 
-from iap_jax import local_paths
+from iap_jax.io import local_paths
 
 
 def by_path(entries, folder) -> dict:

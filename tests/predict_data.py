@@ -7,9 +7,11 @@ import os
 
 from data_prep.builder import prepare
 from data_prep.synthetic.cohort import generate_cohort
-from iap_jax import train
-from iap_jax.predict import build_parser, predict
 from train_data import tiny_config
+
+from iap_jax.prediction.job import predict
+from iap_jax.prediction.predict_cli import build_parser
+from iap_jax.training import train
 
 SALT = "predict-test-salt"
 

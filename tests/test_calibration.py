@@ -6,8 +6,9 @@ import re
 import numpy as np
 import pytest
 
-from iap_jax import calibration, evaluate
-from iap_jax.labels import HeadEncoding, LabelEncoding
+from iap_jax.analysis import evaluate
+from iap_jax.core.labels import HeadEncoding, LabelEncoding
+from iap_jax.prediction import calibration
 
 
 def _draw(rng, logits):

@@ -6,9 +6,10 @@ import textwrap
 import numpy as np
 import pytest
 
-from iap_jax import train
-from iap_jax.checkpoints import restore_model
 from train_data import tiny_config
+
+from iap_jax.io.checkpoints import restore_model
+from iap_jax.training import train
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
@@ -17,7 +18,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_ON_FOUR_DEVICES = textwrap.dedent("""
     import sys, jax, numpy as np
     sys.path.insert(0, "tests")
-    from iap_jax import train
+    from iap_jax.training import train
     from train_data import tiny_config
     dataset_dir, workdir = sys.argv[1:3]
     assert len(jax.devices()) == 4

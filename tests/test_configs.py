@@ -10,8 +10,9 @@ from absl import flags
 from ml_collections import config_flags
 
 from configs import common, default, gpu, tpu_pod
-from iap_jax import train
-from iap_jax.input_pipeline import InputConfig
+
+from iap_jax.training import train
+from iap_jax.training.input_pipeline import InputConfig
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_FILES = sorted(p.name for p in (REPO / "configs").glob("*.py")
@@ -19,7 +20,7 @@ CONFIG_FILES = sorted(p.name for p in (REPO / "configs").glob("*.py")
 
 
 def load(spec: str):
-    """A config file by path, as iap-train's --config flag loads it (iap_jax/main.py)."""
+    """A config file by path, as iap-train's --config flag loads it (iap_jax/training/train_cli.py)."""
     values = flags.FlagValues()
     config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True)
     values(["iap-train", f"--config={spec}"])

@@ -7,9 +7,10 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.uid import JPEG2000Lossless
 
-from iap_jax.dicom import (DicomError, iap_values, order_frames, read_frame, read_instance_header,
-                            read_series)
 import prep_series
+
+from iap_jax.io.dicom import (DicomError, iap_values, order_frames, read_frame, read_instance_header,
+                              read_series)
 
 
 @pytest.fixture(scope="module")

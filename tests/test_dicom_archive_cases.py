@@ -11,7 +11,8 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian, JPEG2000Lossless, genera
 
 import prep_series
 from local_paths_view import path_of
-from iap_jax.dicom import DicomError, read_frame, read_instance_header
+
+from iap_jax.io.dicom import DicomError, read_frame, read_instance_header
 
 
 def _instance(**tags):
@@ -95,7 +96,7 @@ def test_undecodable_fragments_stay_out_of_the_console(tmp_path, caplog, capfd):
 
 
 def test_linked_directories_are_followed_once_and_loops_end(tmp_path):
-    from iap_jax.series import discover, list_files
+    from iap_jax.io.series import discover, list_files
 
     root = tmp_path / "archive"
     elsewhere = tmp_path / "elsewhere" / "series"
@@ -115,7 +116,7 @@ def test_standard_functional_group_macros_win_over_philips_private_copies():
     from pydicom.dataset import Dataset
     from pydicom.sequence import Sequence
 
-    from iap_jax.iaps import extract_iaps
+    from iap_jax.core.iaps import extract_iaps
 
     def item(**values):
         ds = Dataset()
@@ -176,8 +177,8 @@ def test_siemens_mosaic_fov_is_one_tiles(name, images, tile_fov):
     nibabel's own CSA reader."""
     from nibabel.nicom import csareader
 
-    from iap_jax.iaps import extract_iaps
-    from iap_jax.siemens_csa import csa_images_in_mosaic
+    from iap_jax.core.iaps import extract_iaps
+    from iap_jax.core.siemens_csa import csa_images_in_mosaic
 
     ds = pydicom.dcmread(os.path.join(NIBABEL_DATA, name), stop_before_pixels=True)
     assert csa_images_in_mosaic(ds) == images == csareader.get_n_mosaic(csareader.get_csa_header(ds))
@@ -220,7 +221,7 @@ def test_raw_data_storage_is_skipped_naming_its_sop_class(tmp_path):
 def test_gzip_compressed_files_are_read_in_discovery_and_decoding(tmp_path):
     import gzip
     from pydicom.data import get_testdata_file
-    from iap_jax.series import discover
+    from iap_jax.io.series import discover
 
     # A classic slice and an Enhanced MR multi-frame file, each gzip-compressed (.dcm.gz).
     classic = str(tmp_path / "plain" / "slice.dcm")

@@ -8,7 +8,8 @@ from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 import prep_series
-from iap_jax.series import discover
+
+from iap_jax.io.series import discover
 
 ENHANCED_MR = "1.2.840.10008.5.1.4.1.1.4.1"
 

@@ -16,9 +16,10 @@ from pydicom.tag import Tag
 
 import prep_series
 from local_paths_view import by_path
-from iap_jax.dicom import DicomError, FrameHeader, iap_values, read_prepared_frame
-from iap_jax.iaps import SPECS, LabelState
-from iap_jax.series import discover
+
+from iap_jax.core.iaps import SPECS, LabelState
+from iap_jax.io.dicom import DicomError, FrameHeader, iap_values, read_prepared_frame
+from iap_jax.io.series import discover
 
 # Every element the reader takes a value from, with its VR. Those with a macro can also sit
 # in an Enhanced MR functional group (found there when the top level lacks them).
@@ -155,7 +156,7 @@ def test_text_in_rescale_slope_skips_that_file_and_prepares_the_rest(tmp_path):
     import tensorflow_datasets as tfds
     from data_prep.builder import REPORT_FILE, prepare
     from data_prep.synthetic.cohort import generate_cohort
-    from iap_jax.series import SeriesSelection, select
+    from iap_jax.io.series import SeriesSelection, select
 
     root = str(tmp_path / "dicom")
     generate_cohort(root, 2, seed=5, preset="small", slices=3, workers=1)

@@ -12,11 +12,12 @@ import pytest
 from pydicom.uid import generate_uid
 
 import prep_series
-from iap_jax.dicom import DicomError, read_frame, read_instance_header, read_prepared_frame
-from iap_jax.iaps import IAP_NAMES
-from iap_jax.preprocess import restore_intensities
-from iap_jax.series import discover
-from iap_jax.siemens_csa import cut_tile, mosaic_layout, parse_csa
+
+from iap_jax.core.iaps import IAP_NAMES
+from iap_jax.core.preprocess import restore_intensities
+from iap_jax.core.siemens_csa import cut_tile, mosaic_layout, parse_csa
+from iap_jax.io.dicom import DicomError, read_frame, read_instance_header, read_prepared_frame
+from iap_jax.io.series import discover
 
 NIBABEL_DATA = os.path.join(os.path.dirname(__import__("nibabel").__file__), "nicom", "tests", "data")
 

@@ -10,9 +10,10 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
 from data_prep import report as report_lib
-from iap_jax.dicom import read_instance_header
-from iap_jax.iaps import PRIVATE_FALLBACKS, LabelState, extract_iaps, read_iaps
-from iap_jax.series import discover
+
+from iap_jax.core.iaps import PRIVATE_FALLBACKS, LabelState, extract_iaps, read_iaps
+from iap_jax.io.dicom import read_instance_header
+from iap_jax.io.series import discover
 
 SDS = "SIEMENS MR SDS 01"
 SHARED_ORIGIN = f"{SDS} (0021,xx5C) in SharedFunctionalGroupsSequence > {SDS} (0021,xxFE)"

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from iap_jax.checkpoints import restore_model
+from iap_jax.io.checkpoints import restore_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "launch"))

@@ -13,9 +13,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from iap_jax import calibration, evaluate, fit, header_qa, predictions, sort
-from iap_jax.labels import HeadEncoding, LabelEncoding, class_indices
 from predict_data import run_predict
+
+from iap_jax.analysis import eval_cli, evaluate, fit, fit_cli, sort
+from iap_jax.analysis import report as report_lib
+from iap_jax.core.labels import HeadEncoding, LabelEncoding, class_indices
+from iap_jax.prediction import calibration, header_qa, tables
 
 
 def test_ece_matches_an_independent_implementation():
@@ -87,15 +90,15 @@ def test_iap_fit_stores_the_calibration_and_the_ood_model_and_iap_eval_only_repo
     shutil.copytree(run.workdir, workdir)
     for name in (calibration.CALIBRATION_FILE, "ood.json"):
         (workdir / name).unlink(missing_ok=True)
-    assert fit.main(["--predictions", str(root / "val"), "--workdir", str(workdir)]) == 0
+    assert fit_cli.main(["--predictions", str(root / "val"), "--workdir", str(workdir)]) == 0
     out = capsys.readouterr().out
     fitted = {name: json.loads((workdir / name).read_text())
               for name in (calibration.CALIBRATION_FILE, "ood.json")}
     assert fitted["calibration.json"]["step"] == fitted["ood.json"]["step"]
     assert "calibration for step" in out and "out-of-distribution model for step" in out
-    assert fit.main(["--predictions", str(tmp_path / "nothing")]) == 2
+    assert fit_cli.main(["--predictions", str(tmp_path / "nothing")]) == 2
     with pytest.raises(SystemExit):  # no fitting flag any more, and a report is its only output
-        evaluate.main(["--predictions", str(root / "val"), "--fit-calibration"])
+        eval_cli.main(["--predictions", str(root / "val"), "--fit-calibration"])
 
 
 def test_calibration_is_stored_for_its_step_and_applied(calibrated_run):
@@ -106,13 +109,13 @@ def test_calibration_is_stored_for_its_step_and_applied(calibrated_run):
     assert fov["family"] == data["calibrators"]["FOV"]["family"] in calibration.FAMILIES
     assert set(fov["cv"]) == set(calibration.FAMILIES) and data["selection"]["groups"] == "patient"
     slices = pq.read_table(root / "dicom" / "slices.parquet")
-    meta = predictions.read_metadata(str(root / "dicom" / "slices.parquet"))
+    meta = tables.read_metadata(str(root / "dicom" / "slices.parquet"))
     assert meta["calibration"]["step"] == meta["step"] == data["step"]
     encoding = LabelEncoding.from_json(meta["label_encoding"])
     calibrators = calibration.head_calibrators(meta["calibration"])
     for name in ("FOV", "ScanOptions"):
         head = encoding.head(name)
-        expected = predictions.slice_probabilities(slices, head, calibrators[name])
+        expected = tables.slice_probabilities(slices, head, calibrators[name])
         np.testing.assert_allclose(slices.column(f"{name}_prob").to_numpy(), expected.max(axis=1), rtol=1e-5)
         assert slices.column(name).to_pylist() == [head.classes[i] for i in expected.argmax(axis=1)]
     series = pq.read_table(root / "dicom" / "series.parquet")
@@ -131,17 +134,17 @@ def test_an_old_calibration_file_of_temperatures_is_still_applied(calibrated_run
     old_run = type(run)(run.dicom_root, run.dataset_dir, str(workdir), run.validation)
     run_predict(old_run, str(tmp_path / "pred"), "--input", run.dataset_dir, "--split", "test")
     slices = pq.read_table(tmp_path / "pred" / "slices.parquet")
-    encoding = LabelEncoding.from_json(predictions.read_metadata(
+    encoding = LabelEncoding.from_json(tables.read_metadata(
         str(tmp_path / "pred" / "slices.parquet"))["label_encoding"])
     for name, temperature in (("FOV", 2.0), ("ScanOptions", 1.0)):  # ScanOptions: none given
-        logits = predictions.slice_logits(slices, encoding.head(name))
+        logits = tables.slice_logits(slices, encoding.head(name))
         np.testing.assert_allclose(slices.column(f"{name}_prob").to_numpy(),
                                    calibration.softmax(logits / temperature).max(axis=1), rtol=1e-5)
     metrics = evaluate.evaluate(str(tmp_path / "pred"), resamples=50)
     assert metrics["heads"]["FOV"]["calibrator"] == "temperature"
     assert metrics["heads"]["ScanOptions"]["calibrator"] is None
     assert metrics["calibration_selection"] is None
-    markdown = open(evaluate.write_report(metrics, str(tmp_path / "report"))["report.md"]).read()
+    markdown = open(report_lib.write_report(metrics, str(tmp_path / "report"))["report.md"]).read()
     row = next(line for line in markdown.splitlines() if line.startswith("| FOV |"))
     assert "| temperature T=2.00 |" in row
 
@@ -151,7 +154,7 @@ def report(calibrated_run, tmp_path_factory):
     """The calibrated run's report, written once: (metrics, files, metrics.json read back)."""
     _, root, _, _ = calibrated_run
     metrics = evaluate.evaluate(str(root / "dicom"), resamples=200)
-    files = evaluate.write_report(metrics, str(tmp_path_factory.mktemp("report")))
+    files = report_lib.write_report(metrics, str(tmp_path_factory.mktemp("report")))
     return metrics, files, json.load(open(files["metrics.json"]))
 
 
@@ -175,7 +178,7 @@ def test_ece_floor_is_that_of_labels_drawn_per_series(calibrated_run, report):
     head = metrics["_encoding"].head("Manufacturer")
     calibrator = calibration.HeadCalibration.from_json(saved["calibrators"]["Manufacturer"])
     labelled = class_indices(head, slices.column("Manufacturer_header").to_pylist()) >= 0
-    probs = predictions.slice_probabilities(slices, head, calibrator)[labelled]
+    probs = tables.slice_probabilities(slices, head, calibrator)[labelled]
     series = np.unique(slices.column("series_key").to_pylist(), return_inverse=True)[1][labelled]
     rng = np.random.default_rng(0)
     simulated = []
@@ -217,7 +220,7 @@ def test_report_copes_with_a_head_without_labels_and_a_single_class(calibrated_r
     metrics = evaluate.evaluate(str(tmp_path / "pred"), resamples=50)
     assert metrics["heads"]["ScanOptions"]["slices"] == 0 and "top1" not in metrics["heads"]["ScanOptions"]
     assert list(metrics["heads"]["Manufacturer"]["recall"]) == ["SIEMENS"]
-    files = evaluate.write_report(metrics, str(tmp_path / "report"))
+    files = report_lib.write_report(metrics, str(tmp_path / "report"))
     assert "| ScanOptions | " in open(files["report.md"]).read()
 
 
@@ -254,7 +257,7 @@ def test_sorting_is_idempotent_and_moves_a_series_whose_domain_changed(calibrate
 
 
 def test_ood_scores_rank_an_unseen_group_above_the_known_ones():
-    from iap_jax import ood
+    from iap_jax.prediction import ood
 
     rng = np.random.default_rng(4)
     centres = rng.normal(0, 4, (4, 16))
@@ -272,7 +275,7 @@ def test_ood_scores_rank_an_unseen_group_above_the_known_ones():
 
 
 def test_fitted_ood_model_marks_series_and_sorting_sends_them_to_unknown(calibrated_run, tmp_path):
-    from iap_jax import ood
+    from iap_jax.prediction import ood
 
     run, root, _, _ = calibrated_run
     data = ood.fit(run.workdir)
@@ -306,14 +309,14 @@ def test_series_table_gives_out_of_domain_series_no_header_qa(tmp_path):
                        "Manufacturer_header": ["SIEMENS"] * 4})
     path = str(tmp_path / "slices.parquet")
     pq.write_table(slices, path)
-    series = predictions.series_table(path, encoding, qa_thresholds={"Manufacturer": 0.9},
+    series = tables.series_table(path, encoding, qa_thresholds={"Manufacturer": 0.9},
                                       ood_threshold=10.0)
     rows = {r["series_key"]: r for r in series.to_pylist()}
     assert rows["near"]["qa_flags"] == ["Manufacturer"] and not rows["near"]["out_of_domain"]
     assert rows["near"]["qa_note"] is None
     assert rows["far"]["qa_flags"] == [] and rows["far"]["out_of_domain"]
     assert "outside the model's domain" in rows["far"]["qa_note"]
-    predictions.mark_out_of_domain_slices(path, series)
+    tables.mark_out_of_domain_slices(path, series)
     marked = pq.read_table(path)
     assert marked.column("out_of_domain").to_pylist() == [True, True, False, False]
 
@@ -346,7 +349,7 @@ def test_out_of_domain_series_get_no_header_qa_and_the_report_says_so(calibrated
     model's domain, get no QA flags, are marked so in both tables, and the report says how
     many there are and that their predictions and QA are not to be trusted; in-domain series
     with the same contradiction are still flagged."""
-    from iap_jax import ood
+    from iap_jax.prediction import ood
 
     run, _, _, _ = calibrated_run
     workdir = tmp_path / "train"  # its own copy: the OOD model stays out of the other tests
@@ -373,7 +376,7 @@ def test_out_of_domain_series_get_no_header_qa_and_the_report_says_so(calibrated
     sort.sort_series(str(tmp_path / "pred"), None, str(tmp_path / "manifest.csv"), 0.0)
     rows = {r["series_key"]: r for r in csv.DictReader(open(tmp_path / "manifest.csv"))}
     assert {k for k, r in rows.items() if r["reason"].startswith("out of")} == outside
-    files = evaluate.write_report(evaluate.evaluate(str(tmp_path / "pred"), resamples=20),
+    files = report_lib.write_report(evaluate.evaluate(str(tmp_path / "pred"), resamples=20),
                                   str(tmp_path / "report"), str(tmp_path / "pred"))
     for name in ("report.md", "report.html"):
         text = open(files[name]).read()

@@ -7,9 +7,12 @@ import pyarrow.parquet as pq
 import pytest
 
 import train_data
-from iap_jax import fit, train
-from iap_jax.iaps import LabelState
-from iap_jax.predict import build_parser, predict
+
+from iap_jax.analysis import fit
+from iap_jax.core.iaps import LabelState
+from iap_jax.prediction.job import predict
+from iap_jax.prediction.predict_cli import build_parser
+from iap_jax.training import train
 
 SWAPS = {"Manufacturer": {"GE MEDICAL SYSTEMS": "SIEMENS", "SIEMENS": "GE MEDICAL SYSTEMS"},
          "ManufacturerModelName": {"SIGNA HDX": "AVANTO", "AVANTO": "SIGNA HDX"},

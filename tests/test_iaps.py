@@ -11,8 +11,8 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 
-from iap_jax import iaps
-from iap_jax.iaps import LabelState, extract_iaps, read_iaps
+from iap_jax.core import iaps
+from iap_jax.core.iaps import LabelState, extract_iaps, read_iaps
 
 A, E, P, I = LabelState.ABSENT, LabelState.EMPTY, LabelState.PRESENT, LabelState.INVALID
 

@@ -1,7 +1,9 @@
-"""The import rule, read from the source with `ast`: no circle among the package's modules
-(counting imports inside functions too), the library never imports the prep stage,
-the model knows no CPU kernel, and a module imports another of the package inside a
-function only where that one is an optional heavy dependency (the CPU kernels)."""
+"""The import rule, read from the source with `ast`: the stages import one way
+(core <- io <- {training, prediction} <- analysis; models for training and prediction; the
+CPU kernels only through the model factory), no circle among the package's modules
+(counting imports inside functions too), the library never imports the prep stage, the
+model knows no CPU kernel, and a module imports another of the package inside a function
+only where that one is an optional heavy dependency (the CPU kernels)."""
 import ast
 import os
 
@@ -10,6 +12,16 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # (importing module, imported module prefix): imports allowed inside a function only.
 OPTIONAL = {("iap_jax.models.factory", "iap_jax.kernels")}
+# stage -> the stages it may import besides itself (the README's import rule).
+MAY_IMPORT = {
+    "core": set(),
+    "io": {"core"},
+    "kernels": set(),
+    "models": {"core", "kernels"},
+    "training": {"core", "io", "models"},
+    "prediction": {"core", "io", "models"},
+    "analysis": {"core", "io", "models", "prediction"},
+}
 
 
 def _modules(package: str) -> dict[str, str]:
@@ -110,3 +122,32 @@ def test_imports_inside_functions_only_for_optional_heavy_dependencies():
     unexpected = [(m, t) for m, t in local
                   if not any(m == a and t.startswith(b) for a, b in OPTIONAL)]
     assert unexpected == []
+
+
+def _stage(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 2 or (len(parts) == 2 and parts[1] in MAY_IMPORT) else None
+
+
+def _violations(graph) -> list[tuple[str, str]]:
+    return sorted((m, t) for m, targets in graph.items() for t in targets
+                  if _stage(m) and _stage(t) and _stage(t) != _stage(m)
+                  and _stage(t) not in MAY_IMPORT[_stage(m)])
+
+
+def test_every_module_lives_in_a_stage():
+    modules, _, _ = _graph()
+    assert sorted(m for m in modules if m != "iap_jax" and _stage(m) not in MAY_IMPORT) == []
+
+
+def test_the_stages_import_one_way():
+    _, graph, _ = _graph()
+    assert _violations(graph) == []
+
+
+def test_the_rule_finds_an_import_against_the_stages():
+    graph = {"iap_jax.io.dicom": {"iap_jax.training.train", "iap_jax.core.iaps"},
+             "iap_jax.training.train": {"iap_jax.prediction.engine"},
+             "iap_jax.core.iaps": set()}
+    assert _violations(graph) == [("iap_jax.io.dicom", "iap_jax.training.train"),
+                                  ("iap_jax.training.train", "iap_jax.prediction.engine")]

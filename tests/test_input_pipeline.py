@@ -2,8 +2,9 @@ import numpy as np
 import pytest
 
 import train_data
-from iap_jax import input_pipeline
-from iap_jax.labels import LabelEncoding
+
+from iap_jax.core.labels import LabelEncoding
+from iap_jax.training import input_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +136,7 @@ def test_reader_processes_give_the_batches_of_the_training_process(dataset_dir):
 
 
 def test_reader_processes_refuse_more_shared_memory_than_there_is():
-    from iap_jax import reader_pool
+    from iap_jax.training import reader_pool
 
     stream = reader_pool.in_processes(dict, range(3), 2, (10**6, 1024, 1024), 4)
     with pytest.raises(RuntimeError, match="shared memory.*input.workers"):

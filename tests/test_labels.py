@@ -3,8 +3,8 @@ import math
 import numpy as np
 import pytest
 
-from iap_jax.iaps import IAP_NAMES, LabelState
-from iap_jax.labels import ABSENT, EMPTY, OTHER, LabelEncoding
+from iap_jax.core.iaps import IAP_NAMES, LabelState
+from iap_jax.core.labels import ABSENT, EMPTY, OTHER, LabelEncoding
 
 P, A, E, I = (int(s) for s in (LabelState.PRESENT, LabelState.ABSENT, LabelState.EMPTY,
                                LabelState.INVALID))
@@ -104,7 +104,7 @@ def test_bad_stats_and_names():
 
 
 def test_aliases_join_one_scanners_spellings_only_when_asked():
-    from iap_jax.labels import target_class
+    from iap_jax.core.labels import target_class
 
     stats = _stats()
     stats["iaps"]["Manufacturer"]["value_counts"] = {"SIEMENS": 10, "SIEMENS HEALTHINEERS": 4,

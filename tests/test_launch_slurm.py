@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from iap_jax.main import EXIT_PREEMPTED
+from iap_jax.training.train_cli import EXIT_PREEMPTED
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "launch", "slurm_gpu.sbatch")

@@ -3,8 +3,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from iap_jax import losses
-from iap_jax.labels import HeadEncoding, LabelEncoding
+from iap_jax.core.labels import HeadEncoding, LabelEncoding
+from iap_jax.training import losses
 
 ENC = LabelEncoding((HeadEncoding("Manufacturer", "categorical", classes=("A", "B", "C")),
                      HeadEncoding("FlipAngle", "categorical", classes=("10", "12")),

@@ -1,6 +1,7 @@
 """The entry point's choices made before JAX starts: CPU device count."""
-from iap_jax.main import cpu_device_count
 from train_data import tiny_config
+
+from iap_jax.training.train_cli import cpu_device_count
 
 
 def test_cpu_devices_auto_splits_two_cores_for_single_process_runs():
@@ -32,7 +33,7 @@ def test_cpu_devices_auto_keeps_one_device_for_onednn_convolutions():
 def test_run_log_keeps_library_warnings_but_not_their_routine_chatter():
     import logging
 
-    from iap_jax.main import _LibraryInfoFilter
+    from iap_jax.training.train_cli import _LibraryInfoFilter
 
     def record(path, level, message):
         return logging.LogRecord("x", level, path, 1, message, None, None)
@@ -42,7 +43,7 @@ def test_run_log_keeps_library_warnings_but_not_their_routine_chatter():
     assert keep(record("/site-packages/orbax/checkpoint/manager.py", logging.WARNING, "disk full"))
     assert not keep(record("/site-packages/orbax/checkpoint/manager.py", logging.WARNING,
                            "Requested `tracked_metric`; did not provide metrics."))
-    assert keep(record("/srv/project/iap_jax/train.py", logging.INFO, "step 10/100"))
+    assert keep(record("/srv/project/iap_jax/training/train.py", logging.INFO, "step 10/100"))
 
 
 def test_help_prints_the_usage_and_a_missing_dataset_is_one_line(tmp_path):
@@ -52,7 +53,7 @@ def test_help_prints_the_usage_and_a_missing_dataset_is_one_line(tmp_path):
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=repo)
-    script = "import sys; from iap_jax.main import run; sys.argv[0] = 'iap-train'; run()"
+    script = "import sys; from iap_jax.training.train_cli import run; sys.argv[0] = 'iap-train'; run()"
     shown = subprocess.run([sys.executable, "-c", script, "--help"], env=env, cwd=repo,
                            capture_output=True, text=True, timeout=120)
     assert shown.returncode == 0 and "--config.dataset_dir" in shown.stdout

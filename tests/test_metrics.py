@@ -4,8 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from iap_jax.labels import HeadEncoding, LabelEncoding
-from iap_jax.metrics import MetricSums, mean_top1, metric_sums
+from iap_jax.core.labels import HeadEncoding, LabelEncoding
+from iap_jax.core.metrics import MetricSums, mean_top1, metric_sums
 
 ENC = LabelEncoding((HeadEncoding("Manufacturer", "categorical", classes=("A", "B", "C")),
                      HeadEncoding("EchoTime", "continuous", unit="ms", transform="log",
@@ -65,7 +65,7 @@ def test_no_labels_gives_nan_not_error():
 
 
 def test_majority_baseline_scores_trains_commonest_class_on_eval():
-    from iap_jax.metrics import majority_baseline
+    from iap_jax.core.metrics import majority_baseline
 
     def split(values, states=None):
         return {"iaps": {
@@ -90,7 +90,7 @@ def test_majority_baseline_scores_trains_commonest_class_on_eval():
 def test_confusion_matrix_pictures_are_written_per_categorical_head(tmp_path):
     from PIL import Image
 
-    from iap_jax.plots import write_confusion_matrices
+    from iap_jax.io.plots import write_confusion_matrices
 
     paths = write_confusion_matrices({"Manufacturer": np.array([[5, 1, 0], [0, 3, 2], [0, 0, 4]])},
                                      ENC, str(tmp_path))
@@ -102,7 +102,7 @@ def test_confusion_matrix_pictures_are_written_per_categorical_head(tmp_path):
 def test_decoded_predictions_score_as_the_training_sums_do():
     """The predictor's summary and iap-eval score decoded predictions with the same sums and
     formulas as training's validation: the same numbers from the same rows."""
-    from iap_jax.metrics import categorical_sums, continuous_sums, label_values, summarise
+    from iap_jax.core.metrics import categorical_sums, continuous_sums, label_values, summarise
 
     rng = np.random.default_rng(3)
     outputs, targets, masks = _batch(rng, 40)
@@ -124,7 +124,7 @@ def test_decoded_predictions_score_as_the_training_sums_do():
 
 
 def test_score_table_prints_what_each_head_has():
-    from iap_jax.metrics import score_table
+    from iap_jax.core.metrics import score_table
 
     scores = {"Manufacturer": {"count": 10.0, "top1": 0.9, "top2": 1.0, "series_count": 3,
                                "series_top1": 2 / 3},

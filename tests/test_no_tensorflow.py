@@ -44,23 +44,23 @@ def test_training_prediction_and_analysis_never_import_tensorflow(trained_run, t
     glob = os.path.join(trained_run.dataset_dir, "*-test.tfrecord-*")
     predict = ["--workdir", workdir, "--quiet", "--salt", predict_data.SALT, "--workers", "1"]
     commands = [
-        ("iap_jax.main", "run", [
+        ("iap_jax.training.train_cli", "run", [
             "--config=configs/synthetic_cpu.py:runlocal", f"--workdir={workdir}",
             f"--config.dataset_dir={trained_run.dataset_dir}", "--config.num_epochs=1",
             "--config.progress_bar=False"]),
-        ("iap_jax.predict", "run", predict + ["--input", trained_run.dataset_dir, "--split",
+        ("iap_jax.prediction.predict_cli", "run", predict + ["--input", trained_run.dataset_dir, "--split",
                                               "test", "--out", out]),
-        ("iap_jax.predict", "run", predict + ["--input", glob, "--out", out + "_glob"]),
-        ("iap_jax.predict", "run", predict + ["--input", trained_run.dicom_root,
+        ("iap_jax.prediction.predict_cli", "run", predict + ["--input", glob, "--out", out + "_glob"]),
+        ("iap_jax.prediction.predict_cli", "run", predict + ["--input", trained_run.dicom_root,
                                               "--out", out + "_dicom"]),
-        ("iap_jax.predict", "run", predict + ["--input", str(pngs.parent), "--out", out + "_png"]),
-        ("iap_jax.evaluate", "run", ["--predictions", out, "--out", str(tmp_path / "report"),
+        ("iap_jax.prediction.predict_cli", "run", predict + ["--input", str(pngs.parent), "--out", out + "_png"]),
+        ("iap_jax.analysis.eval_cli", "run", ["--predictions", out, "--out", str(tmp_path / "report"),
                                      "--bootstrap", "20"]),
-        ("iap_jax.predict", "run", predict + ["--input", trained_run.dataset_dir, "--split",
+        ("iap_jax.prediction.predict_cli", "run", predict + ["--input", trained_run.dataset_dir, "--split",
                                               "validation", "--out", out + "_val",
                                               "--no-calibration"]),
-        ("iap_jax.fit", "run", ["--predictions", out + "_val"]),
-        ("iap_jax.sort", "run", ["--predictions", out, "--out", str(tmp_path / "manifest.csv")]),
+        ("iap_jax.analysis.fit_cli", "run", ["--predictions", out + "_val"]),
+        ("iap_jax.analysis.sort_cli", "run", ["--predictions", out, "--out", str(tmp_path / "manifest.csv")]),
     ]
     done = subprocess.run([sys.executable, "-c", _DRIVER, json.dumps(commands)], cwd=REPO,
                           capture_output=True, text=True, timeout=900,

@@ -13,9 +13,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from iap_jax import predictions
-from iap_jax.predict import main as predict_main
 from predict_data import run_predict
+
+from iap_jax.prediction import tables
+from iap_jax.prediction.predict_cli import main as predict_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,7 +41,7 @@ def _assert_close(rows_a, rows_b):
 def test_validation_prediction_reproduces_the_training_table(trained_run, tmp_path):
     report = run_predict(trained_run, str(tmp_path / "val"), "--input", trained_run.dataset_dir,
                          "--split", "validation", "--step", "latest")
-    scores = predictions.accuracy(str(tmp_path / "val" / "slices.parquet"))
+    scores = tables.accuracy(str(tmp_path / "val" / "slices.parquet"))
     assert report["counts"]["slices"] == trained_run.validation["Manufacturer"]["count"]
     for name, expected in trained_run.validation.items():
         got = scores[name]
@@ -63,7 +64,7 @@ def test_split(trained_run, tmp_path_factory):
 
 def test_tables_carry_the_checkpoint_step_and_pixel_spec(trained_run, test_split):
     out, report = test_split
-    meta = predictions.read_metadata(str(out / "slices.parquet"))
+    meta = tables.read_metadata(str(out / "slices.parquet"))
     steps = [int(d) for d in os.listdir(os.path.join(trained_run.workdir, "checkpoints")) if d.isdigit()]
     assert meta["step"] == report["checkpoint"]["step"] and meta["step"] in steps
     assert meta["pixel_spec"]["stored_size"] == 32
@@ -71,7 +72,7 @@ def test_tables_carry_the_checkpoint_step_and_pixel_spec(trained_run, test_split
 
 def test_classes_come_back_as_names_with_sorted_top_k_probabilities(test_split):
     out, report = test_split
-    meta = predictions.read_metadata(str(out / "slices.parquet"))
+    meta = tables.read_metadata(str(out / "slices.parquet"))
     classes = {h["name"]: h["classes"] for h in meta["label_encoding"]["heads"] if h["classes"]}
     rows = pq.read_table(out / "slices.parquet").to_pylist()
     assert rows and len(rows) == report["counts"]["slices"]
@@ -154,7 +155,8 @@ import sys
 sys.path.insert(0, "tests")
 import jax
 from predict_data import SALT
-from iap_jax.predict import build_parser, predict
+from iap_jax.prediction.job import predict
+from iap_jax.prediction.predict_cli import build_parser
 workdir, dataset_dir, out = sys.argv[1:4]
 assert len(jax.local_devices()) == int(sys.argv[4])
 report = predict(build_parser().parse_args([
@@ -191,7 +193,7 @@ def test_two_processes_share_the_input_and_process_0_writes_the_tables(trained_r
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
     env.pop("XLA_FLAGS", None)
     procs = [subprocess.Popen(
-        [sys.executable, "-m", "iap_jax.predict", "--workdir", trained_run.workdir, "--input",
+        [sys.executable, "-m", "iap_jax.prediction.predict_cli", "--workdir", trained_run.workdir, "--input",
          pattern, "--out", str(tmp_path / "two"), "--quiet", "--coordinator", f"127.0.0.1:{port}",
          "--num-processes", "2", "--process-id", str(i)], env=env, cwd=REPO,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
@@ -279,7 +281,7 @@ def test_a_model_that_cannot_be_built_leaves_no_reader_behind(trained_run, tmp_p
     fails to build must still stop it and close the input."""
     import threading
 
-    from iap_jax.engine import Reader
+    from iap_jax.prediction.engine import Reader
 
     workdir = tmp_path / "unknown_model"
     shutil.copytree(trained_run.workdir, workdir)
@@ -308,7 +310,7 @@ def test_bfloat16_prediction_on_a_cpu_agrees_with_float32(trained_run, tmp_path)
     assert full["run"]["dtype"] == "float32"
     a, b = _rows(tmp_path / "f32" / "slices.parquet"), _rows(tmp_path / "bf16" / "slices.parquet")
     assert len(a) == len(b) > 0
-    encoding = predictions.read_metadata(str(tmp_path / "f32" / "slices.parquet"))["label_encoding"]
+    encoding = tables.read_metadata(str(tmp_path / "f32" / "slices.parquet"))["label_encoding"]
     for head in encoding["heads"]:
         name = head["name"]
         if head["kind"] == "categorical":

@@ -10,14 +10,16 @@ import pyarrow.parquet as pq
 import tensorflow as tf
 
 from data_prep.builder import prepare
-from iap_jax import input_pipeline, local_paths, sources
-from iap_jax.checkpoints import restore_model
 from data_prep.features import example_features
-from iap_jax.labels import LabelEncoding
-from iap_jax.predict import main as predict_main
-from iap_jax.preprocess import model_input
 from local_paths_view import by_path, slice_paths
 from predict_data import SALT, run_predict
+
+from iap_jax.core.labels import LabelEncoding
+from iap_jax.core.preprocess import model_input
+from iap_jax.io import local_paths, sources
+from iap_jax.io.checkpoints import restore_model
+from iap_jax.prediction.predict_cli import main as predict_main
+from iap_jax.training import input_pipeline
 
 
 def test_one_slice_gives_the_same_model_input_from_dicom_and_from_its_tfrecord(trained_run):
@@ -206,15 +208,15 @@ def test_raw_image_records_give_the_zlib_records_images_and_predictions(trained_
 def test_each_distinct_header_is_spelled_once_per_batch(monkeypatch):
     """The slices of a series share their headers; a categorical header's number is NaN, a
     fresh float on every slice read from a TFRecord, and must still be spelled only once."""
-    from iap_jax import predictions
-    from iap_jax.iaps import IAP_NAMES
-    from iap_jax.labels import HeadEncoding
+    from iap_jax.prediction import tables
+    from iap_jax.core.iaps import IAP_NAMES
+    from iap_jax.core.labels import HeadEncoding
 
     encoding = LabelEncoding((HeadEncoding("Manufacturer", "categorical", classes=("GE", "SIEMENS")),
                               HeadEncoding("EchoTime", "continuous", unit="ms")))
     spelled = []
-    original = predictions.header_value
-    monkeypatch.setattr(predictions, "header_value",
+    original = tables.header_value
+    monkeypatch.setattr(tables, "header_value",
                         lambda name, *raw: spelled.append(name) or original(name, *raw))
 
     def headers(manufacturer, echo):
@@ -225,8 +227,8 @@ def test_each_distinct_header_is_spelled_once_per_batch(monkeypatch):
                                   headers=headers("GE" if i < 3 else "SIEMENS", 2.5 + (i >= 3)))
               for i in range(6)]
     logits = {"Manufacturer": np.zeros((6, 2), np.float32), "EchoTime": np.zeros((6, 1), np.float32)}
-    schema = predictions.slice_schema(encoding, has_headers=True)
-    table = predictions.slice_table(slices, logits, encoding, schema, top_k=2).to_pydict()
+    schema = tables.slice_schema(encoding, has_headers=True)
+    table = tables.slice_table(slices, logits, encoding, schema, top_k=2).to_pydict()
     assert table["Manufacturer_header"] == ["GE"] * 3 + ["SIEMENS"] * 3
     assert table["EchoTime_header"] == [2.5] * 3 + [3.5] * 3
     assert sorted(spelled) == ["EchoTime"] * 2 + ["Manufacturer"] * 2

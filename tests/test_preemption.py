@@ -16,8 +16,8 @@ import jax
 import numpy as np
 import pytest
 
-from iap_jax.checkpoints import Checkpointer, restore_model
-from iap_jax.main import EXIT_PREEMPTED
+from iap_jax.io.checkpoints import Checkpointer, restore_model
+from iap_jax.training.train_cli import EXIT_PREEMPTED
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "launch"))
@@ -48,7 +48,7 @@ def _env(cache_dir) -> dict:
 
 def _single_process(dataset_dir, workdir, env, log) -> int:
     with open(log, "w") as out:
-        return subprocess.run([sys.executable, "-m", "iap_jax.main",
+        return subprocess.run([sys.executable, "-m", "iap_jax.training.train_cli",
                                *_args(dataset_dir, workdir, 4)], env=env, stdout=out,
                               stderr=subprocess.STDOUT, timeout=600).returncode
 

@@ -11,8 +11,9 @@ import tensorflow_datasets as tfds
 
 import prep_series
 from data_prep.builder import IapDataset, REPORT_FILE, prepare
-from iap_jax.features import STATS_FILE, load_iap_stats
-from iap_jax.iaps import IAP_NAMES, SPECS, LabelState
+
+from iap_jax.core.iaps import IAP_NAMES, SPECS, LabelState
+from iap_jax.io.dataset_info import STATS_FILE, load_iap_stats
 
 NUM_PATIENTS, NUM_SLICES = 8, 4
 SPLIT = (0.5, 0.25, 0.25)

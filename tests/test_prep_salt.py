@@ -7,8 +7,9 @@ import tensorflow_datasets as tfds
 
 import prep_series
 from data_prep.builder import prepare
-from iap_jax.salt import SALT_ENV, SALT_FILE, resolve_salt
 from data_prep.splits import salted_hash
+
+from iap_jax.io.salt import SALT_ENV, SALT_FILE, resolve_salt
 
 NUM_PATIENTS = 6
 
@@ -90,7 +91,7 @@ def test_salt_sources_and_conflicts(tmp_path, monkeypatch):
 
 
 def test_a_kill_while_writing_the_salt_leaves_no_empty_salt_file(tmp_path, monkeypatch):
-    from iap_jax import salt as salt_lib
+    from iap_jax.io import salt as salt_lib
 
     def killed(fd):  # the process dies before the salt is on disk
         raise KeyboardInterrupt

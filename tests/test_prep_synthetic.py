@@ -9,10 +9,11 @@ import tensorflow_datasets as tfds
 
 from data_prep.synthetic import cohort as cohort_module
 from data_prep.builder import REPORT_FILE, prepare
-from iap_jax.salt import SALT_FILE
 from data_prep.splits import salted_hash
-from iap_jax.iaps import IAP_NAMES, SPECS, LabelState
 from local_paths_view import by_path
+
+from iap_jax.core.iaps import IAP_NAMES, SPECS, LabelState
+from iap_jax.io.salt import SALT_FILE
 
 NUM_PATIENTS = 4
 

@@ -11,10 +11,11 @@ import tensorflow_datasets as tfds
 import prep_series
 from data_prep import report as report_lib
 from data_prep.builder import REPORT_FILE, prepare
-from iap_jax.salt import SALT_FILE
-from iap_jax.series import (LATER_TIME_POINT, Discovery, Series, SeriesSelection, Skip, discover,
-                             is_time_series, phase_of, select, select_slices)
 from data_prep.splits import parse_split, salted_hash, split_of
+
+from iap_jax.io.salt import SALT_FILE
+from iap_jax.io.series import (LATER_TIME_POINT, Discovery, Series, SeriesSelection, Skip, discover,
+                               is_time_series, phase_of, select, select_slices)
 
 
 def series(description, temporal_position=None):

@@ -3,9 +3,9 @@ import jax
 import numpy as np
 import pytest
 
-from iap_jax.augment import augment
-from iap_jax.preprocess import (PixelSpec, model_input, preprocess_slice, resize,
-                                restore_intensities, to_square)
+from iap_jax.core.preprocess import (PixelSpec, model_input, preprocess_slice, resize,
+                                     restore_intensities, to_square)
+from iap_jax.training.augment import augment
 
 
 def test_resize_matches_jax_antialiased_linear():

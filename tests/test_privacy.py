@@ -16,9 +16,12 @@ import pydicom
 import pytest
 
 from data_prep.cli import main as prep_main
-from iap_jax import evaluate, local_paths, sort
-from iap_jax.predict import main as predict_main
 from predict_data import SALT
+
+from iap_jax.analysis import evaluate, sort, sort_cli
+from iap_jax.analysis import report as report_lib
+from iap_jax.io import local_paths
+from iap_jax.prediction.predict_cli import main as predict_main
 
 
 def _rename_like_real_exports(source: str, target: str) -> set[str]:
@@ -105,10 +108,10 @@ def test_prediction_sort_and_report_name_no_input(named_archive, trained_run, tm
               "--workers", "1"]
     assert predict_main([*common, "--out", str(out), "--csv"]) == 0
     links = tmp_path / "links"
-    assert sort.main(["--predictions", str(out), "--out", str(tmp_path / "manifest.csv"),
+    assert sort_cli.main(["--predictions", str(out), "--out", str(tmp_path / "manifest.csv"),
                       "--min-confidence", "0", "--link-into", str(links)]) == 0
-    files = evaluate.write_report(evaluate.evaluate(str(out), resamples=20), str(tmp_path / "report"),
-                                  str(out))
+    files = report_lib.write_report(evaluate.evaluate(str(out), resamples=20), str(tmp_path / "report"),
+                                      str(out))
     assert files and not [s for s in secrets if s in "".join(capsys.readouterr())]
     assert not _leaks(tmp_path, secrets)
     report = json.load(open(out / "predict_report.json"))

@@ -1,4 +1,4 @@
-"""The TensorFlow-free reader of the prepared records (iap_jax.records) against TFDS, the
+"""The TensorFlow-free reader of the prepared records (iap_jax.io.records) against TFDS, the
 writer: the same examples, and checksums that catch damage."""
 import os
 
@@ -7,8 +7,10 @@ import pytest
 import tensorflow_datasets as tfds
 
 import train_data
-from iap_jax import input_pipeline, records
-from iap_jax.iaps import IAP_NAMES
+
+from iap_jax.core.iaps import IAP_NAMES
+from iap_jax.io import records
+from iap_jax.training import input_pipeline
 
 
 @pytest.fixture(scope="module", params=["zlib", "none"])

@@ -7,7 +7,7 @@ import jax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from iap_jax import sharding
+from iap_jax.core import sharding
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,11 +33,12 @@ def test_make_mesh_fills_minus_one_and_rejects_bad_sizes():
 
 MULTI_DEVICE_STEP = textwrap.dedent("""
     import jax, numpy as np
-    from iap_jax import losses, optim, sharding
-    from iap_jax.labels import HeadEncoding, LabelEncoding
-    from iap_jax.train import make_init_fn, make_train_step
+    from iap_jax.core import sharding
+    from iap_jax.training import losses, optim
+    from iap_jax.core.labels import HeadEncoding, LabelEncoding
+    from iap_jax.training.train import make_init_fn, make_train_step
     from iap_jax.models.resnet import make_model
-    from iap_jax.preprocess import PixelSpec
+    from iap_jax.core.preprocess import PixelSpec
     import ml_collections
     assert len(jax.devices()) == 4
     enc = LabelEncoding((HeadEncoding("Manufacturer", "categorical", classes=("A", "B", "C")),

@@ -11,8 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from data_prep.synthetic.cohort import generate_cohort
-from iap_jax import train
 from train_data import tiny_config
+
+from iap_jax.training import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SALT = "smoke-test-salt"
@@ -49,7 +50,7 @@ def smoke(tmp_path_factory):
     config.input.logical_shards = 4  # a batch of 4 from a dataset of a few slices
     trained = train.train_and_evaluate(config, str(root / "train"))
     out = root / "predict"
-    predict = _command("iap_jax.predict", "--workdir", root / "train", "--input", dataset_dir,
+    predict = _command("iap_jax.prediction.predict_cli", "--workdir", root / "train", "--input", dataset_dir,
                        "--split", "validation", "--out", out, "--salt", SALT, "--workers", 1)
     return dict(dataset_dir=dataset_dir, trained=trained, workdir=root / "train", out=out,
                 prep=prep, predict=predict)

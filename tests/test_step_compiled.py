@@ -2,7 +2,7 @@
 bf16 convolutions, float32 BatchNorm statistics, no host traffic inside the step, scalar
 metrics read on the host only at log steps, and XLA's FLOPs per image recorded.
 
-The step is built as iap_jax/train.py builds it, for configs/gpu.py's model (bfloat16, XLA's
+The step is built as iap_jax/training/train.py builds it, for configs/gpu.py's model (bfloat16, XLA's
 convolutions) shrunk to the runlocal tiny ResNet at 32 px, with the tiny dataset's heads.
 """
 import importlib.util
@@ -15,13 +15,14 @@ import numpy as np
 import pytest
 
 from configs import gpu
-from iap_jax import input_pipeline, losses, optim, train
-from iap_jax import sharding as sharding_lib
-from iap_jax.iaps import IAP_NAMES
-from iap_jax.labels import LabelEncoding
-from iap_jax.models.factory import build_model
-from iap_jax.preprocess import PixelSpec
 from train_data import tiny_config
+
+from iap_jax.core import sharding as sharding_lib
+from iap_jax.core.iaps import IAP_NAMES
+from iap_jax.core.labels import LabelEncoding
+from iap_jax.core.preprocess import PixelSpec
+from iap_jax.models.factory import build_model
+from iap_jax.training import input_pipeline, losses, optim, train
 
 REPO = Path(__file__).resolve().parents[1]
 STORED_SIZE = 32  # train_data's images

@@ -9,11 +9,14 @@ import pytest
 from etils import epath
 
 from gcs_emulator import gcs_bucket, gcs_emulator  # noqa: F401  (fixtures)
-from iap_jax import evaluate, local_paths, predictions, sort
-from iap_jax.atomic import open_file, read_json, replacing, write_json_atomic, write_text_atomic
-from iap_jax.features import PREP_OPTIONS_FILE, STATS_FILE, load_iap_stats, load_prep_options
-from iap_jax.salt import SALT_ENV, SALT_FILE, create_if_absent, kept_salt, resolve_salt
 from predict_data import run_predict
+
+from iap_jax.analysis import eval_cli, sort_cli
+from iap_jax.io import local_paths
+from iap_jax.io.dataset_info import PREP_OPTIONS_FILE, STATS_FILE, load_iap_stats, load_prep_options
+from iap_jax.io.salt import SALT_ENV, SALT_FILE, create_if_absent, kept_salt, resolve_salt
+from iap_jax.io.storage import open_file, read_json, replacing, write_json_atomic, write_text_atomic
+from iap_jax.prediction import tables
 
 pytestmark = [pytest.mark.gcs, pytest.mark.slow]
 
@@ -40,7 +43,7 @@ def _upload(local: str, url: str) -> None:
 
 
 def _rows(path: str) -> list[dict]:
-    table = predictions.read_table(path)
+    table = tables.read_table(path)
     keys = [k for k in ("series_key", "slice_index") if k in table.column_names]
     return table.sort_by([(k, "ascending") for k in keys]).to_pylist()
 
@@ -73,7 +76,7 @@ def test_create_if_absent_never_replaces_an_existing_value():
 
 
 def test_salt_on_a_shared_file_system_without_hard_links(tmp_path, monkeypatch):
-    from iap_jax import salt as salt_lib
+    from iap_jax.io import salt as salt_lib
 
     def no_links(source, target):
         raise PermissionError(1, "Operation not permitted")
@@ -114,7 +117,7 @@ def test_predictions_report_and_manifest_are_written_to_a_bucket(trained_run, gc
     assert report["counts"] == expected["counts"] and report["counts"]["slices"] > 0
     assert _rows(f"{out}/slices.parquet") == _rows(os.path.join(local, "slices.parquet"))
     assert _rows(f"{out}/series.parquet") == _rows(os.path.join(local, "series.parquet"))
-    assert predictions.read_metadata(f"{out}/slices.parquet")["step"] == report["checkpoint"]["step"]
+    assert tables.read_metadata(f"{out}/slices.parquet")["step"] == report["checkpoint"]["step"]
     assert read_json(f"{out}/predict_report.json")["counts"] == report["counts"]
     names = _objects(gcs_emulator, out)
     assert {"slices.parquet", "series.parquet", "slices.csv", "series.csv",
@@ -127,8 +130,8 @@ def test_predictions_report_and_manifest_are_written_to_a_bucket(trained_run, gc
     assert resumed["counts"] == report["counts"]
 
     report_dir = f"{gcs_bucket}/evaluation"
-    assert evaluate.main(["--predictions", out, "--out", report_dir, "--bootstrap", "20"]) == 0
-    assert evaluate.main(["--predictions", local, "--out", str(tmp_path / "evaluation"),
+    assert eval_cli.main(["--predictions", out, "--out", report_dir, "--bootstrap", "20"]) == 0
+    assert eval_cli.main(["--predictions", local, "--out", str(tmp_path / "evaluation"),
                           "--bootstrap", "20"]) == 0
     metrics, local_metrics = read_json(f"{report_dir}/metrics.json"), read_json(
         str(tmp_path / "evaluation" / "metrics.json"))
@@ -144,8 +147,8 @@ def test_predictions_report_and_manifest_are_written_to_a_bucket(trained_run, gc
     assert f"]({pngs[0]})" in epath.Path(report_dir, "report.md").read_text()
 
     manifest = f"{gcs_bucket}/sorted/manifest.csv"
-    assert sort.main(["--predictions", out, "--out", manifest]) == 0
-    assert sort.main(["--predictions", local, "--out", str(tmp_path / "manifest.csv")]) == 0
+    assert sort_cli.main(["--predictions", out, "--out", manifest]) == 0
+    assert sort_cli.main(["--predictions", local, "--out", str(tmp_path / "manifest.csv")]) == 0
     assert epath.Path(manifest).read_bytes() == (tmp_path / "manifest.csv").read_bytes()
 
 
@@ -229,7 +232,7 @@ def test_a_dicom_root_in_a_bucket_gives_the_records_and_predictions_of_local_fil
     assert (_rows(str(tmp_path / "pred_remote" / "slices.parquet"))
             == _rows(str(tmp_path / "pred_local" / "slices.parquet")))
     with pytest.raises(ValueError, match="local paths only"):
-        from iap_jax.sources import open_source
+        from iap_jax.io.sources import open_source
         open_source(f"{gcs_bucket}/**/*.tfrecord", None)
 
 
@@ -264,9 +267,9 @@ def test_records_are_read_and_tensorboard_events_written_in_a_bucket_without_ten
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
     from tensorboard.util import tensor_util
 
-    from iap_jax import records
-    from iap_jax.atomic import open_file
-    from iap_jax.event_log import EventLog
+    from iap_jax.io import records
+    from iap_jax.io.storage import open_file
+    from iap_jax.io.event_log import EventLog
 
     # Records written by TensorFlow's own writer, read back by the training's reader (gcsfs).
     path = f"{gcs_bucket}/records/a.tfrecord"

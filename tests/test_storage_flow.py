@@ -16,12 +16,14 @@ import pytest
 from etils import epath
 
 from gcs_emulator import gcs_bucket, gcs_emulator  # noqa: F401,F811  (fixtures)
-from iap_jax import train
-from iap_jax.checkpoints import restore_model
-from iap_jax.predict import build_parser, predict
 from train_data import tiny_config
 
 from predict_data import SALT  # noqa: E402
+
+from iap_jax.io.checkpoints import restore_model
+from iap_jax.prediction.job import predict
+from iap_jax.prediction.predict_cli import build_parser
+from iap_jax.training import train
 
 pytestmark = [pytest.mark.gcs, pytest.mark.slow]
 

@@ -13,7 +13,8 @@ from pydicom.uid import ImplicitVRLittleEndian, MRImageStorage
 from data_prep.synthetic import cli, cohort, phantom
 from data_prep.synthetic.contact_sheet import write_contact_sheet
 from data_prep.synthetic.dicom_writer import PatientIdentity, series_uid, study_uid
-from iap_jax.iaps import SPECS
+
+from iap_jax.core.iaps import SPECS
 
 SEED = 11
 REQUIRED_TAGS = (

@@ -12,11 +12,12 @@ from pydicom.uid import EnhancedMRImageStorage
 
 from data_prep.synthetic import cli, cohort
 from data_prep.synthetic.dicom_writer import ENHANCED_FILE
-from iap_jax import dicom
-from iap_jax.iaps import extract_iaps
-from iap_jax.preprocess import PixelSpec
-from iap_jax.series import discover
-from iap_jax.sources import DicomSource
+
+from iap_jax.core.iaps import extract_iaps
+from iap_jax.core.preprocess import PixelSpec
+from iap_jax.io import dicom
+from iap_jax.io.series import discover
+from iap_jax.io.sources import DicomSource
 
 SEED = 5
 SLICES = 6
@@ -178,7 +179,7 @@ def test_a_failing_frame_leaves_the_others(tmp_path):
 
 def _enhanced_series(cohorts, tmp_path):
     """One enhanced series of the cohort alone, and its number of frames."""
-    from iap_jax.series import SeriesSelection, select
+    from iap_jax.io.series import SeriesSelection, select
 
     _, enhanced = cohorts
     kept, _ = select(discover(str(enhanced), progress=False), SeriesSelection(phases="all"), "all", "s")

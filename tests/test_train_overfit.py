@@ -3,11 +3,11 @@ import ml_collections
 import numpy as np
 import pytest
 
-from iap_jax import losses, optim
-from iap_jax.labels import HeadEncoding, LabelEncoding
+from iap_jax.core.labels import HeadEncoding, LabelEncoding
+from iap_jax.core.preprocess import PixelSpec, model_input
 from iap_jax.models.resnet import make_model
-from iap_jax.preprocess import PixelSpec, model_input
-from iap_jax.train import make_init_fn, make_train_step
+from iap_jax.training import losses, optim
+from iap_jax.training.train import make_init_fn, make_train_step
 
 
 @pytest.mark.slow

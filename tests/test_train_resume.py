@@ -5,9 +5,10 @@ import jax
 import numpy as np
 import pytest
 
-from iap_jax import train
-from iap_jax.checkpoints import Checkpointer, restore_model
 from train_data import tiny_config
+
+from iap_jax.io.checkpoints import Checkpointer, restore_model
+from iap_jax.training import train
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""A tiny prepared dataset in the real record layout (iap_jax.features), for training tests.
+"""A tiny prepared dataset in the real record layout (iap_jax.io.dataset_info), for training tests.
 
 The image shows its labels: the manufacturer decides which half is bright, the flip angle
 the brightness of a central square, the echo time a stripe frequency; so a tiny model
@@ -16,7 +16,8 @@ import tensorflow_datasets as tfds
 
 from data_prep.stats import compute_stats, write_stats
 from data_prep.features import example_features
-from iap_jax.iaps import IAP_NAMES, SPECS, LabelState
+
+from iap_jax.core.iaps import IAP_NAMES, SPECS, LabelState
 
 MANUFACTURERS = ("GE MEDICAL SYSTEMS", "SIEMENS")
 FLIP_ANGLES = ("10", "12")

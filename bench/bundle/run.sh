@@ -79,8 +79,8 @@ def failures(names):
             out.append(f"{module}: {type(err).__name__}: {err}")
     return out
 
-needed = failures(("jax", "flax", "optax", "orbax.checkpoint", "numpy", "iap_jax", "iap_jax.main",
-                   "iap_jax.predict"))
+needed = failures(("jax", "flax", "optax", "orbax.checkpoint", "numpy", "iap_jax", "iap_jax.training.train_cli",
+                   "iap_jax.prediction.predict_cli"))
 if needed:
     sys.exit("run.sh: this Python cannot import what the check needs:\n  " + "\n  ".join(needed))
 bundled = sorted(set(modules(site)))

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from data_prep.synthetic import cohort
 from data_prep.synthetic.contact_sheet import write_contact_sheet
-from iap_jax import console
+
+from iap_jax.core import console
 
 
 def positive_int(text: str) -> int:

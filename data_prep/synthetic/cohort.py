@@ -34,13 +34,14 @@ from pathlib import Path
 
 import numpy as np
 
-from iap_jax.progress import LOG_EVERY_S, is_terminal
 from data_prep.synthetic import acquisition, phantom, scanners, tissues
 from data_prep.synthetic.dicom_writer import (EnhancedSeriesEncoder, PatientIdentity,
                                               SliceGeometry, format_number, SeriesEncoder,
                                               max_stored_value, pixel_dtype, series_template)
 from data_prep.synthetic.scanners import CATALOG, SeriesProtocol
-from iap_jax.iaps import IAP_NAMES
+
+from iap_jax.core.iaps import IAP_NAMES
+from iap_jax.core.progress import LOG_EVERY_S, is_terminal
 
 SMALL_SCALE = 0.25
 SMALL_SLICES = 20

@@ -25,8 +25,9 @@ from pydicom.uid import (EnhancedMRImageStorage, ExplicitVRLittleEndian, Implici
                          MRImageStorage, generate_uid)
 
 from data_prep.synthetic.scanners import SeriesProtocol
-from iap_jax import iaps
 from data_prep.synthetic.tissues import GYROMAGNETIC_MHZ_PER_T
+
+from iap_jax.core import iaps
 
 
 def format_number(value: float) -> str:

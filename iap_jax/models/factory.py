@@ -62,6 +62,14 @@ def resolve_conv_impl(impl: str, dtype: Any = None, *, backend: str | None = Non
     return impl
 
 
+def wants_one_cpu_device(conv_impl: str, dtype: Any = None) -> bool:
+    """Whether this conv_impl and dtype, on a CPU, convolve in oneDNN, which uses every core
+    from one device and runs on a single device only. Asked before any backend starts (to
+    choose the CPU device count), so it reads nothing of JAX's state."""
+    float32 = dtype is None or jnp.dtype(dtype) == jnp.float32
+    return conv_impl in ("auto", "onednn") and float32 and _onednn().available()
+
+
 def resolve_inference_conv_impl(impl: str, dtype: Any = None, *, backend: str | None = None,
                                 device_count: int | None = None) -> str:
     """The convolution an inference forward runs: as resolve_conv_impl, except that
