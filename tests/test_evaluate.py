@@ -18,7 +18,7 @@ from predict_data import run_predict
 from iap_jax.analysis import eval_cli, evaluate, fit, fit_cli, sort
 from iap_jax.analysis import report as report_lib
 from iap_jax.core.labels import HeadEncoding, LabelEncoding, class_indices
-from iap_jax.prediction import calibration, header_qa, tables
+from iap_jax.prediction import calibration, header_qa, ood, tables
 
 
 def test_ece_matches_an_independent_implementation():
@@ -90,7 +90,11 @@ def test_iap_fit_stores_the_calibration_and_the_ood_model_and_iap_eval_only_repo
     shutil.copytree(run.workdir, workdir)
     for name in (calibration.CALIBRATION_FILE, "ood.json"):
         (workdir / name).unlink(missing_ok=True)
-    assert fit_cli.main(["--predictions", str(root / "val"), "--workdir", str(workdir)]) == 0
+    # A tiny validation split (a dozen series) resolves no 5% rate: iap-fit says so.
+    assert fit_cli.main(["--predictions", str(root / "val"), "--workdir", str(workdir)]) == 2
+    assert "cannot resolve a false-unknown rate of 0.05" in capsys.readouterr().err
+    assert fit_cli.main(["--predictions", str(root / "val"), "--workdir", str(workdir),
+                         "--false-unknown-rate", "0.25"]) == 0
     out = capsys.readouterr().out
     fitted = {name: json.loads((workdir / name).read_text())
               for name in (calibration.CALIBRATION_FILE, "ood.json")}
@@ -257,8 +261,6 @@ def test_sorting_is_idempotent_and_moves_a_series_whose_domain_changed(calibrate
 
 
 def test_ood_scores_rank_an_unseen_group_above_the_known_ones():
-    from iap_jax.prediction import ood
-
     rng = np.random.default_rng(4)
     centres = rng.normal(0, 4, (4, 16))
     groups = np.repeat(np.array(["a", "b", "c", "d"]), 200)
@@ -275,10 +277,8 @@ def test_ood_scores_rank_an_unseen_group_above_the_known_ones():
 
 
 def test_fitted_ood_model_marks_series_and_sorting_sends_them_to_unknown(calibrated_run, tmp_path):
-    from iap_jax.prediction import ood
-
     run, root, _, _ = calibrated_run
-    data = ood.fit(run.workdir)
+    data = ood.fit(run.workdir, rate=0.25)  # a dozen validation series resolve no 5%
     assert data["step"] == calibration.load_calibration(run.workdir, data["step"])["step"]
     report = run_predict(run, str(tmp_path / "pred"), "--input", run.dataset_dir, "--split", "test")
     assert report["checkpoint"]["ood"]["threshold"] == data["threshold"]
@@ -287,12 +287,19 @@ def test_fitted_ood_model_marks_series_and_sorting_sends_them_to_unknown(calibra
     assert np.all(np.isfinite(slices.column("ood_score").to_numpy()))
     for s in series:
         assert s["out_of_domain"] == (s["ood_score"] > data["threshold"])
+        assert s["out_of_domain"] == (s["unknown_probability"] >= 1 - data["false_unknown_rate"] - 1e-6)
+    probability = slices.column("unknown_probability").to_numpy()
+    assert np.all((probability >= 0) & (probability < 1))
+    # The higher the score, the likelier unknown.
+    order = np.argsort(slices.column("ood_score").to_numpy())
+    assert np.all(np.diff(probability[order]) >= -1e-6)
     manifest = tmp_path / "manifest.csv"
     sort.sort_series(str(tmp_path / "pred"), None, str(manifest), 0.0)
     rows = {r["series_key"]: r for r in csv.DictReader(open(manifest))}
     for s in series:
         assert (rows[s["series_key"]]["domain"] == "unknown") == s["out_of_domain"]
-    os.remove(os.path.join(run.workdir, ood.OOD_FILE))  # the other tests' run stays as it was
+    for name in (ood.OOD_FILE, ood.ARRAYS_FILE):  # the other tests' run stays as it was
+        os.remove(os.path.join(run.workdir, name))
 
 
 def test_series_table_gives_out_of_domain_series_no_header_qa(tmp_path):
@@ -309,12 +316,19 @@ def test_series_table_gives_out_of_domain_series_no_header_qa(tmp_path):
                        "Manufacturer_header": ["SIEMENS"] * 4})
     path = str(tmp_path / "slices.parquet")
     pq.write_table(slices, path)
-    series = tables.series_table(path, encoding, qa_thresholds={"Manufacturer": 0.9},
-                                      ood_threshold=10.0)
+    # An OOD model whose validation series scored 0.5 ... 10: at 5%, above 10 is unknown.
+    known = np.linspace(0.5, 10.0, 20)
+    model = ood.OodModel({"score": "pooled", "layers": ["features"], "false_unknown_rate": 0.05},
+                         {"validation_slice_scores": known, "validation_series_scores": known})
+    assert model.threshold == 10.0
+    series = tables.series_table(path, encoding, qa_thresholds={"Manufacturer": 0.9}, ood=model)
     rows = {r["series_key"]: r for r in series.to_pylist()}
     assert rows["near"]["qa_flags"] == ["Manufacturer"] and not rows["near"]["out_of_domain"]
     assert rows["near"]["qa_note"] is None
     assert rows["far"]["qa_flags"] == [] and rows["far"]["out_of_domain"]
+    # 1 - p-value among the 20 validation series: none scored 85, 18 at least 1.5.
+    assert rows["far"]["unknown_probability"] == pytest.approx(1 - 1 / 21)
+    assert rows["near"]["unknown_probability"] == pytest.approx(1 - 19 / 21)
     assert "outside the model's domain" in rows["far"]["qa_note"]
     tables.mark_out_of_domain_slices(path, series)
     marked = pq.read_table(path)
@@ -349,13 +363,11 @@ def test_out_of_domain_series_get_no_header_qa_and_the_report_says_so(calibrated
     model's domain, get no QA flags, are marked so in both tables, and the report says how
     many there are and that their predictions and QA are not to be trusted; in-domain series
     with the same contradiction are still flagged."""
-    from iap_jax.prediction import ood
-
     run, _, _, _ = calibrated_run
     workdir = tmp_path / "train"  # its own copy: the OOD model stays out of the other tests
     shutil.copytree(run.workdir, workdir)
     ood_run = type(run)(run.dicom_root, run.dataset_dir, str(workdir), run.validation)
-    ood.fit(str(workdir))
+    ood.fit(str(workdir), rate=0.25)
     dicom = str(tmp_path / "dicom")
     _noise_and_swapped_manufacturer(run.dicom_root, dicom, noisy=6)
     report = run_predict(ood_run, str(tmp_path / "pred"), "--input", dicom)
@@ -377,8 +389,15 @@ def test_out_of_domain_series_get_no_header_qa_and_the_report_says_so(calibrated
     rows = {r["series_key"]: r for r in csv.DictReader(open(tmp_path / "manifest.csv"))}
     assert {k for k, r in rows.items() if r["reason"].startswith("out of")} == outside
     files = report_lib.write_report(evaluate.evaluate(str(tmp_path / "pred"), resamples=20),
-                                  str(tmp_path / "report"), str(tmp_path / "pred"))
+                                    str(tmp_path / "report"), str(tmp_path / "pred"))
     for name in ("report.md", "report.html"):
         text = open(files[name]).read()
         assert f"{len(outside)} of {len(series)} series are outside the model's domain" in text
+        assert "an unknown probability of at least 0.75" in text  # the rate fitted: 25%
+        # Each out-of-domain series listed with its unknown probability, none of the others.
+        start = text.index("Model's domain")
+        section = text[start:text.index("Header QA", start)]
+        listed = [s for s in series if s["series_key"] in section]
+        assert {s["series_key"] for s in listed} == outside
+        assert all(f"{s['unknown_probability']:.3f}" in section for s in listed)
     assert json.load(open(files["metrics.json"]))["out_of_domain_series"] == len(outside)

@@ -59,7 +59,8 @@ def test_training_prediction_and_analysis_never_import_tensorflow(trained_run, t
         ("iap_jax.prediction.predict_cli", "run", predict + ["--input", trained_run.dataset_dir, "--split",
                                               "validation", "--out", out + "_val",
                                               "--no-calibration"]),
-        ("iap_jax.analysis.fit_cli", "run", ["--predictions", out + "_val"]),
+        ("iap_jax.analysis.fit_cli", "run", ["--predictions", out + "_val",
+                                             "--false-unknown-rate", "0.25"]),
         ("iap_jax.analysis.sort_cli", "run", ["--predictions", out, "--out", str(tmp_path / "manifest.csv")]),
     ]
     done = subprocess.run([sys.executable, "-c", _DRIVER, json.dumps(commands)], cwd=REPO,

@@ -30,6 +30,23 @@ def test_tiny_outputs_one_float32_group_per_head():
     assert all(v.dtype == jnp.float32 for v in outputs.values())
 
 
+def test_the_features_for_out_of_distribution_scores_are_sown_only_when_asked():
+    model = make_model("tiny", HEADS, width=4)
+    x = _images()
+    variables = _init(model, x)
+    _, state = model.apply(variables, x, train=False, mutable=["intermediates"])
+    features = {k: v[0] for k, v in state["intermediates"].items()}
+    # The stem and each stage: channel means then standard deviations; then the pooled ones.
+    assert {k: v.shape for k, v in features.items()} == {
+        "stage0": (4, 8), "stage1": (4, 8), "stage2": (4, 16), "features": (4, 8)}
+    # The pooled features are the last stage's means; standard deviations are not negative.
+    np.testing.assert_allclose(features["features"], features["stage2"][:, :8], rtol=1e-5, atol=1e-6)
+    assert all(bool(jnp.all(v[:, v.shape[1] // 2:] >= 0)) for k, v in features.items() if k != "features")
+    assert float(jnp.max(features["stage2"][:, 8:])) > 0
+    # Without the collection asked for: the outputs alone.
+    assert set(model.apply(variables, x, train=False)) == set(HEADS)
+
+
 @pytest.mark.parametrize("name,num_params", [("resnet18", 11_170_000), ("resnet50", 23_500_000)])
 def test_full_size_shapes_and_parameter_counts(name, num_params):
     model = make_model(name, HEADS)

@@ -77,9 +77,13 @@ def domain_note(metrics: dict) -> str:
     if outside is None:
         return ("Not checked: these predictions were made without an out-of-distribution model "
                 "(iap-fit), so a series outside the model's domain is not marked")
+    ood = metrics.get("ood") or {}
+    rule = (f" (an unknown probability of at least {1 - ood['false_unknown_rate']:g} by the "
+            f"{ood['score']} score: about {ood['false_unknown_rate']:.0%} of known series are "
+            f"called unknown)" if ood.get("false_unknown_rate") is not None else "")
     return (f"{outside} of {metrics['series']} series are outside the model's domain (column "
-            f"out_of_domain): their predictions are not to be trusted however confident they "
-            f"read, they got no header QA, and the numbers above include them")
+            f"out_of_domain){rule}: their predictions are not to be trusted however confident "
+            f"they read, they got no header QA, and the numbers above include them")
 
 
 def _by_group(values: np.ndarray, groups: np.ndarray, count: int) -> np.ndarray:
@@ -111,6 +115,9 @@ def evaluate(pred_dir: str, resamples: int = 1000, seed: int = 0) -> dict[str, A
                               "slices": table.num_rows, "series": len(series_keys),
                               "patients": num_patients, "bootstrap_resamples": resamples,
                               "out_of_domain_series": out_of_domain_series(table, series_rows),
+                              "ood": {k: (metadata.get("ood") or {}).get(k) for k in
+                                      ("score", "false_unknown_rate", "threshold")}
+                              if metadata.get("ood") else None,
                               "heads": {}, "_plots": {}, "_encoding": encoding}
 
     def interval(values, groups, mask):

@@ -9,8 +9,9 @@ calibration (`iap-predict ... --split validation --no-calibration`). From them:
   temperature or vector scaling, iap_jax.prediction.calibration), its family chosen per head by
   patient-grouped cross-validation on these predictions, with the scores; and the header-QA
   thresholds they give (iap_jax.prediction.header_qa);
-- ood.json: the out-of-distribution model (iap_jax.prediction.ood), fitted on the features of the
-  train split and thresholded on the validation split's (--no-ood leaves it as it is).
+- ood.json (with ood.npz): the out-of-distribution model (iap_jax.prediction.ood), fitted on
+  the features of the train split, with the validation split's scores that give its p-values
+  and, at --false-unknown-rate, its decision (--no-ood leaves it as it is).
 iap-predict applies both from then on; iap-eval reports on predictions, never fits.
 """
 from __future__ import annotations
@@ -38,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--qa-false-flag-rate", type=float, default=header_qa.QA_FALSE_FLAG_RATE,
                         help="share of correctly labelled validation series allowed a flag")
     parser.add_argument("--no-ood", action="store_true", help="fit the calibration only")
+    parser.add_argument("--ood-score", default=ood.DEFAULT_SCORE, choices=ood.SCORES,
+                        help="the out-of-distribution score (iap_jax.prediction.ood)")
+    parser.add_argument("--false-unknown-rate", type=float, default=ood.FALSE_UNKNOWN_RATE,
+                        help="share of known series allowed to be called out of domain")
     parser.add_argument("--batch-size", type=int, default=256, help="OOD features: batch size")
     return parser
 
@@ -55,11 +60,16 @@ def main(argv=None) -> int:
             for k, v in data["calibrators"].items()) + f"\n  -> {path}")
         if not args.no_ood:
             workdir = os.path.dirname(path)
-            fitted = ood.fit(workdir, step=data["step"], batch_size=args.batch_size)
-            print(f"out-of-distribution model for step {fitted['step']}: {len(fitted['groups'])} "
-                  f"scanner models, {fitted['features']} features, threshold "
-                  f"{fitted['threshold']:.2f} (the {fitted['quantile']:g}th percentile of "
-                  f"{fitted['validation_slices']} validation slices)\n"
+            if not 0.0 < args.false_unknown_rate < 1.0:
+                raise ValueError(f"--false-unknown-rate must lie between 0 and 1, got "
+                                 f"{args.false_unknown_rate}")
+            fitted = ood.fit(workdir, step=data["step"], batch_size=args.batch_size,
+                             kind=args.ood_score, rate=args.false_unknown_rate)
+            print(f"out-of-distribution model for step {fitted['step']}: {fitted['score']} score "
+                  f"over {len(fitted['groups'])} scanner models ({fitted['features']} features); "
+                  f"a series is out of domain at an unknown probability above "
+                  f"{1 - fitted['false_unknown_rate']:g} (score above {fitted['threshold']:.2f}, "
+                  f"against {fitted['validation_series']} validation series)\n"
                   f"  -> {os.path.join(workdir, ood.OOD_FILE)}")
     except (ValueError, FileNotFoundError) as err:
         print(f"iap-fit: error: {err}", file=sys.stderr)

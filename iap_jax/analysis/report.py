@@ -101,6 +101,19 @@ def flagged_series(pred_dir: str) -> list[dict]:
     return [r for r in rows if r["qa_flags"]]
 
 
+def out_of_domain_rows(pred_dir: str) -> list[list[str]]:
+    """The series marked out of the model's domain, the least known first: series key,
+    patient, score and unknown probability (none without an out-of-distribution model)."""
+    path = os.path.join(pred_dir, "series.parquet")
+    if not epath.Path(path).exists() or "out_of_domain" not in tables.read_schema(path).names:
+        return []
+    rows = [r for r in tables.read_table(path).to_pylist() if r["out_of_domain"]]
+    rows.sort(key=lambda r: -r["ood_score"])
+    return [[r["series_key"], r["patient"] or "", f"{r['ood_score']:.2f}",
+             "-" if r.get("unknown_probability") is None else f"{r['unknown_probability']:.3f}"]
+            for r in rows]
+
+
 def middle_slices(pred_dir: str, series_keys) -> dict[str, np.ndarray]:
     """The stored middle slice of each of these series, read back from the input through the
     prediction's paths.local.json (none without it; each TFRecord shard scanned once).
@@ -169,6 +182,11 @@ def write_report(metrics: dict, out_dir: str, pred_dir: str | None = None) -> di
         f"calibrated probabilities themselves ({metrics['bootstrap_resamples']} draws, one per "
         f"series shared by its slices), what a perfectly calibrated model scores on this many "
         f"series: an ECE within it is no evidence of miscalibration.")
+    domain_header = ["series", "patient", "score", "unknown probability"]
+    domain_rows = out_of_domain_rows(pred_dir) if pred_dir else []
+    shown = domain_rows[:MAX_FLAGGED_SHOWN]
+    domain_more = (f"The first {len(shown)} of {len(domain_rows)}, the least known first."
+                   if len(domain_rows) > len(shown) else "")
     qa_header = ["series", "flags", "header", "predicted"]
     qa_rows = [[r["series_key"], ", ".join(r["qa_flags"]),
                 "; ".join(f"{f.split(':')[-1]}={r.get(f.split(':')[-1] + '_header')}" for f in r["qa_flags"]),
@@ -179,8 +197,10 @@ def write_report(metrics: dict, out_dir: str, pred_dir: str | None = None) -> di
     md = [f"# {title}", "", notes, "", "## Categorical IAPs", "", markdown_table(cat_header, cat), "",
           calibration_note, "",
           "## Continuous IAPs", "", markdown_table(cont_header, cont), "",
-          "## Model's domain", "", domain_note(metrics) + ".", "",
-          "## Header QA", "", qa_note + ".", ""]
+          "## Model's domain", "", domain_note(metrics) + ".", ""]
+    if shown:
+        md += [markdown_table(domain_header, shown), ""] + ([domain_more, ""] if domain_more else [])
+    md += ["## Header QA", "", qa_note + ".", ""]
     if qa_rows:
         md += [markdown_table(qa_header, qa_rows), ""]
     md += ["## Plots", ""]
@@ -212,6 +232,8 @@ def write_report(metrics: dict, out_dir: str, pred_dir: str | None = None) -> di
         categorical_table=html_table(cat_header, cat), calibration_note=html.escape(calibration_note),
         continuous_table=html_table(cont_header, cont),
         domain_note=html.escape(domain_note(metrics), quote=False),
+        domain_table=(html_table(domain_header, shown) if shown else "")
+        + (f"<p>{html.escape(domain_more)}</p>" if domain_more else ""),
         qa_section=qa_section, plot_sections=sections)
     write_text_atomic(os.path.join(out_dir, "report.html"), page)
     public = {k: v for k, v in metrics.items() if not k.startswith("_")}

@@ -33,7 +33,8 @@ from iap_jax.prediction.tables import read_table
 
 UNKNOWN = "unknown"
 DEFAULT_MIN_CONFIDENCE = 0.8
-MANIFEST_COLUMNS = ("series_key", "patient", "domain", "model", "confidence", "reason")
+MANIFEST_COLUMNS = ("series_key", "patient", "domain", "model", "confidence",
+                    "unknown_probability", "reason")
 
 
 def default_rules() -> dict:
@@ -59,7 +60,10 @@ def assign(series: dict, rules: dict, min_confidence: float) -> tuple[str, str, 
     # The predictor decided it (tables.series_table); tables written before the column
     # was named out_of_domain call it `unknown`.
     if series.get("out_of_domain", series.get("unknown")):
-        return UNKNOWN, "", math.nan, f"out of distribution (score {series['ood_score']:.1f})"
+        probability = series.get("unknown_probability")
+        return UNKNOWN, "", math.nan, (
+            f"out of distribution (score {series['ood_score']:.2f}"
+            + (f", unknown probability {probability:.3f})" if probability is not None else ")"))
     def confidence_of(names):
         probs = [series.get(f"{n}_prob") for n in names]
         probs = [p for p in probs if p is not None]
@@ -156,6 +160,8 @@ def sort_series(pred_dir: str, rules: dict | None, out: str, min_confidence: flo
         manifest.append({"series_key": series["series_key"], "patient": series["patient"],
                          "domain": domain, "model": model,
                          "confidence": "" if math.isnan(confidence) else f"{confidence:.4f}",
+                         "unknown_probability": ("" if series.get("unknown_probability") is None
+                                                 else f"{series['unknown_probability']:.4f}"),
                          "reason": reason})
     makedirs(os.path.dirname(absolute(out)))
     text = io.StringIO(newline="")

@@ -135,6 +135,7 @@ class ResNet(_Layers):
         x = self.conv_norm(x, train, self.width, 7, 2, names=("stem_conv", "stem_norm"))
         # PyTorch's MaxPool2d(3, stride=2, padding=1).
         x = self.pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        self._sow_statistics("stage0", x)
         for stage, num_blocks in enumerate(self.stage_sizes):
             for index in range(num_blocks):
                 x = block_cls(
@@ -143,15 +144,25 @@ class ResNet(_Layers):
                     name=f"stage{stage + 1}_block{index + 1}",
                     **self.layers(),
                 )(x, train)
+            self._sow_statistics(f"stage{stage + 1}", x)
         # Pooling and heads in float32: bf16 would round logits and regression outputs.
         features = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-        # The pooled features, for out-of-distribution scores: apply with
-        # mutable=["intermediates"] to get them; otherwise sow is a no-op.
         self.sow("intermediates", "features", features)
         return {
             name: nn.Dense(size, dtype=jnp.float32, name=f"head_{name}")(features)
             for name, size in self.head_sizes.items()
         }
+
+    def _sow_statistics(self, name: str, x: jnp.ndarray) -> None:
+        """The channel means and standard deviations of a stage's output over the image (its
+        texture statistics: what tells one scanner's noise, filter and coils from another's;
+        stage0: the stem's), for out-of-distribution scores. Apply with
+        mutable=["intermediates"] to get them and the pooled features; otherwise sow is a
+        no-op and XLA drops the computation."""
+        x = x.astype(jnp.float32)
+        mean = jnp.mean(x, axis=(1, 2))
+        std = jnp.sqrt(jnp.maximum(jnp.mean(x * x, axis=(1, 2)) - mean * mean, 0.0))
+        self.sow("intermediates", name, jnp.concatenate([mean, std], axis=-1))
 
 
 ARCHITECTURES = {

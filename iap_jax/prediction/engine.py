@@ -34,6 +34,17 @@ def encoding_sha256(encoding) -> str:
     return hashlib.sha256(json.dumps(encoding.to_json(), sort_keys=True).encode()).hexdigest()
 
 
+def checkpoint_fingerprint(params) -> str:
+    """The identity of a checkpoint's parameters, from its heads (small, and different for
+    any two trainings): what a model fitted on its outputs (the OOD model) is checked against."""
+    digest = hashlib.sha256()
+    for name in sorted(k for k in params if k.startswith("head_")):
+        for leaf_name in sorted(params[name]):
+            digest.update(f"{name}/{leaf_name}".encode())
+            digest.update(np.asarray(jax.device_get(params[name][leaf_name]), np.float32).tobytes())
+    return digest.hexdigest()
+
+
 # --- the model --------------------------------------------------------------------------
 
 class Predictor:
@@ -49,6 +60,7 @@ class Predictor:
         self.encoding = restored["label_encoding"]
         self.spec = restored["pixel_spec"]
         self.config = restored["config"]
+        self.fingerprint = checkpoint_fingerprint(restored["params"])
         self.conv_impl, self.dtype = inference_settings(self.config["model"], conv_impl, dtype)
         self.convolutions = describe_convolutions(self.conv_impl, self.dtype, inference=fold_norms)
         model = build_model(self.config["model"], self.encoding.head_sizes(),
@@ -64,7 +76,8 @@ class Predictor:
         def forward(variables, images, scales, offsets):
             outputs, state = model.apply(variables, model_input(images, scales, offsets, spec),
                                          train=False, mutable=["intermediates"])
-            return outputs, state["intermediates"]["features"][0]
+            # {"features": pooled [batch, width], "stage<n>": [batch, 2 x stage width]}
+            return outputs, {name: value[0] for name, value in state["intermediates"].items()}
 
         batch = sharding_lib.batch_sharding(self.mesh)
         shape = (self.batch_size, spec.stored_size, spec.stored_size)
@@ -98,8 +111,8 @@ class Predictor:
         return cls(restore_model(workdir, mesh, step), mesh, batch_size, conv_impl, dtype)
 
     def __call__(self, images, scales, offsets) -> tuple[dict, Any]:
-        """Host arrays of the full batch shape -> device (outputs per head, pooled features
-        [batch, width]), asynchronously."""
+        """Host arrays of the full batch shape -> device (outputs per head, features: the
+        pooled ones and each stage's texture statistics, by name), asynchronously."""
         arrays = [jax.device_put(x, self._batch_sharding) for x in (images, scales, offsets)]
         return self._forward(self._variables, *arrays)
 

@@ -22,7 +22,8 @@ from iap_jax.io.checkpoints import restore_model
 from iap_jax.io.storage import absolute, is_remote, makedirs, read_json, write_json_atomic
 from iap_jax.prediction import tables
 from iap_jax.prediction.calibration import CALIBRATION_FILE, head_calibrators, load_calibration
-from iap_jax.prediction.engine import Predictor, Reader, batches, encoding_sha256
+from iap_jax.prediction.engine import (Predictor, Reader, batches, checkpoint_fingerprint,
+                                       encoding_sha256)
 from iap_jax.prediction.ood import load_ood
 
 PARTS = "parts"
@@ -116,7 +117,10 @@ def predict(args) -> dict:
     spec = PixelSpec.from_json({**restored["pixel_spec"].to_json(), **overrides})
     calibration = None if args.no_calibration else load_calibration(args.workdir, step)
     calibrators = head_calibrators(calibration, encoding, os.path.join(args.workdir, CALIBRATION_FILE))
-    ood = None if args.no_calibration else load_ood(args.workdir, step)
+    ood = None if args.no_calibration else load_ood(
+        args.workdir, step, encoding_sha256(encoding), checkpoint_fingerprint(restored["params"]))
+    if ood is not None and args.false_unknown_rate is not None:
+        ood = ood.with_rate(args.false_unknown_rate)
     salt_info: dict[str, str] = {}
 
     def salt() -> str:
@@ -168,9 +172,10 @@ def predict(args) -> dict:
         def finish(flight) -> None:
             unit_id, slices, (outputs, features) = flight
             logits, features = jax.device_get((outputs, features))
-            ood_scores = ood.score(features[:len(slices)]) if ood else None
+            scores = ood.score({k: v[:len(slices)] for k, v in features.items()}) if ood else None
             pending.setdefault(unit_id, []).append(tables.slice_table(
-                slices, logits, predictor.encoding, schema, args.top_k, calibrators, ood_scores))
+                slices, logits, predictor.encoding, schema, args.top_k, calibrators, scores,
+                ood.slice_unknown_probability(scores) if ood else None))
 
         while True:
             wait_start = time.time()
@@ -221,8 +226,7 @@ def predict(args) -> dict:
     series_path = os.path.join(out_dir, "series.parquet")
     rows = tables.merge_parts([part_path(u.id) for u in units], slices_path, schema)
     qa = (calibration or {}).get("qa", {}).get("thresholds")
-    series = tables.series_table(slices_path, predictor.encoding, metadata, calibrators, qa,
-                                      ood.threshold if ood else None)
+    series = tables.series_table(slices_path, predictor.encoding, metadata, calibrators, qa, ood)
     tables.write_parquet_atomic(series, series_path)
     tables.mark_out_of_domain_slices(slices_path, series)
     if args.csv:

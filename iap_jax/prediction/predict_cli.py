@@ -13,8 +13,8 @@ part files; process 0 writes the merged tables and the report.
 
 When the workdir holds a calibration (iap-fit: a calibrator per
 categorical head, header-QA thresholds) or an out-of-distribution model (iap-fit) fitted for
-the step, they are applied (probabilities, qa_flags, ood_score and out_of_domain) and recorded;
---no-calibration skips both.
+the step, they are applied (probabilities, qa_flags, ood_score, unknown_probability and
+out_of_domain, at --false-unknown-rate) and recorded; --no-calibration skips both.
 
 Output (OUT_DIR): slices.parquet, series.parquet (iap_jax.prediction.tables), predict_report.json
 (inputs, counts, every skipped input with its reason, checkpoint, devices, speed), and
@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "thumbnails read it)")
     parser.add_argument("--no-calibration", action="store_true",
                         help="ignore the workdir's calibration.json and ood.json (iap-fit)")
+    parser.add_argument("--false-unknown-rate", type=float, default=None,
+                        help="share of known series allowed to be called out of domain "
+                             "(default: the one ood.json was fitted with, 0.05 unless set)")
     parser.add_argument("--overwrite", action="store_true",
                         help="discard part files of a different earlier run in OUT_DIR")
     parser.add_argument("--strict", action="store_true", help="exit 1 if anything was skipped")

@@ -11,9 +11,11 @@ slices.parquet, one row per slice:
   continuous IAP:    <IAP> (real units, e.g. ms)
   with headers:      <IAP>_header (the header's canonical value; "<absent>" / "<empty>" for
                      an IAP whose missing value is a class; null where missing or invalid)
-With an out-of-distribution model (iap_jax.prediction.ood) for the step: ood_score per slice, and per
-series its median and `out_of_domain` (the median above the model's threshold: the series'
-predictions are outside the model's domain and not to be trusted, however confident their
+With an out-of-distribution model (iap_jax.prediction.ood) for the step: per slice its
+ood_score and unknown_probability (1 - its p-value among the validation slices' scores); per
+series the median score, its unknown_probability (among the validation series' scores) and
+`out_of_domain` (that p-value at most the model's false-unknown rate: the series' predictions
+are outside the model's domain and not to be trusted, however confident their
 probabilities read); slices.parquet carries its series' `out_of_domain` too.
 series.parquet, one row per series (series_key, patient, phase, num_slices, then per IAP):
   categorical:       <IAP> (argmax of the mean of slice probabilities), <IAP>_prob (that
@@ -61,7 +63,8 @@ def _key_fields() -> list[pa.Field]:
 
 def slice_schema(encoding: LabelEncoding, has_headers: bool,
                  metadata: Mapping[str, Any] | None = None, ood: bool = False) -> pa.Schema:
-    fields = _key_fields() + ([pa.field("ood_score", pa.float32())] if ood else [])
+    fields = _key_fields() + ([pa.field("ood_score", pa.float32()),
+                               pa.field("unknown_probability", pa.float32())] if ood else [])
     for head in encoding.heads:
         if head.categorical:
             fields += [pa.field(head.name, pa.string()), pa.field(f"{head.name}_prob", pa.float32()),
@@ -161,7 +164,8 @@ def header_value(name: str, state: int, value: str, number: float):
 def slice_table(slices: Sequence, logits: Mapping[str, np.ndarray], encoding: LabelEncoding,
                 schema: pa.Schema, top_k: int,
                 calibrators: Mapping[str, calibration_lib.HeadCalibration] | None = None,
-                ood_scores: np.ndarray | None = None) -> pa.Table:
+                ood_scores: np.ndarray | None = None,
+                unknown_probability: np.ndarray | None = None) -> pa.Table:
     """Rows for predicted slices (sources.StoredSlice) from the model's outputs (rows in the
     same order); probabilities through the heads' calibrators where given."""
     calibrators = calibrators or {}
@@ -175,6 +179,7 @@ def slice_table(slices: Sequence, logits: Mapping[str, np.ndarray], encoding: La
     }
     if "ood_score" in schema.names:
         columns["ood_score"] = np.asarray(ood_scores, np.float32)
+        columns["unknown_probability"] = np.asarray(unknown_probability, np.float32)
     # A head without a calibrator (a continuous one too) passes through unchanged.
     decoded = encoding.decode({k: calibration_lib.calibrated_logits(np.asarray(v)[:len(slices)],
                                                                     calibrators.get(k))
@@ -260,7 +265,7 @@ def series_table(slices_path: str, encoding: LabelEncoding,
                  metadata: Mapping[str, Any] | None = None,
                  calibrators: Mapping[str, calibration_lib.HeadCalibration] | None = None,
                  qa_thresholds: Mapping[str, float] | None = None,
-                 ood_threshold: float | None = None) -> pa.Table:
+                 ood=None) -> pa.Table:
     """Per-series answers from a slices file (see the module docstring)."""
     calibrators = calibrators or {}
     table = read_table(slices_path)
@@ -275,13 +280,16 @@ def series_table(slices_path: str, encoding: LabelEncoding,
     fields = _key_fields()[:1] + [pa.field("patient", pa.string()), pa.field("phase", pa.int32()),
                                   pa.field("num_slices", pa.int32())]
     outside = [False] * len(groups)
-    if "ood_score" in table.column_names and ood_threshold is not None:
+    if "ood_score" in table.column_names and ood is not None:
         slice_scores = table.column("ood_score").to_numpy()
-        columns["ood_score"] = [float(np.median(slice_scores[g])) for g in groups]
+        series_scores = np.array([float(np.median(slice_scores[g])) for g in groups])
+        columns["ood_score"] = series_scores.tolist()
+        columns["unknown_probability"] = ood.series_unknown_probability(series_scores).tolist()
         # The one out-of-domain decision: the slices table, iap-sort and iap-eval read this
         # column rather than deciding again.
-        outside = columns["out_of_domain"] = [s > ood_threshold for s in columns["ood_score"]]
-        fields += [pa.field("ood_score", pa.float32()), pa.field("out_of_domain", pa.bool_())]
+        outside = columns["out_of_domain"] = ood.out_of_domain(series_scores).tolist()
+        fields += [pa.field("ood_score", pa.float32()), pa.field("unknown_probability", pa.float32()),
+                   pa.field("out_of_domain", pa.bool_())]
     flags: list[list[str]] = [[] for _ in groups]
     for head in encoding.heads:
         if head.categorical:
