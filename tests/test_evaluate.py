@@ -401,3 +401,33 @@ def test_out_of_domain_series_get_no_header_qa_and_the_report_says_so(calibrated
         assert {s["series_key"] for s in listed} == outside
         assert all(f"{s['unknown_probability']:.3f}" in section for s in listed)
     assert json.load(open(files["metrics.json"]))["out_of_domain_series"] == len(outside)
+
+
+def test_iap_predict_refuses_an_ood_model_fitted_on_another_checkpoint(calibrated_run, tmp_path,
+                                                                        capsys):
+    """An ood.json copied beside another training's checkpoint of the same step (or left
+    from before a retraining) is refused, not applied to features it was not fitted on."""
+    from iap_jax.prediction.predict_cli import main as predict_main
+
+    run, _, _, _ = calibrated_run
+    workdir = tmp_path / "train"
+    shutil.copytree(run.workdir, workdir)
+    fitted = ood.fit(str(workdir), rate=0.25)
+    args = ["--workdir", str(workdir), "--input", run.dataset_dir, "--split", "test", "--quiet",
+            "--workers", "1"]
+    assert predict_main([*args, "--out", str(tmp_path / "ok")]) == 0
+    meta = json.loads((workdir / ood.OOD_FILE).read_text())
+    meta["checkpoint_fingerprint"] = "another training"
+    (workdir / ood.OOD_FILE).write_text(json.dumps(meta))
+    capsys.readouterr()
+    assert predict_main([*args, "--out", str(tmp_path / "refused")]) == 2
+    error = capsys.readouterr().err
+    assert "ood.json was fitted on another checkpoint's parameters" in error
+    assert not (tmp_path / "refused" / "slices.parquet").exists()
+    # The rate is the user's: a looser one calls more series unknown, never fewer.
+    meta["checkpoint_fingerprint"] = fitted["checkpoint_fingerprint"]
+    (workdir / ood.OOD_FILE).write_text(json.dumps(meta))
+    assert predict_main([*args, "--out", str(tmp_path / "loose"), "--false-unknown-rate", "0.6"]) == 0
+    strict = pq.read_table(tmp_path / "ok" / "series.parquet").column("out_of_domain").to_pylist()
+    loose = pq.read_table(tmp_path / "loose" / "series.parquet").column("out_of_domain").to_pylist()
+    assert sum(loose) > sum(strict) and all(b for a, b in zip(strict, loose) if a)
