@@ -78,11 +78,11 @@ def domain_note(metrics: dict) -> str:
         return ("Not checked: these predictions were made without an out-of-distribution model "
                 "(iap-fit), so a series outside the model's domain is not marked")
     ood = metrics.get("ood") or {}
-    rule = (f" (an unknown probability of at least {1 - ood['false_unknown_rate']:g} by the "
-            f"{ood['score']} score: about {ood['false_unknown_rate']:.0%} of known series are "
-            f"called unknown)" if ood.get("false_unknown_rate") is not None else "")
+    rule = (f": an unknown probability of at least {1 - ood['false_unknown_rate']:g} by the "
+            f"{ood['score']} score, so about {ood['false_unknown_rate']:.0%} of known series are "
+            f"called unknown" if ood.get("false_unknown_rate") is not None else "")
     return (f"{outside} of {metrics['series']} series are outside the model's domain (column "
-            f"out_of_domain){rule}: their predictions are not to be trusted however confident "
+            f"out_of_domain{rule}); their predictions are not to be trusted however confident "
             f"they read, they got no header QA, and the numbers above include them")
 
 

@@ -67,7 +67,7 @@ def main(argv=None) -> int:
                              kind=args.ood_score, rate=args.false_unknown_rate)
             print(f"out-of-distribution model for step {fitted['step']}: {fitted['score']} score "
                   f"over {len(fitted['groups'])} scanner models ({fitted['features']} features); "
-                  f"a series is out of domain at an unknown probability above "
+                  f"a series is out of domain at an unknown probability of at least "
                   f"{1 - fitted['false_unknown_rate']:g} (score above {fitted['threshold']:.2f}, "
                   f"against {fitted['validation_series']} validation series)\n"
                   f"  -> {os.path.join(workdir, ood.OOD_FILE)}")
