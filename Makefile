@@ -11,15 +11,22 @@ WORKERS ?= 2
 
 .PHONY: install sysdeps demo synth prep train predict-validation calibrate predict evaluate sort test test-fast test-accelerator bench bench-synth bench-prep bench-train bench-predict bench-input bench-gpu-check bench-qa bench-ood clean
 
-# Builds (once per machine, cached) the oneDNN convolution library, or says why it cannot.
+# Installs the project with its dev extra, whose [cpu] part builds the oneDNN convolution
+# library (native/), and says whether it loads.
 install: $(VENV)/.installed sysdeps
 	@$(BIN)/python -c "from iap_jax.kernels import onednn; r = onednn.unavailable_reason(); \
 	  print('oneDNN convolutions: ' + ('unavailable, ' + r if r else 'ready'))"
 
-$(VENV)/.installed: setup.py
+NATIVE := native/pyproject.toml native/CMakeLists.txt native/locate.py native/src/onednn_conv.cc
+
+$(VENV)/.installed: setup.py $(NATIVE)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'
+	@# An update (not a fresh install): pip keeps an installed iap-jax-native of the same
+	@# version, so it is rebuilt from the source.
+	@if [ -e $@ ] && $(BIN)/pip show -q iap-jax-native 2>/dev/null; then \
+	  $(BIN)/pip install -q --no-deps --force-reinstall ./native; fi
 	touch $@
 
 # dcmtk's dcmdump is the independent DICOM reader the tests check our files with; without

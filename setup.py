@@ -1,5 +1,9 @@
 """iap-jax: predict MR image acquisition parameters from pixels (JAX/Flax)."""
+import pathlib
+
 from setuptools import find_packages, setup
+
+HERE = pathlib.Path(__file__).resolve().parent
 
 # The runtime: training, prediction (every input kind, DICOM folders included), evaluation,
 # OOD and sorting. No TensorFlow and no oneDNN: accelerator hosts are JAX images without them.
@@ -45,9 +49,12 @@ PREP = [
     "tensorflow-cpu>=2.18,<2.22",
     "tensorflow-datasets>=4.9.7,<5",
 ]
-# oneDNN (library and headers) for the CPU's fastest convolutions (iap_jax/kernels/onednn.py);
-# a GPU/TPU host convolves in XLA and needs none of it.
-CPU = ["onednn-devel-cpu-gomp==2023.2.0; platform_system == 'Linux' and platform_machine == 'x86_64'"]
+# The CPU's fastest convolutions (iap_jax/kernels/onednn.py loads them): native/ is a package
+# of its own, compiled against oneDNN when this extra is installed (scikit-build-core, CMake
+# and a C++17 compiler); a GPU/TPU host convolves in XLA and needs none of it.
+LINUX_X86 = "platform_system == 'Linux' and platform_machine == 'x86_64'"
+CPU = [f"onednn-devel-cpu-gomp==2023.2.0; {LINUX_X86}",
+       f"iap-jax-native @ {(HERE / 'native').as_uri()} ; {LINUX_X86}"]
 BEAM = ["apache-beam>=2.60,<3"]
 
 EXTRAS_REQUIRE = {
@@ -83,9 +90,8 @@ setup(
     # config file given by path (--config=configs/gpu.py) finds its base from anywhere.
     packages=find_packages(include=["iap_jax", "iap_jax.*", "data_prep", "data_prep.*",
                                     "configs"]),
-    # The oneDNN convolution's source, compiled on first use (iap_jax/kernels/onednn.py), and
-    # the evaluation report's page (iap_jax/analysis/report.py).
-    package_data={"iap_jax.analysis": ["templates/*.html"], "iap_jax.kernels": ["native/*.cc"]},
+    # The evaluation report's page (iap_jax/analysis/report.py).
+    package_data={"iap_jax.analysis": ["templates/*.html"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
     entry_points={

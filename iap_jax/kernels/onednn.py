@@ -2,32 +2,26 @@
 
 XLA's CPU convolutions run at a fraction of the machine's speed on ResNet shapes (the weight
 gradient of a 56 x 56, 64 -> 64 layer: 130 ms against 41 ms in PyTorch, which calls oneDNN).
-`iap_jax/kernels/native/onednn_conv.cc` hands the three convolution products (forward, input
-gradient, weight gradient) to oneDNN on NHWC / HWIO float32 buffers, so XLA keeps fusing
-everything around them. The library is compiled on first use against the installed jaxlib's
-FFI headers and oneDNN (the onednn-devel-cpu-gomp wheel that setup.py installs on Linux
-x86-64; another install: IAP_JAX_ONEDNN_ROOT=<prefix with include/ and lib/>; else the
-compiler's default paths, e.g. Debian's libdnnl-dev), then cached under IAP_JAX_CACHE
-(default ~/.cache/iap_jax). Where it cannot be built, `available()` is False,
-`unavailable_reason()` says why, and "auto" falls back to the pure-JAX CPU convolution.
+`native/src/onednn_conv.cc` hands the three convolution products (forward, input gradient,
+weight gradient) to oneDNN on NHWC / HWIO float32 buffers, so XLA keeps fusing everything
+around them. The library is built once, when the package `iap-jax-native` (`native/`,
+scikit-build-core and CMake against jaxlib's FFI headers and the onednn-devel-cpu-gomp wheel)
+is installed: iap-jax's [cpu] extra installs it on Linux x86-64. This module only loads it.
+Where it is not installed, `available()` is False, `unavailable_reason()` says why, and
+"auto" falls back to the pure-JAX CPU convolution.
 """
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
+import importlib.metadata
 import os
-import stat
-import subprocess
 import sys
-import tempfile
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-SOURCE = Path(__file__).resolve().parent / "native" / "onednn_conv.cc"
 TARGETS = {"forward": "IapConvForward", "input_grad": "IapConvInputGrad",
            "weight_grad": "IapConvWeightGrad", "inference": "IapConvInference",
            "pack": "IapConvPackWeights", "inference_bf16": "IapConvInferenceBf16",
@@ -37,79 +31,35 @@ TARGETS = {"forward": "IapConvForward", "input_grad": "IapConvInputGrad",
 # convolutions are float32 only.
 INFERENCE_DTYPES = (jnp.float32, jnp.bfloat16)
 _FFI_PREFIX = "iap_onednn_"
+NOT_INSTALLED = ("the oneDNN convolutions are not installed: pip install 'iap-jax[cpu]' "
+                 "(Linux x86-64) builds them")
+
 
 class OnednnUnavailable(RuntimeError):
-    """The oneDNN convolution library could not be built or loaded (the message says why)."""
+    """The oneDNN convolution library is not installed or cannot be loaded (the message says
+    why)."""
 
 
-def cache_dir() -> Path:
-    base = os.environ.get("IAP_JAX_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "iap_jax")
-    return Path(base)
-
-
-def onednn_root() -> str | None:
-    """The prefix holding include/oneapi/dnnl and lib/libdnnl.so: IAP_JAX_ONEDNN_ROOT, else
-    this environment's (the onednn-devel-cpu-gomp wheel installs there), else None (the
-    compiler's default paths, e.g. Debian's libdnnl-dev)."""
-    root = os.environ.get("IAP_JAX_ONEDNN_ROOT")
-    if root:
-        return root
-    if os.path.exists(os.path.join(sys.prefix, "include", "oneapi", "dnnl", "dnnl.hpp")):
-        return sys.prefix
-    return None
-
-
-def _build_flags() -> list[str]:
-    root = onednn_root()
-    if not root:
-        return []
-    return [f"-I{root}/include", f"-L{root}/lib", f"-Wl,-rpath,{root}/lib"]
-
-
-def library_path() -> Path:
-    """Where the compiled library for this source, jaxlib and oneDNN location is cached."""
-    import jaxlib
-
-    key = hashlib.sha256()
-    key.update(SOURCE.read_bytes())
-    key.update(jaxlib.__version__.encode())
-    key.update(" ".join(_build_flags()).encode())
-    return cache_dir() / f"onednn_conv-{key.hexdigest()[:16]}.so"
-
-
-def build(path: Path) -> Path:
-    """Compiles the library to `path` (atomically, so parallel builders cannot collide)."""
-    compiler = os.environ.get("CXX", "c++")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    command = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-w",
-               f"-I{jax.ffi.include_dir()}", *_build_flags(), str(SOURCE), "-o", tmp, "-ldnnl"]
+def library_path() -> str | None:
+    """The installed library (the iap-jax-native package's), or None."""
     try:
-        result = subprocess.run(command, capture_output=True, text=True)
-    except FileNotFoundError:
-        os.unlink(tmp)
-        raise OnednnUnavailable(f"no C++ compiler {compiler!r} (set CXX)") from None
-    if result.returncode != 0:
-        os.unlink(tmp)
-        lines = [line for line in result.stderr.splitlines() if "error" in line] or \
-            result.stderr.splitlines()[-3:]
-        hint = " (install oneDNN: pip install onednn-devel-cpu-gomp)" if "dnnl" in result.stderr else ""
-        raise OnednnUnavailable(f"compiling {SOURCE.name} failed{hint}: " + " | ".join(lines[:3]))
-    os.replace(tmp, path)
-    return path
+        import iap_jax_native
+    except ImportError:
+        return None
+    return iap_jax_native.LIBRARY
 
 
-def _trusted(path: Path) -> bool:
-    """Whether a cached library may be loaded: a regular file owned by this user that no one
-    else can write (else it is rebuilt, so nobody can plant code in a shared cache)."""
+def _preload_onednn() -> None:
+    """Loads the onednn-cpu-gomp wheel's libdnnl by its path, so that the kernel library finds
+    it wherever this environment's lib folder is (its runpath covers a plain venv only)."""
     try:
-        info = os.lstat(path)
-    except OSError:
-        return False
-    return (stat.S_ISREG(info.st_mode) and info.st_uid == os.getuid()
-            and not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH))
+        dist = importlib.metadata.distribution("onednn-cpu-gomp")
+    except importlib.metadata.PackageNotFoundError:
+        return  # another oneDNN (ONEDNN_ROOT at build time): the loader's search path
+    for file in dist.files or ():
+        if str(file).endswith("libdnnl.so.3"):
+            ctypes.CDLL(os.path.realpath(dist.locate_file(file)), mode=ctypes.RTLD_GLOBAL)
+            return
 
 
 _LIBRARY: dict = {}
@@ -117,14 +67,17 @@ _LIBRARY: dict = {}
 
 @functools.cache
 def _load() -> str | None:
-    """Builds (once per machine), loads and registers the library; None or why it failed."""
+    """Loads and registers the installed library once; None, or why it cannot."""
     if sys.platform != "linux":
         return f"the oneDNN convolutions are built for Linux only, not {sys.platform}"
+    path = library_path()
+    if path is None:
+        return NOT_INSTALLED
+    if not os.path.exists(path):
+        return f"{path} is missing: reinstall iap-jax's [cpu] extra"
     try:
-        path = library_path()
-        if not path.exists() or not _trusted(path):
-            build(path)
-        library = ctypes.cdll.LoadLibrary(str(path))
+        _preload_onednn()
+        library = ctypes.cdll.LoadLibrary(path)
         size_query = library.iap_onednn_packed_weight_bytes
         size_query.restype = ctypes.c_int64
         size_query.argtypes = [ctypes.POINTER(ctypes.c_int64)] * 3 + [ctypes.c_int64] * 9
@@ -136,8 +89,8 @@ def _load() -> str | None:
         for name in TARGETS.values():
             jax.ffi.register_ffi_target(_FFI_PREFIX + name, jax.ffi.pycapsule(getattr(library, name)),
                                         platform="cpu")
-    except (OnednnUnavailable, OSError) as error:
-        return str(error)
+    except (OSError, AttributeError) as error:
+        return f"loading {path} failed: {error}"
     return None
 
 
