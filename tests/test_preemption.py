@@ -96,7 +96,11 @@ def test_preempted_two_process_run_resumes_on_one_process_exactly(train_dataset_
     # Resumed on another topology: 1 process over 4 devices.
     assert _single_process(train_dataset_dir, run, env, tmp_path / "resumed.log") == 0, \
         (tmp_path / "resumed.log").read_text()
-    assert f"resumed from step {stop}" in (tmp_path / "resumed.log").read_text()
+    resumed = (tmp_path / "resumed.log").read_text()
+    assert f"resumed from step {stop}" in resumed
+    # The run's lines carry their time, not absl's level, date, thread and source prefix.
+    assert re.search(rf"^\d\d:\d\d:\d\d resumed from step {stop}", resumed, re.M), resumed
+    assert not re.search(r"^[IWE]\d{4} ", resumed, re.M), resumed
     final, expected = (restore_model(str(w), step="latest") for w in (run, reference))
     assert final["step"] == expected["step"] == EPOCHS * 4
     # The steps before the stop summed their gradients over 2 processes, in another order

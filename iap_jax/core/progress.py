@@ -25,6 +25,7 @@ class Progress:
         self.done = 0
         self.start = time.monotonic()
         self._last = 0.0
+        self._shown: int | None = None  # the count the last line showed
 
     @property
     def rate(self) -> float:
@@ -46,8 +47,14 @@ class Progress:
         self.stream.write(f"{self.label}: {self.done}/{self.total if known else '?'} {self.unit} "
                           f"{rate:8.1f} {self.unit}/s {eta}{end}")
         self.stream.flush()
+        self._shown = self.done
 
     def close(self) -> float:
-        """Prints the final line; returns the elapsed seconds."""
-        self._print(end="\n")
+        """Prints the final line, unless the last one already showed it (a terminal's line
+        is then ended); returns the elapsed seconds."""
+        if self._shown != self.done:
+            self._print(end="\n")
+        elif self.terminal:
+            self.stream.write("\n")
+            self.stream.flush()
         return time.monotonic() - self.start

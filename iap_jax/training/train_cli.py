@@ -89,6 +89,9 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     logging.set_verbosity(logging.INFO)
     logging.get_absl_handler().addFilter(_LibraryInfoFilter())
+    # The run's lines with their time, not absl's level, date, thread and source prefix.
+    logging.get_absl_handler().setFormatter(std_logging.Formatter("%(asctime)s %(message)s",
+                                                                  "%H:%M:%S"))
     config = FLAGS.config
     multi_process = is_multi_process(config)
     # Asked before any backend starts (the count only matters to the CPU backend).
