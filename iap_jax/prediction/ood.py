@@ -12,6 +12,7 @@ from the training data):
             model (one Gaussian per model, a shared covariance shrunk towards its diagonal)
   stages    the same distance on the stem's and every stage's statistics and on the pooled
             features, each divided by its median on the validation split, averaged
+  per_model as stages, but each scanner model with a covariance of its own
   knn       the distance to the k-th nearest train slice, on every layer's features
             standardised and scaled to unit length (deep kNN, Sun et al. 2022)
   combined  stages and knn, each divided by its validation median, averaged
@@ -53,8 +54,8 @@ ARRAYS_FILE = "ood.npz"
 GROUP_IAP = "ManufacturerModelName"
 FORMAT = 2  # ood.json's layout; an older one is refitted, not guessed at
 FALSE_UNKNOWN_RATE = 0.05
-SCORES = ("pooled", "stages", "knn", "combined")
-DEFAULT_SCORE = "stages"  # bench/ood.py --hold-out all: the best worst case (docs/evaluation.md)
+SCORES = ("pooled", "stages", "per_model", "knn", "combined")
+DEFAULT_SCORE = "per_model"  # bench/ood.py --hold-out all: the best worst case (docs/evaluation.md)
 SHRINKAGE = 0.1
 KNN_K = 10
 KNN_BANK = 8192  # train slices the kNN score keeps (a random sample beyond that)
@@ -69,25 +70,40 @@ def layer_names(features: dict) -> list[str]:
 
 # --- the pieces ---------------------------------------------------------------------------
 
-def fit_gaussians(features: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray, list]:
-    """(means [G, D], shared precision [D, D], group names) of features by group."""
+def _precision(centred: np.ndarray, dof: int) -> np.ndarray:
+    """The inverse of a covariance shrunk towards its diagonal (so that it inverts with few
+    examples, and with fewer examples than dimensions)."""
+    covariance = centred.T @ centred / max(dof, 1)
+    covariance = (1 - SHRINKAGE) * covariance + SHRINKAGE * np.diag(np.diag(covariance))
+    covariance += 1e-6 * max(np.trace(covariance), 1e-12) / len(covariance) * np.eye(len(covariance))
+    return np.linalg.inv(covariance)
+
+
+def fit_gaussians(features: np.ndarray, groups: np.ndarray,
+                  shared: bool = True) -> tuple[np.ndarray, np.ndarray, list]:
+    """(means [G, D], precision, group names) of features by group: one shared precision
+    [D, D], or one per group [G, D, D]."""
     features = np.asarray(features, np.float64)
     names = sorted(set(groups.tolist()))
     means = np.stack([features[groups == g].mean(axis=0) for g in names])
-    centred = features - means[np.searchsorted(names, groups)]
-    covariance = centred.T @ centred / max(len(features) - len(names), 1)
-    covariance = (1 - SHRINKAGE) * covariance + SHRINKAGE * np.diag(np.diag(covariance))
-    covariance += 1e-6 * max(np.trace(covariance), 1e-12) / len(covariance) * np.eye(len(covariance))
-    return means, np.linalg.inv(covariance), names
+    if shared:
+        centred = features - means[np.searchsorted(names, groups)]
+        return means, _precision(centred, len(features) - len(names)), names
+    precisions = [_precision(features[groups == g] - m, int(np.sum(groups == g)) - 1)
+                  for g, m in zip(names, means)]
+    return means, np.stack(precisions), names
 
 
 def scores(features: np.ndarray, means: np.ndarray, precision: np.ndarray) -> np.ndarray:
-    """The smallest Mahalanobis distance of each feature row to the group means."""
+    """The smallest Mahalanobis distance of each feature row to the group means, under the
+    shared precision [D, D] or each group's own [G, D, D]."""
     features = np.asarray(features, np.float64)
+    precision = np.asarray(precision, np.float64)
     squared = np.full(len(features), np.inf)
-    for mean in np.asarray(means, np.float64):
+    for g, mean in enumerate(np.asarray(means, np.float64)):
         diff = features - mean
-        squared = np.minimum(squared, np.sum((diff @ precision) * diff, axis=1))
+        p = precision[g] if precision.ndim == 3 else precision
+        squared = np.minimum(squared, np.sum((diff @ p) * diff, axis=1))
     return np.sqrt(np.maximum(squared, 0.0))
 
 
@@ -183,7 +199,7 @@ class OodModel:
             raise ValueError(f"{OOD_FILE} needs the features {missing}, which this model does not give")
         if self.kind == "pooled":
             return self._mahalanobis(features, POOLED)
-        if self.kind == "stages":
+        if self.kind in ("stages", "per_model"):
             return self._stages(features)
         if self.kind == "knn":
             return self._knn(features)
@@ -215,10 +231,14 @@ def fit_model(kind: str, train: dict, train_groups: np.ndarray, validation: dict
     names = layer_names(train)
     arrays: dict[str, np.ndarray] = {}
     model_names = [POOLED] if kind == "pooled" else names
-    if kind in ("pooled", "stages", "combined"):
+    if kind in ("pooled", "stages", "per_model", "combined"):
         for name in model_names:
-            means, precision, groups = fit_gaussians(train[name], train_groups)
-            arrays[f"{name}/means"], arrays[f"{name}/precision"] = means, precision
+            means, precision, _ = fit_gaussians(train[name], train_groups,
+                                                shared=kind != "per_model")
+            arrays[f"{name}/means"] = means
+            # Per model: [G, D, D] kept in float32 (a few MB); shared: float64 as before.
+            arrays[f"{name}/precision"] = (precision.astype(np.float32) if precision.ndim == 3
+                                           else precision)
     if kind in ("knn", "combined"):
         for name in names:
             x = np.asarray(train[name], np.float64)
@@ -234,7 +254,7 @@ def fit_model(kind: str, train: dict, train_groups: np.ndarray, validation: dict
             "train_slices": int(len(train_groups)),
             "features": int(sum(np.asarray(train[n]).shape[1] for n in model_names))}
     # Normalisers from validation (medians: the scale of a known slice's score).
-    if kind in ("stages", "combined"):
+    if kind in ("stages", "per_model", "combined"):
         for name in names:
             arrays[f"{name}/median"] = np.float64(np.median(scores(
                 validation[name], arrays[f"{name}/means"], arrays[f"{name}/precision"])))
