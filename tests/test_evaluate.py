@@ -428,6 +428,13 @@ def test_iap_predict_refuses_an_ood_model_fitted_on_another_checkpoint(calibrate
     meta["checkpoint_fingerprint"] = fitted["checkpoint_fingerprint"]
     (workdir / ood.OOD_FILE).write_text(json.dumps(meta))
     assert predict_main([*args, "--out", str(tmp_path / "loose"), "--false-unknown-rate", "0.6"]) == 0
-    strict = pq.read_table(tmp_path / "ok" / "series.parquet").column("out_of_domain").to_pylist()
-    loose = pq.read_table(tmp_path / "loose" / "series.parquet").column("out_of_domain").to_pylist()
-    assert sum(loose) > sum(strict) and all(b for a, b in zip(strict, loose) if a)
+    strict = pq.read_table(tmp_path / "ok" / "series.parquet").to_pylist()
+    loose = pq.read_table(tmp_path / "loose" / "series.parquet").to_pylist()
+    assert all(b["out_of_domain"] for a, b in zip(strict, loose) if a["out_of_domain"])
+    for rows, rate in ((strict, 0.25), (loose, 0.6)):  # the decision is the rate's
+        assert [r["out_of_domain"] for r in rows] == [
+            r["unknown_probability"] >= 1 - rate - 1e-6 for r in rows]
+    thresholds = [json.load(open(tmp_path / out / "predict_report.json"))["checkpoint"]["ood"]
+                  for out in ("ok", "loose")]
+    assert [t["false_unknown_rate"] for t in thresholds] == [0.25, 0.6]
+    assert thresholds[1]["threshold"] < thresholds[0]["threshold"]
