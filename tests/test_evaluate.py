@@ -403,6 +403,7 @@ def test_out_of_domain_series_get_no_header_qa_and_the_report_says_so(calibrated
     assert json.load(open(files["metrics.json"]))["out_of_domain_series"] == len(outside)
 
 
+@pytest.mark.slow
 def test_iap_predict_refuses_an_ood_model_fitted_on_another_checkpoint(calibrated_run, tmp_path,
                                                                         capsys):
     """An ood.json copied beside another training's checkpoint of the same step (or left

@@ -34,7 +34,8 @@ def test_the_features_for_out_of_distribution_scores_are_sown_only_when_asked():
     model = make_model("tiny", HEADS, width=4)
     x = _images()
     variables = _init(model, x)
-    _, state = model.apply(variables, x, train=False, mutable=["intermediates"])
+    _, state = jax.jit(lambda v, a: model.apply(v, a, train=False, mutable=["intermediates"]))(
+        variables, x)
     features = {k: v[0] for k, v in state["intermediates"].items()}
     # The stem and each stage: channel means then standard deviations; then the pooled ones.
     assert {k: v.shape for k, v in features.items()} == {
@@ -44,7 +45,7 @@ def test_the_features_for_out_of_distribution_scores_are_sown_only_when_asked():
     assert all(bool(jnp.all(v[:, v.shape[1] // 2:] >= 0)) for k, v in features.items() if k != "features")
     assert float(jnp.max(features["stage2"][:, 8:])) > 0
     # Without the collection asked for: the outputs alone.
-    assert set(model.apply(variables, x, train=False)) == set(HEADS)
+    assert set(jax.jit(lambda v, a: model.apply(v, a, train=False))(variables, x)) == set(HEADS)
 
 
 @pytest.mark.parametrize("name,num_params", [("resnet18", 11_170_000), ("resnet50", 23_500_000)])
