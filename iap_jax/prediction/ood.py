@@ -18,7 +18,8 @@ from the training data):
   combined  stages and knn, each divided by its validation median, averaged
 
 bench/ood.py --hold-out all compares them with every scanner model held out of training in
-turn; DEFAULT_SCORE is the one with the best worst case there.
+turn; DEFAULT_SCORE is the one its rule picks (the best worst case, then the most held-out
+models caught: docs/evaluation.md).
 
 A series' score is the median of its slices'. The validation split's slice and series
 scores are kept: a score's p-value is (1 + the validation scores at least as high) /
@@ -55,7 +56,7 @@ GROUP_IAP = "ManufacturerModelName"
 FORMAT = 2  # ood.json's layout; an older one is refitted, not guessed at
 FALSE_UNKNOWN_RATE = 0.05
 SCORES = ("pooled", "stages", "per_model", "knn", "combined")
-DEFAULT_SCORE = "per_model"  # bench/ood.py --hold-out all: the best worst case (docs/evaluation.md)
+DEFAULT_SCORE = "per_model"  # chosen by bench/ood.py --hold-out all (see above)
 SHRINKAGE = 0.1
 KNN_K = 10
 KNN_BANK = 8192  # train slices the kNN score keeps (a random sample beyond that)
