@@ -60,9 +60,6 @@ def main(argv=None) -> int:
             for k, v in data["calibrators"].items()) + f"\n  -> {path}")
         if not args.no_ood:
             workdir = os.path.dirname(path)
-            if not 0.0 < args.false_unknown_rate < 1.0:
-                raise ValueError(f"--false-unknown-rate must lie between 0 and 1, got "
-                                 f"{args.false_unknown_rate}")
             fitted = ood.fit(workdir, step=data["step"], batch_size=args.batch_size,
                              kind=args.ood_score, rate=args.false_unknown_rate)
             print(f"out-of-distribution model for step {fitted['step']}: {fitted['score']} score "

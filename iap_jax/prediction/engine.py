@@ -11,6 +11,7 @@ caller).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import queue
@@ -60,7 +61,8 @@ class Predictor:
         self.encoding = restored["label_encoding"]
         self.spec = restored["pixel_spec"]
         self.config = restored["config"]
-        self.fingerprint = checkpoint_fingerprint(restored["params"])
+        # Only the heads (small): what the fingerprint reads, kept for when it is asked.
+        self._heads = {k: v for k, v in restored["params"].items() if k.startswith("head_")}
         self.conv_impl, self.dtype = inference_settings(self.config["model"], conv_impl, dtype)
         self.convolutions = describe_convolutions(self.conv_impl, self.dtype, inference=fold_norms)
         model = build_model(self.config["model"], self.encoding.head_sizes(),
@@ -118,6 +120,11 @@ class Predictor:
 
     def encoding_sha256(self) -> str:
         return encoding_sha256(self.encoding)
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """checkpoint_fingerprint of its parameters, computed where a fitted model asks."""
+        return checkpoint_fingerprint(self._heads)
 
 
 # --- batches --------------------------------------------------------------------------

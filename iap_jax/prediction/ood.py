@@ -148,6 +148,50 @@ def threshold_for(reference: np.ndarray, rate: float) -> float:
     return float(reference[n - allowed - 1]) if allowed < n else float("-inf")
 
 
+# --- the scores ---------------------------------------------------------------------------
+
+def _mahalanobis(arrays: dict, name: str, features: dict) -> np.ndarray:
+    return scores(features[name], arrays[f"{name}/means"], arrays[f"{name}/precision"])
+
+
+def _stages(arrays: dict, names: list[str], features: dict) -> np.ndarray:
+    return np.mean([_mahalanobis(arrays, n, features) / arrays[f"{n}/median"] for n in names],
+                   axis=0)
+
+
+def _unit_rows(arrays: dict, names: list[str], features: dict) -> np.ndarray:
+    return unit_rows(features, names, {n: arrays[f"{n}/centre"] for n in names},
+                     {n: arrays[f"{n}/scale"] for n in names})
+
+
+def _knn(arrays: dict, names: list[str], k: int, features: dict) -> np.ndarray:
+    return kth_distance(_unit_rows(arrays, names, features), arrays["knn/bank"], k)
+
+
+def _score(kind: str, arrays: dict, names: list[str], k: int, features: dict) -> np.ndarray:
+    if kind == "pooled":
+        return _mahalanobis(arrays, POOLED, features)
+    if kind in ("stages", "per_model"):
+        return _stages(arrays, names, features)
+    if kind == "knn":
+        return _knn(arrays, names, k, features)
+    return 0.5 * (_stages(arrays, names, features) / arrays["combined/stages_median"]
+                  + _knn(arrays, names, k, features) / arrays["combined/knn_median"])
+
+
+def check_rate(rate: float, validation_series: int | None = None) -> None:
+    """A false-unknown rate in (0, 1) that the validation series (where their number is
+    given) can resolve: with n of them the smallest p-value is 1 / (n + 1), and a model that
+    can never call a series unknown would pass every new scanner in silence."""
+    if not 0.0 < rate < 1.0:
+        raise ValueError(f"the false-unknown rate must lie between 0 and 1, got {rate}")
+    n = validation_series
+    if n is not None and 1.0 / (n + 1) > rate:
+        raise ValueError(f"{n} validation series cannot resolve a false-unknown rate of "
+                         f"{rate:g} (the smallest p-value is 1/{n + 1}): use a rate of "
+                         f"at least {1.0 / (n + 1):.3f}, or more validation data")
+
+
 # --- the model ----------------------------------------------------------------------------
 
 class OodModel:
@@ -164,48 +208,15 @@ class OodModel:
         self.threshold = threshold_for(self.validation_series, self.rate)
 
     def with_rate(self, rate: float) -> "OodModel":
-        if not 0.0 < rate < 1.0:
-            raise ValueError(f"the false-unknown rate must lie between 0 and 1, got {rate}")
-        model = OodModel({**self.data, "false_unknown_rate": float(rate)}, self.arrays)
-        model.check_resolution()
-        return model
-
-    def check_resolution(self) -> None:
-        """Refuses a rate the validation series cannot resolve: with n of them the smallest
-        p-value is 1 / (n + 1), and a model that can never call a series unknown would
-        pass every new scanner in silence."""
-        n = len(self.validation_series)
-        if 1.0 / (n + 1) > self.rate:
-            raise ValueError(f"{n} validation series cannot resolve a false-unknown rate of "
-                             f"{self.rate:g} (the smallest p-value is 1/{n + 1}): use a rate of "
-                             f"at least {1.0 / (n + 1):.3f}, or more validation data")
-
-    def _mahalanobis(self, features: dict, name: str) -> np.ndarray:
-        return scores(features[name], self.arrays[f"{name}/means"], self.arrays[f"{name}/precision"])
-
-    def _stages(self, features: dict) -> np.ndarray:
-        return np.mean([self._mahalanobis(features, n) / self.arrays[f"{n}/median"]
-                        for n in self.names], axis=0)
-
-    def _knn(self, features: dict) -> np.ndarray:
-        centre = {n: self.arrays[f"{n}/centre"] for n in self.names}
-        scale = {n: self.arrays[f"{n}/scale"] for n in self.names}
-        return kth_distance(unit_rows(features, self.names, centre, scale),
-                            self.arrays["knn/bank"], int(self.data["k"]))
+        check_rate(rate, len(self.validation_series))
+        return OodModel({**self.data, "false_unknown_rate": float(rate)}, self.arrays)
 
     def score(self, features: dict) -> np.ndarray:
         """Slice scores from the engine's features ({layer name: [n, width]})."""
         missing = [n for n in self.names if n not in features]
         if missing:
             raise ValueError(f"{OOD_FILE} needs the features {missing}, which this model does not give")
-        if self.kind == "pooled":
-            return self._mahalanobis(features, POOLED)
-        if self.kind in ("stages", "per_model"):
-            return self._stages(features)
-        if self.kind == "knn":
-            return self._knn(features)
-        return 0.5 * (self._stages(features) / self.arrays["combined/stages_median"]
-                      + self._knn(features) / self.arrays["combined/knn_median"])
+        return _score(self.kind, self.arrays, self.names, int(self.data["k"]), features)
 
     def slice_unknown_probability(self, slice_scores: np.ndarray) -> np.ndarray:
         return 1.0 - p_values(slice_scores, self.validation_slices)
@@ -245,36 +256,27 @@ def fit_model(kind: str, train: dict, train_groups: np.ndarray, validation: dict
             x = np.asarray(train[name], np.float64)
             arrays[f"{name}/centre"] = x.mean(axis=0).astype(np.float32)
             arrays[f"{name}/scale"] = np.maximum(x.std(axis=0), 1e-6).astype(np.float32)
-        centre = {n: arrays[f"{n}/centre"] for n in names}
-        scale = {n: arrays[f"{n}/scale"] for n in names}
-        rows = np.random.default_rng(seed).permutation(len(train_groups))[:bank_size]
-        arrays["knn/bank"] = unit_rows({n: np.asarray(train[n])[np.sort(rows)] for n in names},
-                                       names, centre, scale).astype(np.float32)
-    data = {"score": kind, "layers": model_names, "k": int(k), "false_unknown_rate": float(rate),
-            "groups": sorted(set(train_groups.tolist())), "group_iap": GROUP_IAP,
-            "train_slices": int(len(train_groups)),
-            "features": int(sum(np.asarray(train[n]).shape[1] for n in model_names))}
+        rows = np.sort(np.random.default_rng(seed).permutation(len(train_groups))[:bank_size])
+        arrays["knn/bank"] = _unit_rows(arrays, names, {n: np.asarray(train[n])[rows]
+                                                        for n in names}).astype(np.float32)
     # Normalisers from validation (medians: the scale of a known slice's score).
     if kind in ("stages", "per_model", "combined"):
         for name in names:
-            arrays[f"{name}/median"] = np.float64(np.median(scores(
-                validation[name], arrays[f"{name}/means"], arrays[f"{name}/precision"])))
-    empty = np.zeros(1)
-    model = OodModel(data, {**arrays, "validation_slice_scores": empty,
-                            "validation_series_scores": empty})
+            arrays[f"{name}/median"] = np.float64(np.median(_mahalanobis(arrays, name, validation)))
     if kind == "combined":
-        arrays["combined/stages_median"] = np.float64(np.median(model._stages(validation)))
-        arrays["combined/knn_median"] = np.float64(np.median(model._knn(validation)))
-        model = OodModel(data, {**arrays, "validation_slice_scores": empty,
-                                "validation_series_scores": empty})
-    slice_scores = model.score(validation)
+        arrays["combined/stages_median"] = np.float64(np.median(_stages(arrays, names, validation)))
+        arrays["combined/knn_median"] = np.float64(np.median(_knn(arrays, names, k, validation)))
+    slice_scores = _score(kind, arrays, model_names, k, validation)
     arrays["validation_slice_scores"] = np.sort(slice_scores)
     arrays["validation_series_scores"] = np.sort(series_medians(slice_scores, validation_series)[1])
-    data["validation_slices"] = int(len(slice_scores))
-    data["validation_series"] = int(len(arrays["validation_series_scores"]))
-    model = OodModel(data, arrays)
-    model.check_resolution()
-    return model
+    check_rate(rate, len(arrays["validation_series_scores"]))
+    data = {"score": kind, "layers": model_names, "k": int(k), "false_unknown_rate": float(rate),
+            "groups": sorted(set(train_groups.tolist())), "group_iap": GROUP_IAP,
+            "train_slices": int(len(train_groups)),
+            "features": int(sum(np.asarray(train[n]).shape[1] for n in model_names)),
+            "validation_slices": int(len(slice_scores)),
+            "validation_series": int(len(arrays["validation_series_scores"]))}
+    return OodModel(data, arrays)
 
 
 def series_medians(slice_scores: np.ndarray, series_keys) -> tuple[list, np.ndarray]:
@@ -391,6 +393,7 @@ def fit_known(kind: str, train: SliceFeatures, validation: SliceFeatures, exclud
 def fit(workdir: str, dataset_dir: str | None = None, step="best", batch_size: int = 256,
         kind: str = DEFAULT_SCORE, rate: float = FALSE_UNKNOWN_RATE) -> dict:
     """Fits the OOD model of a checkpoint on its training data and stores it beside it."""
+    check_rate(rate)  # before the features are computed
     predictor = Predictor.from_checkpoint(workdir, step, batch_size)
     dataset_dir = dataset_dir or predictor.config.get("dataset_dir")
     exclude = dict(predictor.config.get("input", {}).get("exclude") or {})
